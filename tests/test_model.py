@@ -1,0 +1,97 @@
+"""The model: presets, the blocks that run, greedy action decoding, the policy API and its errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from dcvla.config import PRESETS, get_preset
+from dcvla.model import OpenVLA, random_model
+from dcvla.policy import VLAPolicy
+
+TINY = get_preset("tiny")
+IMAGE = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return VLAPolicy.from_preset("tiny", seed=0)
+
+
+def test_published_dims():
+    cfg = get_preset("openvla-7b")
+    assert (cfg.dino.hidden_size, cfg.dino.depth, cfg.dino.num_prefix_tokens) == (1024, 24, 5)
+    assert (cfg.siglip.hidden_size, cfg.siglip.depth, cfg.siglip.mlp_dim) == (1152, 27, 4304)
+    assert cfg.projector_dims == (2176, 8704, 4096, 4096)
+    assert (cfg.llm.hidden_size, cfg.llm.num_layers, cfg.llm.vocab_size) == (4096, 32, 32064)
+    for preset in PRESETS.values():
+        assert preset.num_patches == 256 and preset.llm.num_layers >= 16  # layer 15 exists for the selector
+
+
+def test_openvla_7b_parameter_count_on_meta():
+    with torch.device("meta"):
+        model = OpenVLA(get_preset("openvla-7b"))
+    # 7.54B in the published checkpoint minus the unused last blocks, DINOv2 norm and SigLIP head.
+    total = sum(p.numel() for p in model.parameters()) - model.vision_backbone.featurizer.embeddings.mask_token.numel()
+    assert 7.45e9 < total < 7.55e9
+
+
+def test_only_the_used_blocks_are_built():
+    model = random_model(TINY)
+    assert len(model.vision_backbone.featurizer.blocks) == TINY.dino.depth - 1
+    assert len(model.vision_backbone.fused_featurizer.blocks) == TINY.siglip.depth - 1
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown preset 'base'; known presets: openvla-7b, small, tiny"):
+        get_preset("base")
+
+
+@torch.no_grad()
+def test_greedy_decode_matches_a_full_recompute(policy):
+    """The KV-cached decode loop gives the same tokens as re-running the whole sequence each step."""
+    model, processor = policy.model, policy.processor
+    input_ids, pixel_values = processor(IMAGE, "pick up the bowl")
+    embeds = model.multimodal_embeddings(input_ids, model.embed_image(pixel_values))
+    tokens, logits = model.generate_action_tokens(embeds)
+    assert embeds.shape[1] == input_ids.shape[1] + TINY.num_patches  # BOS + 256 vision + prompt
+    seq = embeds
+    for i in range(TINY.action_dim):
+        full = model.language_model(inputs_embeds=seq).logits[:, -1]
+        assert torch.allclose(full.float(), logits[i], atol=1e-4)
+        assert full.argmax(-1).item() == tokens[i].item()
+        seq = torch.cat([seq, model.language_model.get_input_embeddings()(tokens[i : i + 1])[None]], dim=1)
+
+
+def test_random_preset_decodes_action_tokens(policy):
+    action = policy.step(IMAGE, "pick up the bowl")
+    assert action.shape == (7,) and np.isfinite(action).all()
+    ids = policy.last.token_ids
+    assert ((ids < 32000) & (ids >= 32000 - 256)).all(), ids
+
+
+def test_random_model_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = random_model(TINY, seed=5), random_model(TINY, seed=5)
+    assert torch.equal(torch.rand(1), before)
+    assert torch.equal(a.projector.fc1.weight, b.projector.fc1.weight)
+    assert not torch.equal(a.projector.fc1.weight, random_model(TINY, seed=6).projector.fc1.weight)
+
+
+def test_policy_errors_name_the_problem(policy):
+    with pytest.raises(ValueError, match="batch of 2"):
+        policy.step(np.stack([IMAGE, IMAGE]), "pick up the bowl")
+    with pytest.raises(ValueError, match="instruction is empty"):
+        policy.step(IMAGE, "  ")
+    with pytest.raises(KeyError, match="unnorm_key 'bridge_orig' not found; available: random"):
+        VLAPolicy(policy.model, policy.processor, unnorm_key="bridge_orig")
+    with pytest.raises(ValueError, match="batch 1"):
+        policy.model.predict_action(torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 6, 224, 224))
+
+
+def test_from_pretrained_uses_checkpoint_stats(parity_dir):
+    policy = VLAPolicy.from_pretrained(parity_dir, unnorm_key="libero_spatial", preset="tiny")
+    action = policy.step(IMAGE, "put the bowl on the plate")
+    assert policy.model.action_stats("libero_spatial") is policy.model.norm_stats["libero_spatial_no_noops"]["action"]
+    assert action.shape == (7,)
