@@ -1,0 +1,232 @@
+"""Recorded episodes: scripted LIBERO rollouts saved to disk, and open-loop replay of a policy over them.
+
+Storage: one `.npz` per episode (no pickle). Frames are stored as the JPEG bytes that the evaluation
+pipeline's own JPEG step produces (rotated 256x256 render, quality 95), so nothing is lost: loading redoes
+decode + lanczos resize and yields bit-for-bit the 224 frames the live protocol would hand the policy
+(before the policy-time center crop). Per step we also keep the robot state and the oracle's action.
+`format_version` lets later versions add arrays without breaking old files; unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from dcvla.io import atomic_path
+
+from . import protocol
+
+FORMAT_VERSION = 1
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "episodes"
+#: The episodes shipped in the repo: suite -> [(task id, init state index)]. Pick-and-place tasks the
+#: oracle solves (scripts/record_episodes.py --shipped re-records them).
+SHIPPED: dict[str, list[tuple[int, int]]] = {
+    "libero_spatial": [(0, 0), (1, 0)],   # black bowl onto the plate
+    "libero_object": [(0, 0), (2, 0)],    # alphabet soup / salad dressing into the basket
+    "libero_goal": [(8, 0), (6, 0)],      # bowl onto the plate / cream cheese into the bowl
+    "libero_10": [(4, 0), (6, 0)],        # two objects each: two mugs onto two plates / mug + pudding
+}
+
+
+@dataclass
+class Episode:
+    """One recorded episode.
+
+    Attributes:
+        jpegs: per policy step, the JPEG bytes of the rotated 256x256 agent-view render.
+        eef_pos, eef_quat, gripper_qpos: robot state at each frame, [n, 3], [n, 4] (xyzw), [n, 2].
+        actions: the oracle's LIBERO-convention action taken after each frame, [n, 7].
+        done: env `done` returned by the step that followed each frame, [n].
+        meta: suite, task_id, task_name, instruction, init_state_index, seed, success, n_steps,
+            success_step, render_ms, step_ms, wait_steps, format_version.
+    """
+
+    jpegs: list[bytes]
+    eef_pos: np.ndarray
+    eef_quat: np.ndarray
+    gripper_qpos: np.ndarray
+    actions: np.ndarray
+    done: np.ndarray
+    meta: dict[str, Any]
+    _frames: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    @property
+    def instruction(self) -> str:
+        return str(self.meta["instruction"])
+
+    @property
+    def suite(self) -> str:
+        return str(self.meta["suite"])
+
+    @property
+    def task_id(self) -> int:
+        return int(self.meta["task_id"])
+
+    @property
+    def name(self) -> str:
+        """Short id, e.g. "libero_spatial/task00/init00"."""
+        return f"{self.suite}/task{self.task_id:02d}/init{int(self.meta['init_state_index']):02d}"
+
+    @property
+    def frames(self) -> np.ndarray:
+        """[n, 224, 224, 3] uint8: the pipeline's frames (rotate, JPEG, lanczos), decoded once and cached."""
+        if self._frames is None:
+            self._frames = np.stack([protocol.decode_frame(j) for j in self.jpegs]) if self.jpegs else \
+                np.zeros((0, protocol.POLICY_RESOLUTION, protocol.POLICY_RESOLUTION, 3), np.uint8)
+        return self._frames
+
+
+def save_episode(ep: Episode, path: str | Path) -> Path:
+    """Write an episode atomically to `path` (.npz, compressed, no pickled objects).
+
+    Returns:
+        The path written.
+    """
+    lengths = np.array([len(j) for j in ep.jpegs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    blob = np.frombuffer(b"".join(ep.jpegs), dtype=np.uint8)
+    meta = dict(ep.meta, format_version=FORMAT_VERSION)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object stops numpy appending ".npz" to the temp name
+            np.savez_compressed(
+                f, format_version=np.int64(FORMAT_VERSION), meta=np.array(json.dumps(meta)),
+                jpeg=blob, jpeg_offsets=offsets, eef_pos=ep.eef_pos.astype(np.float32),
+                eef_quat=ep.eef_quat.astype(np.float32), gripper_qpos=ep.gripper_qpos.astype(np.float32),
+                actions=ep.actions.astype(np.float32), done=ep.done.astype(bool),
+            )
+    return path
+
+
+def load_episode(path: str | Path) -> Episode:
+    """Read an episode written by `save_episode` (any format_version up to the current one).
+
+    Raises:
+        ValueError: the file is from a newer, unknown format version.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        version = int(z["format_version"])
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path}: episode format_version {version} is newer than supported ({FORMAT_VERSION})")
+        blob, off = z["jpeg"].tobytes(), z["jpeg_offsets"]
+        jpegs = [blob[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+        return Episode(jpegs=jpegs, eef_pos=z["eef_pos"], eef_quat=z["eef_quat"], gripper_qpos=z["gripper_qpos"],
+                       actions=z["actions"], done=z["done"], meta=json.loads(str(z["meta"])))
+
+
+def episode_path(out_dir: str | Path, suite: str, task_id: int, init_index: int) -> Path:
+    """Canonical file name: `<out_dir>/<suite>_task<NN>_init<NN>.npz`."""
+    return Path(out_dir) / f"{suite}_task{task_id:02d}_init{init_index:02d}.npz"
+
+
+def list_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None) -> list[Path]:
+    """Episode files under `directory` (optionally of one suite), sorted by name."""
+    pattern = f"{suite}_task*.npz" if suite else "*.npz"
+    return sorted(Path(directory).glob(pattern))
+
+
+def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None) -> list[Episode]:
+    """Load every episode under `directory` (optionally of one suite)."""
+    return [load_episode(p) for p in list_episodes(directory, suite)]
+
+
+def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: int | None = None,
+                   seed: int = protocol.SEED, env: Any = None) -> Episode:
+    """Roll out the oracle on one task with rendering and capture what a policy would see.
+
+    Args:
+        suite, task: which task (`dcvla.libero.env.get_task` accepts an id or a name).
+        init_index: which of the benchmark's fixed init states to start from.
+        max_steps: oracle step budget after the wait; defaults to the suite's protocol maximum.
+        seed: numpy seed (protocol: 7); the env gets the protocol's env seed (0), as upstream.
+        env: an env from `make_env(suite, task)` to reuse; built (and closed) here when None.
+
+    Returns:
+        The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
+    """
+    from .env import close_env, get_init_state, get_task, make_env
+    from .oracle import run_oracle
+
+    info = get_task(suite, task)
+    np.random.seed(seed)
+    own = env is None
+    env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION, seed=protocol.ENV_SEED)
+    # Time the camera render alone, separate from physics. Patched on the class because a hard reset
+    # replaces the env's sim object; restored in `finally`.
+    sim_cls = type(env.env.sim)
+    render_s: list[float] = []
+    original_render = sim_cls.render
+
+    def timed_render(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = original_render(self, *args, **kwargs)
+        render_s.append(time.perf_counter() - t0)
+        return out
+
+    rec: dict[str, list] = {k: [] for k in ("jpegs", "eef_pos", "eef_quat", "gripper_qpos", "actions", "done")}
+
+    def on_step(obs, action, done):
+        rec["jpegs"].append(protocol.encode_frame(obs["agentview_image"]))
+        rec["eef_pos"].append(obs["robot0_eef_pos"])
+        rec["eef_quat"].append(obs["robot0_eef_quat"])
+        rec["gripper_qpos"].append(obs["robot0_gripper_qpos"])
+        rec["actions"].append(action)
+        rec["done"].append(done)
+
+    sim_cls.render = timed_render
+    t0 = time.perf_counter()
+    try:
+        result = run_oracle(env, get_init_state(suite, info.task_id, init_index),
+                            max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS, on_step=on_step)
+    finally:
+        sim_cls.render = original_render
+        if own:
+            close_env(env)
+    wall = time.perf_counter() - t0
+    n = len(rec["jpegs"])
+    meta = dict(suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
+                init_state_index=int(init_index), seed=int(seed), env_seed=protocol.ENV_SEED, success=bool(result["success"]), n_steps=n,
+                success_step=result["success_step"], wait_steps=protocol.WAIT_STEPS,
+                render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
+                step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
+                render_resolution=protocol.RENDER_RESOLUTION)
+    return Episode(jpegs=rec["jpegs"], eef_pos=np.array(rec["eef_pos"]).reshape(n, 3),
+                   eef_quat=np.array(rec["eef_quat"]).reshape(n, 4), gripper_qpos=np.array(rec["gripper_qpos"]).reshape(n, 2),
+                   actions=np.array(rec["actions"]).reshape(n, 7), done=np.array(rec["done"], dtype=bool), meta=meta)
+
+
+def replay(policy: Any, episode: Episode, center_crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Run a policy open-loop over an episode's frames, so every method sees exactly the same frames.
+
+    Args:
+        policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`.
+        episode: a recorded Episode.
+        center_crop: apply the protocol's policy-time center crop (the LIBERO fine-tunes expect it).
+
+    Returns:
+        (actions [n_frames, 7] float32 as returned by the policy, un-postprocessed;
+         latency_s [n_frames] float64 wall seconds per `policy.step`).
+    """
+    policy.reset()
+    frames = episode.frames
+    actions = np.zeros((len(frames), 7), dtype=np.float32)
+    latency = np.zeros(len(frames), dtype=np.float64)
+    for i, frame in enumerate(frames):
+        image = protocol.policy_input(frame, crop=center_crop)
+        t0 = time.perf_counter()
+        actions[i] = np.asarray(policy.step(image, episode.instruction), dtype=np.float32).reshape(7)
+        latency[i] = time.perf_counter() - t0
+    return actions, latency
+
+
+def replay_many(policy: Any, episodes: Iterable[Episode], center_crop: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`replay` over several episodes, keyed by `Episode.name`."""
+    return {ep.name: replay(policy, ep, center_crop) for ep in episodes}

@@ -1,0 +1,220 @@
+"""Closed-loop LIBERO evaluation with the upstream OpenVLA protocol; results as resumable xarray files.
+
+`run_trial` is one episode of openvla/experiments/robot/libero/run_libero_eval.py: reset, load init state
+i, 10 dummy-action waits, then up to MAX_STEPS[suite] policy steps on the processed agent-view frame,
+gripper post-processing, success = `done` from `env.step`, any exception ends the trial as a failure with
+its message recorded. `evaluate_task` runs trials of one (method, suite, task) with a tqdm bar and
+rewrites `<run_dir>/<method>/<suite>_task<NN>.nc` atomically after every trial, so a crash loses at most
+the trial in flight and a rerun skips the trials already in the file.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import xarray as xr
+
+from dcvla.io import read_dataset, write_dataset
+
+from . import protocol
+from .env import close_env, get_init_states, get_task, make_env
+
+RESULT_VERSION = 1
+
+
+@dataclass
+class TrialResult:
+    """Outcome of one closed-loop trial.
+
+    Attributes:
+        success: the env reported `done` within the step budget.
+        steps: policy steps executed (the wait steps are not counted).
+        error: "" or the exception that ended the trial (type: message).
+        latency_s: wall seconds of each `policy.step` call.
+        wall_s: wall seconds of the whole trial, env stepping and rendering included.
+    """
+
+    success: bool
+    steps: int
+    error: str = ""
+    latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    wall_s: float = 0.0
+
+
+def seed_everything(seed: int = protocol.SEED) -> None:
+    """Upstream `set_seed_everywhere`: python, numpy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # the protocol itself does not need torch
+        pass
+
+
+def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruction: str,
+              max_steps: int | None = None, center_crop: bool = True) -> TrialResult:
+    """One closed-loop episode, upstream protocol.
+
+    Args:
+        policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`.
+        env: a LIBERO env for the task (`make_env`, 256x256 render).
+        suite: suite name (selects the step budget).
+        init_state: the benchmark init state to load.
+        instruction: the task's language instruction.
+        max_steps: override the suite's policy-step budget (e.g. for a quick smoke run).
+        center_crop: the policy-time 90% center crop (on for the LIBERO fine-tunes).
+
+    Returns:
+        A TrialResult. Exceptions (from the env or the policy) are caught and recorded, as upstream.
+    """
+    budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
+    latency: list[float] = []
+    steps, success, error = 0, False, ""
+    t_start = time.perf_counter()
+    try:
+        env.reset()
+        obs = env.set_init_state(init_state)
+        policy.reset()
+        for _ in range(protocol.WAIT_STEPS):  # objects settle; the policy is not called
+            obs, _, _, _ = env.step(list(protocol.DUMMY_ACTION))
+        while steps < budget:
+            image = protocol.policy_input(protocol.process_frame(obs["agentview_image"]), crop=center_crop)
+            t0 = time.perf_counter()
+            raw = policy.step(image, instruction)
+            latency.append(time.perf_counter() - t0)
+            action = protocol.postprocess_action(raw)
+            obs, _, done, _ = env.step(action.tolist())
+            steps += 1
+            if done:
+                success = True
+                break
+    except Exception as exc:  # noqa: BLE001 - upstream counts any exception as a failed trial
+        error = f"{type(exc).__name__}: {exc}"
+        last = traceback.extract_tb(exc.__traceback__)[-1:]
+        if last:
+            error += f" (at {Path(last[0].filename).name}:{last[0].lineno})"
+    return TrialResult(success, steps, error, np.asarray(latency, dtype=np.float64), time.perf_counter() - t_start)
+
+
+def result_path(run_dir: str | Path, method: str, suite: str, task_id: int) -> Path:
+    """`<run_dir>/<method>/<suite>_task<NN>.nc`."""
+    return Path(run_dir) / method / f"{suite}_task{task_id:02d}.nc"
+
+
+def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) -> xr.Dataset:
+    lat = np.full((len(trials), budget), np.nan, dtype=np.float64)
+    stats = {k: np.full(len(trials), np.nan) for k in ("mean", "p50", "p90", "max")}
+    for i, r in enumerate(results):
+        ms = 1000 * r.latency_s[:budget]
+        lat[i, : len(ms)] = ms
+        if len(ms):
+            stats["mean"][i], stats["max"][i] = ms.mean(), ms.max()
+            stats["p50"][i], stats["p90"][i] = np.percentile(ms, [50, 90])
+    data = {
+        "success": ("trial", np.array([r.success for r in results], dtype=np.int8), {"description": "1 if env done"}),
+        "steps": ("trial", np.array([r.steps for r in results], dtype=np.int32), {"units": "policy steps"}),
+        "error": ("trial", np.array([r.error for r in results], dtype=object), {"description": "'' or the exception"}),
+        "wall_s": ("trial", np.array([r.wall_s for r in results]), {"units": "s"}),
+        "latency_ms": (("trial", "step"), lat, {"units": "ms", "description": "policy.step wall time; NaN past the end"}),
+    }
+    for k, v in stats.items():
+        data[f"latency_{k}_ms"] = ("trial", v, {"units": "ms"})
+    return xr.Dataset({k: xr.Variable(d, v, a) for k, (d, v, a) in data.items()},
+                      coords={"trial": ("trial", np.asarray(trials, dtype=np.int32), {"description": "init state index"}),
+                              "step": np.arange(budget, dtype=np.int32)})
+
+
+def _check_compatible(old: xr.Dataset, attrs: dict, path: Path) -> None:
+    for key in ("suite", "task_id", "method", "max_steps", "center_crop", "result_version"):
+        if str(old.attrs.get(key)) != str(attrs[key]):
+            raise ValueError(f"{path} was written with {key}={old.attrs.get(key)!r}, this run has {attrs[key]!r}; "
+                             "use another run_dir or method name, or delete the file")
+
+
+def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path, method: str | None = None,
+                  trials: int | Iterable[int] = protocol.NUM_TRIALS, max_steps: int | None = None,
+                  center_crop: bool = True, progress: bool = True, env: Any = None) -> xr.Dataset:
+    """Evaluate one policy on one task; resumable, one netCDF file per (method, suite, task).
+
+    Args:
+        policy: the policy (reset/step interface); `policy.name` names the method when `method` is None.
+        suite: suite name; task: id or name.
+        run_dir: root directory of the run; results go to `result_path(run_dir, method, suite, task_id)`.
+        method: label for this method (default: `policy.name`, else the class name).
+        trials: number of trials (init states 0..n-1, in order) or an explicit list of init-state indices.
+        max_steps: override the suite's policy-step budget (keep None for the real protocol).
+        center_crop: policy-time center crop.
+        progress: show a tqdm bar.
+        env: an existing env for this task to reuse (else one is built and closed here).
+
+    Returns:
+        The dataset for all trials in the file (earlier runs' included), dims (trial, step), sorted by trial.
+    """
+    from tqdm.auto import tqdm
+
+    info = get_task(suite, task)
+    method = method or getattr(policy, "name", None) or type(policy).__name__
+    init_states = get_init_states(suite, info.task_id)
+    wanted = list(range(trials)) if isinstance(trials, int) else [int(t) for t in trials]
+    bad = [t for t in wanted if not 0 <= t < len(init_states)]
+    if bad:
+        raise ValueError(f"trial (init state) indices {bad} out of range for {suite}/{info.task_id}; valid: 0..{len(init_states) - 1}")
+    budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
+    attrs = dict(method=method, suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
+                 max_steps=budget, wait_steps=protocol.WAIT_STEPS, center_crop=int(center_crop), seed=protocol.SEED,
+                 env_seed=protocol.ENV_SEED, render_resolution=protocol.RENDER_RESOLUTION,
+                 policy_resolution=protocol.POLICY_RESOLUTION, jpeg_decoder=protocol.JPEG_DECODER,
+                 result_version=RESULT_VERSION)
+    path = result_path(run_dir, method, suite, info.task_id)
+    old = read_dataset(path) if path.exists() else None
+    if old is not None:
+        _check_compatible(old, attrs, path)
+    done_trials = set() if old is None else {int(t) for t in old.trial.values}
+    todo = [t for t in wanted if t not in done_trials]
+    if not todo:
+        return old
+
+    seed_everything(protocol.SEED)
+    own = env is None
+    env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION, seed=protocol.ENV_SEED)
+    ds = old
+    try:
+        bar = tqdm(todo, desc=f"{method} {suite}/{info.task_id}", disable=not progress, unit="trial")
+        n_success = 0 if old is None else int(old.success.sum())
+        for t in bar:
+            r = run_trial(policy, env, suite, init_states[t], info.instruction, budget, center_crop)
+            new = _trials_dataset([t], [r], budget)
+            ds = new if ds is None else xr.concat([ds, new], dim="trial", data_vars="all").sortby("trial")
+            ds.attrs = dict(attrs, trials_done=int(ds.sizes["trial"]),
+                            success_rate=float(ds.success.mean()), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            write_dataset(ds, path)
+            n_success += r.success
+            bar.set_postfix(success=f"{n_success}/{ds.sizes['trial']}", steps=r.steps)
+    finally:
+        if own:
+            close_env(env)
+    return ds
+
+
+def load_results(run_dir: str | Path, method: str | None = None) -> xr.Dataset:
+    """Stack every result file under `run_dir` into one dataset with dims (method, suite, task, trial).
+
+    Trials missing from a file (partial runs) are NaN. `step` is padded to the longest budget.
+    """
+    rows = []
+    pattern = f"{method}/*.nc" if method else "*/*.nc"
+    for p in sorted(Path(run_dir).glob(pattern)):
+        ds = read_dataset(p)
+        ds = ds.expand_dims(method=[ds.attrs["method"]], suite=[ds.attrs["suite"]], task=[int(ds.attrs["task_id"])])
+        rows.append(ds)
+    if not rows:
+        raise ValueError(f"no result files under {run_dir}" + (f" for method {method!r}" if method else ""))
+    return xr.combine_by_coords(rows, combine_attrs="drop_conflicts", data_vars="all", join="outer")

@@ -1,0 +1,146 @@
+"""Shipped episodes, episode files, open-loop replay and the closed-loop, resumable evaluation."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+import pytest
+
+from dcvla.io import read_dataset
+from dcvla.libero import env as E
+from dcvla.libero import evaluate as V
+from dcvla.libero import protocol
+from dcvla.libero.episodes import (DEFAULT_DIR, FORMAT_VERSION, SHIPPED, Episode, episode_path, list_episodes,
+                                   load_episode, load_episodes, replay, save_episode)
+from dcvla.libero.oracle import OraclePolicy
+
+
+class RecordingPolicy:
+    """Returns a fixed action and remembers what it was shown."""
+
+    name = "recorder"
+
+    def __init__(self, action=(0, 0, 0, 0, 0, 0, 1.0), fail_at: int | None = None, interrupt_at_trial: int | None = None):
+        self.action = np.asarray(action, dtype=np.float32)
+        self.fail_at, self.interrupt_at_trial = fail_at, interrupt_at_trial
+        self.resets, self.images, self.instructions, self.t = 0, [], [], 0
+
+    def reset(self):
+        self.resets += 1
+        self.t = 0
+        if self.interrupt_at_trial is not None and self.resets > self.interrupt_at_trial:
+            raise KeyboardInterrupt  # a crash the protocol must not swallow
+
+    def step(self, image, instruction):
+        self.t += 1
+        if self.fail_at is not None and self.t >= self.fail_at:
+            raise RuntimeError("policy blew up")
+        self.images.append(image)
+        self.instructions.append(instruction)
+        return self.action
+
+
+def test_shipped_episodes_are_complete_and_small():
+    paths = list_episodes(DEFAULT_DIR)
+    expected = {episode_path(DEFAULT_DIR, s, t, i) for s, entries in SHIPPED.items() for t, i in entries}
+    assert expected <= set(paths), sorted(expected - set(paths))
+    assert all(len(v) >= 2 for v in SHIPPED.values()) and set(SHIPPED) == {"libero_spatial", "libero_object",
+                                                                           "libero_goal", "libero_10"}
+    assert sum(p.stat().st_size for p in paths) < 30e6
+    for path in sorted(expected):
+        ep = load_episode(path)
+        info = E.get_task(ep.suite, ep.task_id)
+        assert ep.meta["success"] and ep.meta["format_version"] == FORMAT_VERSION
+        assert ep.instruction == info.instruction and ep.meta["task_name"] == info.name
+        n = len(ep)
+        assert n == ep.meta["n_steps"] > 50 and ep.done[-1] and ep.done.any()
+        assert ep.actions.shape == (n, 7) and ep.eef_pos.shape == (n, 3) and ep.eef_quat.shape == (n, 4)
+        assert ep.gripper_qpos.shape == (n, 2)
+        # the robot really moved and closed its gripper at some point
+        assert np.ptp(ep.eef_pos, axis=0).max() > 0.1 and (ep.actions[:, 6] > 0).any()
+
+
+def test_episode_frames_are_the_pipeline_frames():
+    ep = load_episode(episode_path(DEFAULT_DIR, "libero_spatial", *SHIPPED["libero_spatial"][0]))
+    frames = ep.frames
+    assert frames.shape == (len(ep), 224, 224, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames[5], protocol.decode_frame(ep.jpegs[5]))
+    assert frames.mean() > 40 and frames.std() > 15
+    # consecutive frames differ (the arm moves) but are similar (same scene)
+    d = np.abs(frames[1:].astype(int) - frames[:-1].astype(int)).mean(axis=(1, 2, 3))
+    assert d.max() > 0.5 and d.mean() < 10
+
+
+def test_save_load_roundtrip_and_version_guard(tmp_path):
+    rng = np.random.default_rng(0)
+    jpegs = [protocol.jpeg_encode(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(3)]
+    ep = Episode(jpegs=jpegs, eef_pos=rng.normal(size=(3, 3)), eef_quat=rng.normal(size=(3, 4)),
+                 gripper_qpos=rng.normal(size=(3, 2)), actions=rng.normal(size=(3, 7)), done=np.array([0, 0, 1], bool),
+                 meta=dict(suite="libero_goal", task_id=8, instruction="put the bowl on the plate", init_state_index=3))
+    path = save_episode(ep, tmp_path / "ep.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["ep.npz"]  # no temp file left behind
+    back = load_episode(path)
+    assert back.jpegs == jpegs and back.name == "libero_goal/task08/init03"
+    assert np.allclose(back.actions, ep.actions, atol=1e-6) and back.done.tolist() == [False, False, True]
+    assert back.frames.shape == (3, 224, 224, 3)
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["format_version"] = np.int64(FORMAT_VERSION + 1)
+    np.savez(tmp_path / "future.npz", **arrays)
+    with pytest.raises(ValueError, match="format_version"):
+        load_episode(tmp_path / "future.npz")
+
+
+def test_replay_feeds_every_frame_in_order():
+    ep = load_episodes(DEFAULT_DIR, suite="libero_object")[0]
+    pol = RecordingPolicy()
+    actions, latency = replay(pol, ep)
+    assert pol.resets == 1 and actions.shape == (len(ep), 7) and latency.shape == (len(ep),)
+    assert np.allclose(actions, pol.action) and (latency >= 0).all()
+    assert set(pol.instructions) == {ep.instruction}
+    assert np.array_equal(pol.images[7], protocol.center_crop(ep.frames[7]))
+    pol2 = RecordingPolicy()
+    replay(pol2, ep, center_crop=False)
+    assert np.array_equal(pol2.images[7], ep.frames[7])
+
+
+@pytest.fixture(scope="module")
+def spatial_env():
+    env = E.make_env("libero_spatial", 0)
+    yield env
+    E.close_env(env)
+
+
+def test_closed_loop_oracle_succeeds_through_the_protocol(spatial_env, tmp_path):
+    # The oracle behind the policy interface: OpenVLA gripper convention in, post-processing, env `done` out.
+    ds = V.evaluate_task(OraclePolicy(spatial_env), "libero_spatial", 0, tmp_path, trials=[0], env=spatial_env,
+                         progress=False)
+    assert ds.success.values.tolist() == [1] and 50 < int(ds.steps[0]) < 220 and ds.error.values[0] == ""
+    assert np.isfinite(ds.latency_ms[0, : int(ds.steps[0])]).all() and np.isnan(ds.latency_ms[0, int(ds.steps[0]):]).all()
+
+
+def test_evaluation_records_failures_and_resumes(spatial_env, tmp_path):
+    kw = dict(suite="libero_spatial", task=0, run_dir=tmp_path, env=spatial_env, max_steps=3, progress=False)
+    # an exception inside the episode is a failed trial with its message, not a crashed run
+    ds = V.evaluate_task(RecordingPolicy(fail_at=2), method="flaky", trials=[0], **kw)
+    assert ds.success.values.tolist() == [0] and ds.steps.values.tolist() == [1]
+    assert "RuntimeError: policy blew up" in str(ds.error.values[0])
+    # a crash (KeyboardInterrupt) mid-run keeps the finished trials on disk, complete and readable
+    with pytest.raises(KeyboardInterrupt):
+        V.evaluate_task(RecordingPolicy(interrupt_at_trial=2), method="m", trials=3, **kw)
+    path = V.result_path(tmp_path, "m", "libero_spatial", 0)
+    assert read_dataset(path).trial.values.tolist() == [0, 1]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    # the rerun does only the missing trial
+    pol = RecordingPolicy()
+    ds = V.evaluate_task(pol, method="m", trials=3, **kw)
+    assert pol.resets == 1 and ds.trial.values.tolist() == [0, 1, 2]
+    assert ds.steps.values.tolist() == [3, 3, 3] and ds.success.values.tolist() == [0, 0, 0]
+    assert ds.attrs["max_steps"] == 3 and ds.attrs["suite"] == "libero_spatial" and ds.attrs["method"] == "m"
+    with pytest.raises(ValueError, match="max_steps"):
+        V.evaluate_task(RecordingPolicy(), method="m", trials=4, **dict(kw, max_steps=5))
+    both = V.load_results(tmp_path)
+    assert set(both.method.values) == {"m", "flaky"} and both.success.dims == ("method", "suite", "task", "trial")
