@@ -45,7 +45,7 @@ def new_llm_store(lm: LlamaForCausalLM, num_slots: int, store_queries: bool) -> 
 @torch.inference_mode()
 def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor, seq_len: int, plans: list[LayerPlan], store: KVStore | None,
             frame: int, text_start: int, prob_layers: frozenset[int] = frozenset(),
-            entropy_layers: frozenset[int] = frozenset()) -> PrefillOutput:
+            entropy_layers: frozenset[int] = frozenset(), observer=None) -> PrefillOutput:
     """Run the Llama prefill under per-layer plans.
 
     Args:
@@ -59,6 +59,8 @@ def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor, seq_len: int, plans: lis
         prob_layers: layers whose attention probabilities from the text rows (positions >= text_start) to return.
         entropy_layers: layers whose mean attention entropy over every row computed to return (VLA-Cache's
             layer schedule; it needs the full probability matrix, as upstream's eager attention gives it).
+        observer: optional `on_layer("llm", layer, rows, q, keys, values)` receiver of the Q of the rows
+            computed and the full K/V attended, as used (recording, drift).
     """
     model, cfg = lm.model, lm.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -97,6 +99,8 @@ def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor, seq_len: int, plans: lis
             in_store = rows[kv_rows] < n_slots  # [kv_row]
             store.update(layer, rows[stored], k[0][:, in_store], v[0][:, in_store], frame, q_new)
         cache.update(keys, values, layer)
+        if observer is not None:
+            observer.on_layer("llm", layer, rows, q, keys, values)
         mask = rows[:, None] >= positions[None, :]  # [row, seq]: causal by absolute position
         is_text = rows >= text_start  # [row]
         if layer in entropy_layers:

@@ -18,7 +18,7 @@ its own selection. Rows whose outputs nothing reads are not computed unless `fai
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -137,6 +137,9 @@ class CachedPolicy(VLAPolicy):
         # VLA-Cache's layer schedule needs every layer's attention entropy from the previous frame.
         self.entropy_layers = frozenset(range(depth)) if self.method.llm == "vla_cache" else frozenset()
         self.records: list[StepRecord] = []
+        self.observer = None                      # a Recorder attaches itself here while it records
+        self.observed_prob_layers: frozenset[int] = frozenset()  # extra layers whose text attention it wants
+        self.keep_records = True                  # a streaming recorder turns this off for long episodes
         self.reset()
 
     @classmethod
@@ -198,7 +201,7 @@ class CachedPolicy(VLAPolicy):
         for (name, tower), px in zip(model.vision_backbone.towers.items(), torch.split(pixel_values, [3, 3], dim=1)):
             start = time.perf_counter()
             plan = tower_plan(tower, vit_static, keep_static_rows=llm_reads_static)
-            out = run_tower(tower, px, plan, self.tower_stores[name], frame)
+            out = run_tower(tower, px, plan, self.tower_stores[name], frame, self.observer)
             features.append(out.features)
             patches = out.patches
             vit_work[name] = out.work
@@ -215,7 +218,8 @@ class CachedPolicy(VLAPolicy):
         start = time.perf_counter()
         text_start = 1 + cfg.num_patches
         out = prefill(model.language_model, embeds, seq_len, plans, self.llm_store, frame, text_start=text_start,
-                      prob_layers=self.prob_layers, entropy_layers=self.entropy_layers)
+                      prob_layers=self.prob_layers | self.observed_prob_layers, entropy_layers=self.entropy_layers,
+                      observer=self.observer)
         timings["llm_prefill"] = _lap(start)
         start = time.perf_counter()
         token_ids, logits = model.decode_actions(out.logits, out.cache)
@@ -240,7 +244,10 @@ class CachedPolicy(VLAPolicy):
             latency_ms=timings, relevance=relevance, staleness=frame - self.last_fresh, prediction=self.last,
             text_probs=out.text_probs,
         )
-        self.records.append(record)
+        if self.keep_records:
+            self.records.append(record)
+        if self.observer is not None:
+            self.observer.on_step(record, input_ids, pixel_values)
         self.frame += 1
         return self.last.action
 
@@ -312,10 +319,20 @@ def _lap(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def make_policy(model: OpenVLA, processor: Processor, config: CacheConfig) -> VLAPolicy:
-    """The policy for `config.method` (every method, vanilla included, runs through the same engine)."""
-    return CachedPolicy(model, processor, config)
-
-
-def config_dict(config: CacheConfig) -> dict:
-    return asdict(config)
+@torch.inference_mode()
+def vanilla_pass(model: OpenVLA, input_ids: torch.Tensor, pixel_values: torch.Tensor, observer=None,
+                 prob_layers: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """A full recompute through the same engine (nothing cached, nothing kept): the shadow pass of drift
+    recording. Returns the action token ids [action_dim], their logits [action_dim, vocab] and the requested
+    layers' text attention probabilities."""
+    cfg = model.config
+    features = []
+    for tower, px in zip(model.vision_backbone.towers.values(), torch.split(pixel_values, [3, 3], dim=1)):
+        features.append(run_tower(tower, px, tower_plan(tower, None, True), None, 0, observer).features)
+    projected = model.projector(torch.cat(features, dim=2))
+    embeds = model.multimodal_embeddings(input_ids.to(model.device), projected)
+    seq_len = embeds.shape[1]
+    out = prefill(model.language_model, embeds, seq_len, [LayerPlan.full(seq_len, embeds.device)] * cfg.llm.num_layers,
+                  None, 0, text_start=1 + cfg.num_patches, prob_layers=prob_layers, observer=observer)
+    token_ids, logits = model.decode_actions(out.logits, out.cache)
+    return token_ids, logits, out.text_probs

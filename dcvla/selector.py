@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .config import SIGLIP_MEAN, SIGLIP_STD
 
 NUM_PATCHES = 256
+MAX_TEXT_TOKENS = 35  # TTF and VLA-Cache average at most the first 35 prompt rows (token_attention_merge)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 FUSIONS = ("hybrid", "pixel", "attention")
 PIXEL_SPACES = ("ttf", "unit")
@@ -104,7 +105,7 @@ def _check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor 
 
 
 def text_to_vision_relevance(
-    attn: torch.Tensor, query_positions: torch.Tensor | None = None, max_text_tokens: int = 35
+    attn: torch.Tensor, query_positions: torch.Tensor | None = None, max_text_tokens: int = MAX_TEXT_TOKENS
 ) -> torch.Tensor:
     """Per-patch relevance from one LLM layer's prefill attention, as TTF and VLA-Cache compute it.
 

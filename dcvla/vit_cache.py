@@ -60,7 +60,8 @@ def tower_plan(tower: VisionTower, static: torch.Tensor | None, keep_static_rows
 
 
 @torch.inference_mode()
-def run_tower(tower: VisionTower, pixel_values: torch.Tensor, plan: LayerPlan, store: KVStore | None, frame: int) -> TowerOutput:
+def run_tower(tower: VisionTower, pixel_values: torch.Tensor, plan: LayerPlan, store: KVStore | None, frame: int,
+              observer=None) -> TowerOutput:
     """Run every block of `tower` under `plan`, reading and refreshing `store`.
 
     Args:
@@ -68,6 +69,8 @@ def run_tower(tower: VisionTower, pixel_values: torch.Tensor, plan: LayerPlan, s
         plan: rows to compute and which of them project K/V (the same at every block).
         store: the episode's K/V store (None: nothing reused and nothing kept).
         frame: this frame's index in the episode (recorded with each fresh K/V).
+        observer: optional `on_layer(component, layer, rows, q, keys, values)` receiver of the Q of the rows
+            computed and the full K/V attended ([1, head, row|token, head_dim]), as used (recording, drift).
     """
     cfg = tower.cfg
     heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
@@ -88,6 +91,8 @@ def run_tower(tower: VisionTower, pixel_values: torch.Tensor, plan: LayerPlan, s
         keys, values = gather_kv(store, layer, tokens, fresh_rows, k, v)  # [1, head, token, head_dim]
         if store is not None:
             store.update(layer, fresh_rows, k[0], v[0], frame)
+        if observer is not None:
+            observer.on_layer(cfg.name, layer, plan.rows, q, keys, values)
         attn, _ = attend(q, keys, values, head_dim**-0.5, None)  # [1, row, hidden]
         attn = out_proj(attn)
         hidden = hidden + (ls1(attn) if ls1 is not None else attn)

@@ -165,3 +165,19 @@ def test_flop_counter_matches_torch_on_a_cached_frame(base, episode):
     text = record.seq_len - 257
     extra = 2 * heads * text * record.seq_len * head_dim
     assert counter.get_total_flops() == sum(record.flops.values()) + extra
+
+
+def test_vla_cache_drops_rows_from_its_prune_layers(base, episode):
+    """VLA-Cache: layers 0-1 compute every row; from layer 2 the skipped tokens are dropped (no Q, no MLP),
+    monotonically, and their K/V come from the store."""
+    frames, instruction = episode
+    pol = policy(base, method="vla_cache")
+    run(pol, [frames[0], frames[0], frames[1]], instruction)  # a repeated frame: every patch is similar
+    record = pol.records[1]
+    skipped = record.llm_reuse.sum(dim=1)  # [layer]
+    assert skipped[:2].eq(0).all() and skipped[2] > 0, skipped
+    assert (skipped[1:] >= skipped[:-1]).all(), "a token dropped at one layer stays dropped"
+    for layer, work in enumerate(record.llm_work):
+        assert work.q_rows == work.kv_rows == record.seq_len - int(skipped[layer])
+        assert work.keys == record.seq_len
+    assert record.flops["llm_prefill"] < pol.records[0].flops["llm_prefill"]

@@ -1,0 +1,114 @@
+"""The recording schema (DESIGN section 4) and a netCDF writer that streams frames to disk.
+
+Every recorded variable has a fixed list of dimensions after `frame`; the names are the xarray dims the
+notebooks select on. `StreamWriter` appends one frame at a time along an unlimited `frame` dimension of an
+HDF5/netCDF4 file (h5netcdf), so a 520-frame episode never sits in memory, and renames the finished file into
+place only on a clean close: a killed run leaves at most a hidden temporary file, never a partial result.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5netcdf
+import h5py
+import numpy as np
+
+from .io import _netcdf_attr
+
+TOWERS = ("dino", "siglip", "llm")
+STAGES = ("select", "dino", "siglip", "projector", "llm_prefill", "llm_decode")
+METRICS = ("cosine", "rel_l2")  # drift: cosine distance, relative L2 of used vs fresh values
+
+SCHEMA: dict[str, tuple[str, ...]] = {  # variable -> dims after "frame"
+    "reuse": ("patch",),                          # the selector's mask (vla_cache: reused at any layer)
+    "pixel_dynamic": ("patch",),
+    "attn_relevant": ("patch",),
+    "keyframe": (),
+    "reuse_by_layer": ("tower", "layer", "patch"),  # K/V (and Q) taken from the cache, per tower and layer
+    "staleness": ("patch",),                      # frames since the patch's values were computed fresh
+    "text_to_vision": ("layer", "head", "patch"),  # LLM attention, mean over text rows, per head
+    "action": ("action_dim",),
+    "action_tokens": ("action_dim",),
+    "flops": ("tower",),                          # llm: projector + prefill + decode
+    "latency_ms": ("stage",),
+    "q_drift": ("tower", "layer", "patch", "metric"),
+    "k_drift": ("tower", "layer", "patch", "metric"),
+    "v_drift": ("tower", "layer", "patch", "metric"),
+    "action_ref": ("action_dim",),
+    "logit_kl": (),
+}
+ATTENTION_DIMS = ("head", "text", "seq")  # attention_l{layer}: full text-row attention maps of asked layers
+VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "masks": ("reuse", "pixel_dynamic", "attn_relevant", "keyframe", "reuse_by_layer"),
+    "staleness": ("staleness",),
+    "text_to_vision": ("text_to_vision",),
+    "actions": ("action", "action_tokens"),
+    "flops": ("flops",),
+    "latency": ("latency_ms",),
+}
+DRIFT_VARIABLES = ("q_drift", "k_drift", "v_drift", "action_ref", "logit_kl")
+
+
+def dims_of(name: str) -> tuple[str, ...]:
+    if name == "time":
+        return ()
+    return ATTENTION_DIMS if name.startswith("attention_l") else SCHEMA[name]
+
+
+def coordinates(n_layers: int) -> dict[str, np.ndarray]:
+    """Label coordinates of the fixed dims (frame gets its own values per run)."""
+    return {"tower": np.array(TOWERS), "layer": np.arange(n_layers), "stage": np.array(STAGES),
+            "metric": np.array(METRICS)}
+
+
+class StreamWriter:
+    """Append frames to a netCDF file; `close(commit=True)` renames it into place, anything else deletes it."""
+
+    def __init__(self, path: str | Path, sizes: dict[str, int], attrs: dict, coords: dict[str, np.ndarray]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.file = h5netcdf.File(self.tmp, "w")
+        self.file.dimensions = {"frame": None, **sizes}
+        self.file.attrs.update({k: _netcdf_attr(v) for k, v in attrs.items()})
+        for name, values in coords.items():
+            if name in sizes:
+                dtype = h5py.string_dtype() if values.dtype.kind == "U" else values.dtype
+                self.file.create_variable(name, (name,), dtype=dtype, data=values.astype(object) if values.dtype.kind == "U" else values)
+        self.file.create_variable("frame", ("frame",), dtype=np.int64)
+        self.n = 0
+
+    def append(self, frame: dict[str, np.ndarray]) -> None:
+        """Write one frame's arrays (keyed by variable name, plus "frame": its index)."""
+        self.file.resize_dimension("frame", self.n + 1)
+        self.file.variables["frame"][self.n] = int(frame["frame"])
+        for name, value in frame.items():
+            if name == "frame":
+                continue
+            value = np.asarray(value)
+            is_bool = value.dtype == bool
+            if is_bool:  # netCDF has no bool: int8 with xarray's dtype="bool" marker, decoded back on reading
+                value = value.astype(np.int8)
+            if name not in self.file.variables:
+                dims = dims_of(name)
+                for dim, size in zip(dims, value.shape):
+                    if dim not in self.file.dimensions:  # e.g. the text and seq sizes of attention maps
+                        self.file.dimensions[dim] = size
+                var = self.file.create_variable(name, ("frame", *dims), dtype=value.dtype,
+                                                chunks=(1, *value.shape), compression="gzip", compression_opts=4)
+                if is_bool:
+                    var.attrs["dtype"] = "bool"
+            self.file.variables[name][self.n, ...] = value
+        self.n += 1
+
+    def close(self, commit: bool) -> None:
+        self.file.close()
+        if commit and self.n:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
