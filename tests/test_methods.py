@@ -8,28 +8,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcvla.cache import LayerPlan
 from dcvla.llm_cache import prefill
-from dcvla.methods import METHODS, CacheConfig, CachedPolicy
-from dcvla.policy import VLAPolicy
+from dcvla.methods import METHODS, CacheConfig
 from dcvla.vit_cache import run_tower, tower_plan
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def base():
-    return VLAPolicy.from_preset("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def episode():
-    from dcvla.libero.episodes import list_episodes, load_episode
-
-    ep = load_episode(list_episodes(suite="libero_spatial")[0])
-    return ep.frames[:8], ep.instruction
-
-
-def policy(base, **kw) -> CachedPolicy:
-    return CachedPolicy(base.model, base.processor, CacheConfig(**kw))
 
 
 def run(pol, frames, instruction):
@@ -39,9 +21,9 @@ def run(pol, frames, instruction):
 
 # ------------------------------------------------------------------------------------------ the engine itself
 @torch.no_grad()
-def test_engine_without_reuse_equals_transformers_forward(base, episode):
+def test_engine_without_reuse_equals_transformers_forward(base, spatial_episode):
     model = base.model
-    input_ids, pixel_values = base.processor(episode[0][0], episode[1])
+    input_ids, pixel_values = base.processor(spatial_episode[0][0], spatial_episode[1])
     dino_px, siglip_px = torch.split(pixel_values, [3, 3], dim=1)
     for tower, px in ((model.vision_backbone.featurizer, dino_px), (model.vision_backbone.fused_featurizer, siglip_px)):
         out = run_tower(tower, px, tower_plan(tower, None, True), None, 0)
@@ -55,25 +37,25 @@ def test_engine_without_reuse_equals_transformers_forward(base, episode):
 
 # ------------------------------------------------------------------------------------------------------- H0
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_h0_all_dynamic_equals_vanilla(base, episode, method):
+def test_h0_all_dynamic_equals_vanilla(base, make_policy, spatial_episode, method):
     """Every frame a keyframe (unified selector) and no static patch (VLA-Cache's own selection, which
     ignores keyframes): nothing is reused, so every method must be vanilla."""
-    frames, instruction = episode
+    frames, instruction = spatial_episode
     reference = [base.model.predict_action(*base.processor(f, instruction)) for f in frames[:3]]
-    _, predictions = run(policy(base, method=method, keyframe_interval=1, top_k_static=0), frames[:3], instruction)
+    _, predictions = run(make_policy(method=method, keyframe_interval=1, top_k_static=0), frames[:3], instruction)
     for ref, got in zip(reference, predictions):
         assert torch.equal(ref.token_ids, got.token_ids)
         assert (ref.logits - got.logits).abs().max() < ATOL
 
 
 # ------------------------------------------------------------------------------------------------ H1 and H2
-def test_h1_h2_q_reuse_q_recompute_and_dropping_agree(base, episode):
+def test_h1_h2_q_reuse_q_recompute_and_dropping_agree(make_policy, spatial_episode):
     """Same mask, K/V cached at every layer: static rows' Q and outputs influence nothing downstream."""
-    frames, instruction = episode
+    frames, instruction = spatial_episode
     runs = {
-        "drop": policy(base, method="dual_cache"),
-        "q_reuse": policy(base, method="dual_cache", faithful=True),
-        "q_recompute": policy(base, method="dual_cache_llm_kv"),
+        "drop": make_policy(method="dual_cache"),
+        "q_reuse": make_policy(method="dual_cache", faithful=True),
+        "q_recompute": make_policy(method="dual_cache_llm_kv"),
     }
     results = {name: run(pol, frames, instruction)[1] for name, pol in runs.items()}
     reused = [r.selection.reuse.sum().item() for r in runs["drop"].records]
@@ -85,9 +67,9 @@ def test_h1_h2_q_reuse_q_recompute_and_dropping_agree(base, episode):
 
 
 # ------------------------------------------------------------------------------------- caches and episodes
-def test_keyframes_refresh_every_cache(base, episode):
-    frames, instruction = episode
-    pol = policy(base, method="dual_cache", keyframe_interval=3)
+def test_keyframes_refresh_every_cache(make_policy, spatial_episode):
+    frames, instruction = spatial_episode
+    pol = make_policy(method="dual_cache", keyframe_interval=3)
     run(pol, frames[:4], instruction)  # frames 0..3: frame 3 is a keyframe
     assert pol.records[3].selection.keyframe and not pol.records[2].selection.keyframe
     for store in pol.tower_stores.values():
@@ -95,28 +77,28 @@ def test_keyframes_refresh_every_cache(base, episode):
     assert (pol.llm_store.computed_at == 3).all()
 
 
-def test_staleness_counts_frames_since_fresh(base, episode):
-    frames, instruction = episode
+def test_staleness_counts_frames_since_fresh(make_policy, spatial_episode):
+    frames, instruction = spatial_episode
     still = [frames[0]] * 5  # a frozen scene: only attention-relevant patches are recomputed
-    pol = policy(base, method="dual_cache", keyframe_interval=100, fusion="pixel")
+    pol = make_policy(method="dual_cache", keyframe_interval=100, fusion="pixel")
     run(pol, still, instruction)
     for record in pol.records:
         assert (record.staleness == record.frame).all(), (record.frame, record.staleness.unique())
     assert (pol.tower_stores["dino"].staleness(4)[:, 5:] == 4).all()  # patches: computed at frame 0 only
 
 
-def test_reset_isolates_episodes(base, episode):
-    frames, instruction = episode
-    fresh, _ = run(policy(base, method="dual_cache"), frames[4:8], instruction)
-    pol = policy(base, method="dual_cache")
+def test_reset_isolates_episodes(make_policy, spatial_episode):
+    frames, instruction = spatial_episode
+    fresh, _ = run(make_policy(method="dual_cache"), frames[4:8], instruction)
+    pol = make_policy(method="dual_cache")
     run(pol, frames[:4], instruction)
     again, _ = run(pol, frames[4:8], instruction)
     assert all(np.array_equal(a, b) for a, b in zip(fresh, again))
 
 
-def test_changes_without_reset_raise(base, episode):
-    frames, instruction = episode
-    pol = policy(base, method="dual_cache")
+def test_changes_without_reset_raise(make_policy, spatial_episode):
+    frames, instruction = spatial_episode
+    pol = make_policy(method="dual_cache")
     pol.step(frames[0], instruction)
     with pytest.raises(RuntimeError, match="prompt changed within an episode.*call reset"):
         pol.step(frames[1], "open the drawer")
@@ -126,19 +108,19 @@ def test_changes_without_reset_raise(base, episode):
     pol.step(frames[1], "open the drawer")
 
 
-def test_bad_config_is_named(base):
+def test_bad_config_is_named(make_policy):
     with pytest.raises(ValueError, match="unknown method 'turbo'; known: vanilla"):
         CacheConfig(method="turbo")
     with pytest.raises(ValueError, match="attention_layer_id=40 is past the LLM's 16 layers"):
-        policy(base, attention_layer_id=40)
+        make_policy(attention_layer_id=40)
 
 
 # -------------------------------------------------------------------------------------------- real savings
-def test_dual_cache_skips_work_and_counts_it(base, episode):
-    frames, instruction = episode
-    pol = policy(base, method="dual_cache")
+def test_dual_cache_skips_work_and_counts_it(make_policy, spatial_episode):
+    frames, instruction = spatial_episode
+    pol = make_policy(method="dual_cache")
     run(pol, frames[:3], instruction)
-    vanilla = policy(base, method="vanilla")
+    vanilla = make_policy(method="vanilla")
     run(vanilla, frames[:3], instruction)
     record, ref = pol.records[1], vanilla.records[1]
     n_static = int(record.selection.reuse.sum())
@@ -150,9 +132,9 @@ def test_dual_cache_skips_work_and_counts_it(base, episode):
 
 
 @torch.no_grad()
-def test_flop_counter_matches_torch_on_a_cached_frame(base, episode):
-    frames, instruction = episode
-    pol = policy(base, method="dual_cache")
+def test_flop_counter_matches_torch_on_a_cached_frame(make_policy, spatial_episode):
+    frames, instruction = spatial_episode
+    pol = make_policy(method="dual_cache")
     pol.step(frames[0], instruction)
     # the fused CPU attention kernel is invisible to torch's counter; the math backend spells it as matmuls
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -167,11 +149,11 @@ def test_flop_counter_matches_torch_on_a_cached_frame(base, episode):
     assert counter.get_total_flops() == sum(record.flops.values()) + extra
 
 
-def test_vla_cache_drops_rows_from_its_prune_layers(base, episode):
+def test_vla_cache_drops_rows_from_its_prune_layers(make_policy, spatial_episode):
     """VLA-Cache: layers 0-1 compute every row; from layer 2 the skipped tokens are dropped (no Q, no MLP),
     monotonically, and their K/V come from the store."""
-    frames, instruction = episode
-    pol = policy(base, method="vla_cache")
+    frames, instruction = spatial_episode
+    pol = make_policy(method="vla_cache")
     run(pol, [frames[0], frames[0], frames[1]], instruction)  # a repeated frame: every patch is similar
     record = pol.records[1]
     skipped = record.llm_reuse.sum(dim=1)  # [layer]

@@ -7,27 +7,8 @@ import pytest
 import xarray as xr
 
 from dcvla.io import write_dataset
-from dcvla.methods import CacheConfig, CachedPolicy
-from dcvla.policy import VLAPolicy
 from dcvla.recorder import Recorder, open_recording, record_episode
 from dcvla.schema import SCHEMA
-
-
-@pytest.fixture(scope="module")
-def base():
-    return VLAPolicy.from_preset("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def episode():
-    from dcvla.libero.episodes import list_episodes, load_episode
-
-    ep = load_episode(list_episodes(suite="libero_object")[0])
-    return ep.frames[:5], ep.instruction
-
-
-def policy(base, **kw) -> CachedPolicy:
-    return CachedPolicy(base.model, base.processor, CacheConfig(**kw))
 
 
 def record(pol, frames, instruction, **kw) -> xr.Dataset:
@@ -38,8 +19,8 @@ def record(pol, frames, instruction, **kw) -> xr.Dataset:
     return rec.to_dataset()
 
 
-def test_dataset_has_the_schema(base, episode):
-    ds = record(policy(base, method="dual_cache"), *episode, drift=True, attention_layers=[15],
+def test_dataset_has_the_schema(make_policy, object_episode):
+    ds = record(make_policy(method="dual_cache"), *object_episode, drift=True, attention_layers=[15],
                 labels={"suite": "libero_object", "task": 0})
     for name in ("reuse", "staleness", "reuse_by_layer", "text_to_vision", "q_drift", "action_ref", "logit_kl"):
         assert ds[name].dims == ("frame", *SCHEMA[name]), name
@@ -52,18 +33,18 @@ def test_dataset_has_the_schema(base, episode):
     assert not (ds.reuse & (ds.pixel_dynamic | ds.attn_relevant)).any()
 
 
-def test_netcdf_round_trip_preserves_values_and_attrs(base, episode, tmp_path):
-    ds = record(policy(base, method="vla_cache"), *episode, drift=True, labels={"suite": "libero_object"})
+def test_netcdf_round_trip_preserves_values_and_attrs(make_policy, object_episode, tmp_path):
+    ds = record(make_policy(method="vla_cache"), *object_episode, drift=True, labels={"suite": "libero_object"})
     loaded = open_recording(write_dataset(ds, tmp_path / "run.nc"))
     xr.testing.assert_identical(loaded.drop_attrs(), ds.drop_attrs())
     assert loaded.attrs["config"] == ds.attrs["config"] and loaded.attrs["tower_depths"].tolist() == [3, 3, 16]
     assert loaded.reuse.dtype == bool and loaded.text_to_vision.dtype == np.float16
 
 
-def test_streamed_file_equals_in_memory(base, episode, tmp_path):
-    frames, instruction = episode
-    in_memory = record(policy(base, method="dual_cache"), frames, instruction, drift=True)
-    pol = policy(base, method="dual_cache")
+def test_streamed_file_equals_in_memory(make_policy, object_episode, tmp_path):
+    frames, instruction = object_episode
+    in_memory = record(make_policy(method="dual_cache"), frames, instruction, drift=True)
+    pol = make_policy(method="dual_cache")
     path = record_episode(pol, frames, instruction, tmp_path / "stream.nc", drift=True)
     streamed = open_recording(path)
     assert pol.records == []  # streaming keeps nothing in memory
@@ -72,19 +53,19 @@ def test_streamed_file_equals_in_memory(base, episode, tmp_path):
             np.testing.assert_array_equal(streamed[name].values, in_memory[name].values, err_msg=name)
 
 
-def test_hooks_are_removed_even_after_an_exception(base, episode):
-    pol = policy(base, method="dual_cache")
+def test_hooks_are_removed_even_after_an_exception(make_policy, object_episode):
+    pol = make_policy(method="dual_cache")
     with pytest.raises(ValueError, match="instruction is empty"):
         with Recorder(pol, drift=True, attention_layers=[3]):
-            pol.step(episode[0][0], episode[1])
-            pol.step(episode[0][1], "")
+            pol.step(object_episode[0][0], object_episode[1])
+            pol.step(object_episode[0][1], "")
     assert pol.observer is None and pol.observed_prob_layers == frozenset() and pol.keep_records
 
 
-def test_a_crash_leaves_no_file_and_a_rerun_resumes(base, episode, tmp_path):
-    frames, instruction = episode
-    path = tmp_path / "episode.nc"
-    pol = policy(base, method="dual_cache")
+def test_a_crash_leaves_no_file_and_a_rerun_resumes(make_policy, object_episode, tmp_path):
+    frames, instruction = object_episode
+    path = tmp_path / "object_episode.nc"
+    pol = make_policy(method="dual_cache")
 
     class Crash(Exception):
         pass
@@ -100,15 +81,15 @@ def test_a_crash_leaves_no_file_and_a_rerun_resumes(base, episode, tmp_path):
     assert path.stat().st_mtime_ns == stamp  # complete: skipped, not rewritten
 
 
-def test_drift_is_zero_for_vanilla_and_positive_with_stale_kv(base, episode):
-    vanilla = record(policy(base, method="vanilla"), *episode, drift=True)
+def test_drift_is_zero_for_vanilla_and_positive_with_stale_kv(make_policy, object_episode):
+    vanilla = record(make_policy(method="vanilla"), *object_episode, drift=True)
     for name in ("q_drift", "k_drift", "v_drift"):
         assert float(np.nanmax(np.abs(vanilla[name].values))) == 0.0, name
     assert (vanilla.logit_kl == 0).all() and (vanilla.action == vanilla.action_ref).all()
     # llm_kqv_only: the towers are recomputed, so at LLM layer 0 a fresh token's K equals a full recompute's
     # exactly, while a reused token's is its stale cached one. (Deeper, fresh tokens drift too: they attended
     # to stale K/V below. In dual_cache even layer 0 drifts, through the towers' own stale K/V.)
-    cached = record(policy(base, method="llm_kqv_only"), *episode, drift=True)
+    cached = record(make_policy(method="llm_kqv_only"), *object_episode, drift=True)
     stale = cached.dcvla.non_keyframes()
     k_llm = stale.k_drift.sel(tower="llm", metric="rel_l2", layer=0)  # [frame, patch]
     assert float(k_llm.where(stale.reuse).min()) > 0
@@ -117,8 +98,8 @@ def test_drift_is_zero_for_vanilla_and_positive_with_stale_kv(base, episode):
     assert float(cached.dcvla.drift_vs_staleness().sel(staleness=0)) < float(cached.dcvla.drift_vs_staleness().sel(staleness=1))
 
 
-def test_bad_requests_raise(base):
-    pol = policy(base, method="dual_cache")
+def test_bad_requests_raise(make_policy, base):
+    pol = make_policy(method="dual_cache")
     with pytest.raises(ValueError, match="unknown recording variable.*'attention'.*known: masks"):
         Recorder(pol, what=["masks", "attention"])
     with pytest.raises(ValueError, match=r"attention_layers \[16\] out of range: the LLM has layers 0..15"):
@@ -134,8 +115,8 @@ def test_bad_requests_raise(base):
         rec.to_dataset()
 
 
-def test_accessor_summaries(base, episode):
-    ds = record(policy(base, method="vla_cache"), *episode)
+def test_accessor_summaries(make_policy, object_episode):
+    ds = record(make_policy(method="vla_cache"), *object_episode)
     by_layer = ds.dcvla.reuse_rate_by_layer()
     assert by_layer.sel(tower="dino", layer=5).isnull()  # past the tiny DINOv2's 3 blocks
     assert float(by_layer.sel(tower="llm", layer=0)) == 0  # VLA-Cache never reuses before layer 2

@@ -1,0 +1,117 @@
+"""Measured speedup of each caching method against vanilla, next to its FLOPs ideal, on shipped LIBERO frames.
+
+Every method streams the same frames of the same episodes in one process. For each frame the methods run one
+after another, in an order that rotates from frame to frame, so machine noise falls on all of them alike.
+Per method it reports:
+- reuse: the share of vision tokens whose LLM K/V came from the cache (averaged over layers and frames), and the
+  share of ViT patches reused (the unified selector's mask, for methods that reuse inside the towers);
+- FLOPs ratio: vanilla FLOPs / method FLOPs over the same frames (the ideal speedup), end to end and LLM only;
+- measured ratio: median vanilla latency / median method latency, end to end and LLM only (prefill + decode);
+- the measured ratio as a fraction of the ideal.
+
+    python benchmarks/cache_speedup.py --preset small --frames 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from dcvla.libero.episodes import list_episodes, load_episode
+from dcvla.methods import CacheConfig, CachedPolicy
+from dcvla.policy import VLAPolicy
+
+DEFAULT_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
+LLM_STAGES = ("llm_prefill", "llm_decode")
+GROUPS = {  # stage groups reported separately: decode is memory-bound and the same for every method
+    "vision": ("select", "dino", "siglip", "projector"), "llm_prefill": ("llm_prefill",),
+    "llm_decode": ("llm_decode",), "llm": LLM_STAGES,
+}
+
+
+def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[str] | None) -> dict:
+    base = VLAPolicy.from_preset(preset, seed=0)
+    policies = {m: CachedPolicy(base.model, base.processor, CacheConfig(method=m)) for m in methods}
+    stats: dict[str, dict[str, list]] = {m: defaultdict(list) for m in methods}
+    episodes = [p for p in list_episodes() if suites is None or any(p.name.startswith(s + "_task") for s in suites)]
+    turn = 0
+    for path in episodes:
+        episode = load_episode(path)
+        frames = episode.frames[:frames_per_episode]
+        for policy in policies.values():
+            policy.reset()
+        for frame in frames:
+            order = methods[turn % len(methods):] + methods[: turn % len(methods)]
+            turn += 1
+            for method in order:
+                policy = policies[method]
+                start = time.perf_counter()
+                policy.step(frame, episode.instruction)
+                ms = (time.perf_counter() - start) * 1e3
+                record, s = policy.records[-1], stats[method]
+                s["ms"].append(ms)
+                s["llm_ms"].append(sum(record.latency_ms[k] for k in LLM_STAGES))
+                s["flops"].append(sum(record.flops.values()))
+                s["llm_flops"].append(sum(record.flops[k] for k in LLM_STAGES))
+                s["llm_reuse"].append(record.llm_reuse.float().mean().item())
+                for group, stages in GROUPS.items():
+                    s[f"{group}_ms"].append(sum(record.latency_ms.get(k, 0.0) for k in stages))
+                    s[f"{group}_flops"].append(sum(record.flops.get(k, 0) for k in stages))
+                vit_reuse = record.selection.reuse.float().mean().item() if policy.method.vit != "full" and record.selection else 0.0
+                s["vit_reuse"].append(vit_reuse)
+        print(f"  {episode.name}: {len(frames)} frames x {len(methods)} methods", flush=True)
+    return stats
+
+
+def summarise(stats: dict) -> list[dict]:
+    ref = stats["vanilla"]
+    rows = []
+    for method, s in stats.items():
+        flops_ratio = sum(ref["flops"]) / sum(s["flops"])
+        llm_flops_ratio = sum(ref["llm_flops"]) / sum(s["llm_flops"])
+        measured = statistics.median(ref["ms"]) / statistics.median(s["ms"])
+        llm_measured = statistics.median(ref["llm_ms"]) / statistics.median(s["llm_ms"])
+        rows.append(dict(
+            method=method, llm_reuse=statistics.mean(s["llm_reuse"]), vit_reuse=statistics.mean(s["vit_reuse"]),
+            flops_ratio=flops_ratio, measured=measured, of_ideal=measured / flops_ratio,
+            llm_flops_ratio=llm_flops_ratio, llm_measured=llm_measured, llm_of_ideal=llm_measured / llm_flops_ratio,
+            median_ms=statistics.median(s["ms"]), llm_median_ms=statistics.median(s["llm_ms"]),
+            gflops=statistics.mean(s["flops"]) / 1e9,
+            groups={g: (sum(ref[f"{g}_flops"]) / sum(s[f"{g}_flops"]),
+                        statistics.median(ref[f"{g}_ms"]) / statistics.median(s[f"{g}_ms"]),
+                        statistics.median(s[f"{g}_ms"]), statistics.mean(s[f"{g}_flops"]) / 1e9) for g in GROUPS},
+        ))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--frames", type=int, default=9, help="frames per shipped episode (from its start)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--suites", nargs="+", help="limit to these suites (default: every shipped episode)")
+    args = parser.parse_args()
+    methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, "
+          f"{args.frames} frames per episode, methods interleaved per frame")
+    rows = summarise(run(args.preset, methods, args.frames, args.suites))
+    print("\n| method | LLM reuse | ViT reuse | GFLOP/frame | end-to-end ms | FLOPs ratio | measured ratio | of ideal "
+          "| LLM ms | LLM FLOPs ratio | LLM measured | LLM of ideal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['llm_reuse']:.1%} | {r['vit_reuse']:.1%} | {r['gflops']:.1f} | {r['median_ms']:.0f} "
+              f"| {r['flops_ratio']:.2f}x | {r['measured']:.2f}x | {r['of_ideal']:.2f} | {r['llm_median_ms']:.0f} "
+              f"| {r['llm_flops_ratio']:.2f}x | {r['llm_measured']:.2f}x | {r['llm_of_ideal']:.2f} |")
+    print("\nPer stage group (FLOPs ratio / measured ratio / of ideal; median ms, mean GFLOP per frame):")
+    print("| method | " + " | ".join(GROUPS) + " |\n|---|" + "---|" * len(GROUPS))
+    for r in rows:
+        cells = [f"{f:.2f}x / {m:.2f}x / {m / f:.2f} ({ms:.0f} ms, {gf:.1f} GF)" for f, m, ms, gf in r["groups"].values()]
+        print(f"| {r['method']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
