@@ -111,7 +111,8 @@ class Recorder:
 
     def _dims(self) -> dict[str, int]:
         return {"patch": self.policy.model.config.num_patches, "tower": 3, "layer": self.n_layers,
-                "head": self.heads, "action_dim": self.policy.model.config.action_dim, "stage": len(STAGES), "metric": 2}
+                "head": self.heads, "action_dim": self.policy.model.config.action_dim, "stage": len(STAGES), "metric": 2,
+                "action_bin": self.policy.model.config.n_action_bins}
 
     # --------------------------------------------------------------------------------------- policy callbacks
     def on_layer(self, component: str, layer: int, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
@@ -162,6 +163,7 @@ class Recorder:
         if "actions" in self.what:
             out["action"] = record.prediction.action.astype(np.float32)
             out["action_tokens"] = record.prediction.token_ids.cpu().numpy().astype(np.int32)
+            out["action_logits"] = action_bin_logits(record.prediction.logits, cfg).astype(np.float16)
         if "flops" in self.what:
             vit = {"dino": record.flops["dino"], "siglip": record.flops["siglip"]}
             llm = record.flops["projector"] + record.flops["llm_prefill"] + record.flops["llm_decode"]
@@ -202,6 +204,24 @@ class Recorder:
         if self._writer is not None:
             raise RuntimeError(f"frames were streamed to {self.path}; open it with dcvla.io.read_dataset")
         return frames_to_dataset(self._frames, self.attrs, self.n_layers)
+
+
+def action_bin_logits(logits: torch.Tensor, cfg) -> np.ndarray:
+    """[action_dim, vocab] -> [action_dim, action_bin]: the logits of the action tokens, bin 0 = id top - 1."""
+    top = cfg.llm.text_vocab_size
+    return logits[:, top - cfg.n_action_bins : top].flip(-1).float().cpu().numpy()
+
+
+def action_kl(ds: xr.Dataset, reference: xr.Dataset) -> xr.DataArray:
+    """Per frame: KL(reference || method) of the action-token distributions (softmax over the 256 action
+    tokens), averaged over action dims; both datasets must cover the same frames."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+    log_m, log_r = log_softmax(ds.action_logits.values), log_softmax(reference.action_logits.values)
+    kl = (np.exp(log_r) * (log_r - log_m)).sum(-1).mean(-1)  # [frame]
+    return xr.DataArray(kl, coords={"frame": ds.frame}, dims="frame", name="action_kl")
 
 
 def _distances(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

@@ -31,6 +31,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {  # variable -> dims after "frame"
     "text_to_vision": ("layer", "head", "patch"),  # LLM attention, mean over text rows, per head
     "action": ("action_dim",),
     "action_tokens": ("action_dim",),
+    "action_logits": ("action_dim", "action_bin"),  # logits of the 256 action tokens (bin 0 = id text_vocab-1)
     "flops": ("tower",),                          # llm: projector + prefill + decode
     "latency_ms": ("stage",),
     "q_drift": ("tower", "layer", "patch", "metric"),
@@ -44,7 +45,7 @@ VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "masks": ("reuse", "pixel_dynamic", "attn_relevant", "keyframe", "reuse_by_layer"),
     "staleness": ("staleness",),
     "text_to_vision": ("text_to_vision",),
-    "actions": ("action", "action_tokens"),
+    "actions": ("action", "action_tokens", "action_logits"),
     "flops": ("flops",),
     "latency": ("latency_ms",),
 }

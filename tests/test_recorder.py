@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from dcvla.io import write_dataset
-from dcvla.recorder import Recorder, open_recording, record_episode
+from dcvla.recorder import Recorder, action_kl, open_recording, record_episode
 from dcvla.schema import SCHEMA
 
 
@@ -96,6 +96,10 @@ def test_drift_is_zero_for_vanilla_and_positive_with_stale_kv(make_policy, objec
     assert float(k_llm.where(~stale.reuse).max()) == 0
     assert float(stale.k_drift.sel(tower="llm", metric="rel_l2", layer=15).where(~stale.reuse).max()) > 0
     assert float(cached.dcvla.drift_vs_staleness().sel(staleness=0)) < float(cached.dcvla.drift_vs_staleness().sel(staleness=1))
+    # the action-token distributions, against the vanilla run on the same frames
+    kl = action_kl(cached, vanilla)
+    assert (action_kl(vanilla, vanilla) == 0).all()
+    assert (kl.sel(frame=cached.frame[cached.keyframe]) == 0).all() and float(kl.max()) > 0
 
 
 def test_bad_requests_raise(make_policy, base):
