@@ -7,11 +7,17 @@ export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install studies test bench clean
+.PHONY: install system-deps studies test bench explorer clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Debian's chromium: plotly's static export (kaleido) and the explorer's browser test drive it.
+system-deps:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "dcvla needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
+$(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,libero]"
 	touch $(STAMP)
@@ -24,6 +30,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_latency.py --preset tiny --preset small
+
+explorer: $(STAMP)
+	$(PY) -m voila notebooks/explorer.ipynb --no-browser --Voila.ip=127.0.0.1 \
+	  --VoilaConfiguration.extension_denylist=jupyterlab-jupytext
 
 clean:
 	rm -rf $(VENV) build *.egg-info

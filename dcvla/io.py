@@ -65,3 +65,15 @@ def read_dataset(path: str | os.PathLike) -> xr.Dataset:
     """Load a dataset fully into memory (the file is closed on return)."""
     with xr.open_dataset(path, engine="h5netcdf") as ds:
         return ds.load()
+
+
+def label_coords(ds: xr.Dataset) -> xr.Dataset:
+    """Promote a recording's labels (the attrs listed in `label_coords`) and `time` to coordinates."""
+    labels = json.loads(ds.attrs.get("label_coords", "[]"))
+    ds = ds.assign_coords({name: ds.attrs[name] for name in labels})
+    return ds.set_coords("time") if "time" in ds.data_vars else ds
+
+
+def open_recording(path: str | os.PathLike) -> xr.Dataset:
+    """A dataset written by `dcvla.recorder`, loaded into memory, with its label and time coordinates."""
+    return label_coords(read_dataset(path))

@@ -24,7 +24,7 @@ import xarray as xr
 from . import __version__
 from . import accessor  # noqa: F401  (registers ds.dcvla)
 from .actions import unnormalize_action
-from .io import read_dataset
+from .io import label_coords, open_recording  # noqa: F401  (open_recording is part of this API)
 from .methods import CachedPolicy, vanilla_pass
 from .schema import STAGES, TOWERS, VARIABLE_GROUPS, StreamWriter, coordinates, dims_of
 from .selector import MAX_TEXT_TOKENS
@@ -163,7 +163,8 @@ class Recorder:
         if "actions" in self.what:
             out["action"] = record.prediction.action.astype(np.float32)
             out["action_tokens"] = record.prediction.token_ids.cpu().numpy().astype(np.int32)
-            out["action_logits"] = action_bin_logits(record.prediction.logits, cfg).astype(np.float16)
+            # float32: equivalence is judged on these at 1e-4, finer than float16 resolves near 1
+            out["action_logits"] = action_bin_logits(record.prediction.logits, cfg).astype(np.float32)
         if "flops" in self.what:
             vit = {"dino": record.flops["dino"], "siglip": record.flops["siglip"]}
             llm = record.flops["projector"] + record.flops["llm_prefill"] + record.flops["llm_decode"]
@@ -244,18 +245,6 @@ def frames_to_dataset(frames: list[dict[str, np.ndarray]], attrs: dict, n_layers
     coords["frame"] = np.array([int(f["frame"]) for f in frames])
     coords["time"] = ("frame", np.array([float(f["time"]) for f in frames]))
     return label_coords(xr.Dataset(data_vars, coords=coords, attrs=attrs))
-
-
-def label_coords(ds: xr.Dataset) -> xr.Dataset:
-    """Promote the run's labels (attrs listed in `label_coords`) and `time` to coordinates."""
-    labels = json.loads(ds.attrs.get("label_coords", "[]"))
-    ds = ds.assign_coords({name: ds.attrs[name] for name in labels})
-    return ds.set_coords("time") if "time" in ds.data_vars else ds
-
-
-def open_recording(path: str | Path) -> xr.Dataset:
-    """A recorded dataset from disk, loaded into memory, with its label and time coordinates."""
-    return label_coords(read_dataset(path))
 
 
 def record_episode(policy: CachedPolicy, frames: np.ndarray, instruction: str, path: str | Path, **kwargs) -> Path:
