@@ -29,7 +29,7 @@ from dcvla.recorder import DEFAULT_WHAT, Recorder, record_episode
 from dcvla.schema import SCHEMA, VARIABLE_GROUPS
 
 ITEM_BYTES = {"reuse": 1, "pixel_dynamic": 1, "attn_relevant": 1, "keyframe": 1, "reuse_by_layer": 1, "staleness": 4,
-              "text_to_vision": 2, "action": 4, "action_tokens": 4, "flops": 8, "latency_ms": 4, "q_drift": 2,
+              "text_to_vision": 2, "action": 4, "action_tokens": 4, "action_logits": 4, "flops": 8, "latency_ms": 4, "q_drift": 2,
               "k_drift": 2, "v_drift": 2, "action_ref": 4, "logit_kl": 4}
 
 
@@ -37,7 +37,8 @@ def bytes_per_frame(preset: str, drift: bool) -> int:
     """Uncompressed bytes of one recorded frame (default variables, optionally drift) from the schema."""
     cfg = get_preset(preset)
     sizes = {"patch": cfg.num_patches, "tower": 3, "layer": max(cfg.dino.num_layers_run, cfg.siglip.num_layers_run,
-             cfg.llm.num_layers), "head": cfg.llm.num_heads, "action_dim": cfg.action_dim, "stage": 6, "metric": 2}
+             cfg.llm.num_layers), "head": cfg.llm.num_heads, "action_dim": cfg.action_dim, "stage": 6, "metric": 2,
+             "action_bin": cfg.n_action_bins}
     names = [v for group in DEFAULT_WHAT for v in VARIABLE_GROUPS[group]]
     names += ["q_drift", "k_drift", "v_drift", "action_ref", "logit_kl"] if drift else []
     return sum(ITEM_BYTES[n] * int(np.prod([sizes[d] for d in SCHEMA[n]])) for n in names)

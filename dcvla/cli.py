@@ -1,12 +1,16 @@
-"""Command line: `dcvla predict` runs one step; `dcvla studies` runs the main job on the embedded default.
+"""Command line.
 
-Until the study notebooks land, `studies` is the smoke run: build the `tiny` preset, predict one action for
-a shipped LIBERO frame, and print it.
+    dcvla predict [--checkpoint DIR] [--image PNG]     one action for one image
+    dcvla run STUDY [-p NAME VALUE]...                 execute notebooks/STUDY.ipynb with papermill
+    dcvla studies [-p NAME VALUE]...                   the paper set on the embedded default, then a summary
+
+Executed notebooks are written next to their outputs: data/studies/STUDY.ipynb beside data/STUDY.nc.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 from pathlib import Path
@@ -47,8 +51,60 @@ def predict(args: argparse.Namespace) -> None:
     print(f"action {np.array2string(action, precision=4, floatmode='fixed')}  ({ms:.0f} ms)")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+PAPER_SET = ("mechanism_equivalence", "cache_behaviour", "long_horizon_stability", "libero_benchmark")
+
+
+def parse_value(text: str):
+    """A -p value as Python reads it (numbers, lists, booleans); anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def available_studies() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+def run_study(study: str, parameters: dict) -> Path:
+    """Execute one study notebook with papermill (kernel cwd: the repository root); returns the executed copy."""
+    import papermill
+
+    source = NOTEBOOKS / f"{study}.ipynb"
+    if not source.exists():
+        raise ValueError(f"unknown study {study!r}; available: {', '.join(available_studies())}")
+    runs_dir = Path(parameters.get("runs_dir", "data/runs"))
+    out = (ROOT / runs_dir).parent / "studies" / f"{study}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[dcvla] {study}: {parameters or 'default parameters'} -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", flush=True)
+    papermill.execute_notebook(str(source), str(out), parameters=parameters, cwd=str(ROOT), progress_bar=True,
+                               kernel_name="python3")
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    run_study(args.study, {name: parse_value(value) for name, value in args.param})
+
+
 def studies(args: argparse.Namespace) -> None:
-    predict(argparse.Namespace(checkpoint=None, preset="tiny", seed=0, unnorm_key=None, image=None, instruction=None))
+    """The paper set, then the summary: method, reuse rate, FLOPs ratio, measured speedup, action drift."""
+    parameters = {name: parse_value(value) for name, value in args.param}
+    start = time.perf_counter()
+    for study in PAPER_SET:
+        run_study(study, parameters)
+    from .io import read_dataset
+
+    runs_dir = ROOT / Path(parameters.get("runs_dir", "data/runs"))
+    table = read_dataset(runs_dir.parent / "cache_behaviour.nc").to_dataframe().set_index("method")
+    columns = ["reuse rate", "LLM reuse rate", "FLOPs ratio", "measured speedup", "action drift", "action KL"]
+    print(f"\nSummary (cache_behaviour, {parameters.get('preset', 'small')} preset, shipped LIBERO frames):")
+    print(table[columns].round(4).to_string())
+    figures = ROOT / Path(parameters.get("figures_dir", "figures"))
+    print("\nFigures:\n" + "\n".join(f"  {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}"
+                                       for p in sorted(figures.glob("*.png"))))
+    print(f"\nDone in {time.perf_counter() - start:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=Path, help="an RGB image file (default: a shipped LIBERO frame)")
     p.add_argument("--instruction", help="task instruction (default: the shipped episode's)")
     p.set_defaults(func=predict)
-    s = sub.add_parser("studies", help="the main job on the embedded default (small preset, shipped episodes)")
+    r = sub.add_parser("run", help="execute one study notebook with papermill")
+    r.add_argument("study", help="a notebook name under notebooks/ (e.g. cache_behaviour)")
+    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="notebook parameter (Python literal or string), repeatable")
+    r.set_defaults(func=run)
+    s = sub.add_parser("studies", help="the paper set on the embedded default (small preset, shipped episodes)")
+    s.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="parameter for every study (e.g. -p preset tiny), repeatable")
     s.set_defaults(func=studies)
     args = parser.parse_args(argv)
     try:

@@ -215,7 +215,11 @@ def action_bin_logits(logits: torch.Tensor, cfg) -> np.ndarray:
 
 def action_kl(ds: xr.Dataset, reference: xr.Dataset) -> xr.DataArray:
     """Per frame: KL(reference || method) of the action-token distributions (softmax over the 256 action
-    tokens), averaged over action dims; both datasets must cover the same frames."""
+    tokens), averaged over action dims, on the frames both runs have."""
+    common = np.intersect1d(ds.frame.values, reference.frame.values)
+    if common.size == 0:
+        raise ValueError("action_kl: the two runs share no frame")
+    ds, reference = ds.sel(frame=common), reference.sel(frame=common)
     def log_softmax(x):
         x = x.astype(np.float64)
         return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
