@@ -35,6 +35,12 @@ class DcvlaAccessor:
         rate = self._ds.reuse_by_layer.astype(float).mean(("frame", "patch"))
         return rate.where(self.layer_mask())
 
+    def llm_reuse_rate(self) -> float:
+        """Share of vision tokens whose LLM K/V came from the cache, over frames, the LLM's layers and patches."""
+        self._need("reuse_by_layer")
+        llm = self._ds.reuse_by_layer.sel(tower="llm").astype(float)
+        return float(llm.where(self.layer_mask().sel(tower="llm")).mean())
+
     def non_keyframes(self) -> xr.Dataset:
         self._need("keyframe")
         return self._ds.sel(frame=~self._ds.keyframe)

@@ -143,7 +143,7 @@ def summary(datasets: list[xr.Dataset], reference: str = "vanilla") -> pd.DataFr
         rows.append({
             "method": method,
             "reuse rate": float(np.mean([ds.dcvla.reuse_rate().mean() for ds in runs])),
-            "LLM reuse rate": float(np.mean([ds.reuse_by_layer.sel(tower="llm").astype(float).mean() for ds in runs])),
+            "LLM reuse rate": float(np.mean([ds.dcvla.llm_reuse_rate() for ds in runs])),
             "FLOPs ratio": ref_flops / flops,
             "measured speedup": statistics.median(ref_ms) / statistics.median(ms),
             "action drift": float(np.mean(drift)),
@@ -294,11 +294,11 @@ def find_cliff(table: pd.DataFrame, metric: str = "action KL") -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------- figures
-def save_figure(fig, name: str, figures_dir: str | Path) -> Path:
+def save_figure(fig, name: str, figures_dir: str | Path, width: int = 1000, height: int = 520) -> Path:
     """Write a plotly figure as PNG (kaleido + chromium) under figures_dir; returns the path."""
     path = Path(figures_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_image(str(path), width=1000, height=520, scale=1)
+    fig.write_image(str(path), width=width, height=height, scale=1)
     return path
 
 

@@ -32,6 +32,8 @@ def test_cache_behaviour_writes_table_and_figures(tmp_path):
     table = read_dataset(tmp_path / "cache_behaviour.nc").to_dataframe().set_index("method")
     assert table.loc["vanilla", "FLOPs ratio"] == 1.0 and table.loc["dual_cache", "FLOPs ratio"] > 1.0
     assert 0 < table.loc["dual_cache", "LLM reuse rate"] < 1
+    # one mask for every tower and every LLM layer: the LLM's reuse is the mask's (padded layers excluded)
+    assert table.loc["dual_cache", "LLM reuse rate"] == pytest.approx(table.loc["dual_cache", "reuse rate"])
     names = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert {"cache_behaviour_reuse_by_suite.png", "cache_behaviour_mask.png", "cache_behaviour_savings.png"} <= names
 
