@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from . import flops as F
-from .actions import unnormalize_action
 from .cache import KVStore, LayerPlan
 from .llm_cache import new_llm_store, prefill
 from .model import ActionPrediction, OpenVLA
@@ -235,8 +234,7 @@ class CachedPolicy(VLAPolicy):
         if static is not None:
             stale |= static.cpu()
         self.last_fresh[~stale] = frame
-        normalized = model.action_tokenizer.decode(token_ids.cpu().numpy())
-        self.last = ActionPrediction(token_ids, logits, normalized, unnormalize_action(normalized, model.action_stats(self.unnorm_key)))
+        self.last = ActionPrediction(token_ids, logits, *model.decode_action(token_ids, self.unnorm_key))
         record = StepRecord(
             frame=frame, selection=selection, vit_work=vit_work, llm_work=out.work, llm_reuse=llm_reuse.cpu(),
             projector_rows=int(projected.shape[1]), seq_len=seq_len,

@@ -220,11 +220,15 @@ class OpenVLA(nn.Module):
                 f"predict_action takes one example (batch 1); got input_ids {tuple(input_ids.shape)}, "
                 f"pixel_values {tuple(pixel_values.shape)}"
             )
-        stats = self.action_stats(unnorm_key)
+        self.action_stats(unnorm_key)  # a missing key fails before the forward, naming the available ones
         embeds = self.multimodal_embeddings(input_ids.to(self.device), self.embed_image(pixel_values.to(self.device, self.dtype)))
         token_ids, logits = self.generate_action_tokens(embeds)
+        return ActionPrediction(token_ids, logits, *self.decode_action(token_ids, unnorm_key))
+
+    def decode_action(self, token_ids: torch.Tensor, unnorm_key: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Action token ids [action_dim] -> (bin centres in [-1, 1], the action un-normalised for `unnorm_key`)."""
         normalized = self.action_tokenizer.decode(token_ids.cpu().numpy())
-        return ActionPrediction(token_ids, logits, normalized, unnormalize_action(normalized, stats))
+        return normalized, unnormalize_action(normalized, self.action_stats(unnorm_key))
 
     def action_stats(self, unnorm_key: str | None) -> dict:
         """The `action` statistics for `unnorm_key` (q01, q99, mask, ...)."""

@@ -23,7 +23,6 @@ import xarray as xr
 
 from . import __version__
 from . import accessor  # noqa: F401  (registers ds.dcvla)
-from .actions import unnormalize_action
 from .io import label_coords, open_recording  # noqa: F401  (open_recording is part of this API)
 from .methods import CachedPolicy, vanilla_pass
 from .schema import STAGES, TOWERS, VARIABLE_GROUPS, StreamWriter, coordinates, dims_of
@@ -193,8 +192,7 @@ class Recorder:
         log_method = torch.log_softmax(record.prediction.logits.float(), -1)  # [action_dim, vocab]
         log_ref = torch.log_softmax(ref_logits.float(), -1)
         kl = (log_ref.exp() * (log_ref - log_method)).sum(-1).mean()  # KL(reference || method), mean over tokens
-        ref_action = unnormalize_action(model.action_tokenizer.decode(ref_tokens.cpu().numpy()),
-                                        model.action_stats(self.policy.unnorm_key))
+        _, ref_action = model.decode_action(ref_tokens, self.policy.unnorm_key)
         return {"q_drift": drift["q"].astype(np.float16), "k_drift": drift["k"].astype(np.float16),
                 "v_drift": drift["v"].astype(np.float16), "action_ref": ref_action.astype(np.float32),
                 "logit_kl": np.array(float(kl), np.float32)}

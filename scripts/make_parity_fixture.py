@@ -59,8 +59,7 @@ import torchvision.transforms.functional as TVF
 import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from timm.layers import Mlp
-from timm.models.vision_transformer import Attention, AttentionPoolLatent, LayerScale
+from timm.models.vision_transformer import AttentionPoolLatent, LayerScale
 from torchvision.transforms import InterpolationMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
