@@ -107,7 +107,7 @@ class StepRecord:
     flops: dict[str, int]
     latency_ms: dict[str, float]
     llm_reuse: torch.Tensor            # [layer, patch] bool: vision tokens whose K/V came from the store
-    relevance: torch.Tensor            # [patch]: this frame's text-to-vision attention (selector layer)
+    relevance: torch.Tensor | None     # [patch]: text-to-vision attention of the selector layer (None: no selector)
     staleness: torch.Tensor            # [patch]: frames since each patch's values were computed fresh
     prediction: ActionPrediction | None = None
     text_probs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -132,7 +132,9 @@ class CachedPolicy(VLAPolicy):
             raise ValueError(f"CacheConfig.prune_layers={config.prune_layers} has a layer past the LLM's {depth} layers")
         self.selector = UnifiedTokenSelector(config.selector_config(), patch_size=model.config.dino.patch_size)
         self.vla_config = config.vla_cache_config()
-        self.prob_layers = frozenset({config.attention_layer_id})
+        # Only methods with a selector need the previous frame's text-to-vision attention; vanilla does no bookkeeping.
+        self.uses_selector = self.method.vit != "full" or self.method.llm != "full"
+        self.prob_layers = frozenset({config.attention_layer_id}) if self.uses_selector else frozenset()
         # VLA-Cache's layer schedule needs every layer's attention entropy from the previous frame.
         self.entropy_layers = frozenset(range(depth)) if self.method.llm == "vla_cache" else frozenset()
         self.records: list[StepRecord] = []
@@ -225,8 +227,10 @@ class CachedPolicy(VLAPolicy):
         timings["llm_decode"] = _lap(start)
 
         # ---- bookkeeping for the next frame and the recorder
-        text_positions = torch.arange(text_start, seq_len)
-        relevance = text_to_vision_relevance(out.text_probs[self.config.attention_layer_id], text_positions)  # [patch]
+        relevance = None
+        if self.uses_selector:
+            text_positions = torch.arange(text_start, seq_len)
+            relevance = text_to_vision_relevance(out.text_probs[self.config.attention_layer_id], text_positions)  # [patch]
         self.prev_relevance, self.prev_image = relevance, image224
         if out.entropy:
             self.prev_entropy = torch.stack([out.entropy[layer] for layer in range(cfg.llm.num_layers)])  # [layer]

@@ -163,3 +163,13 @@ def test_vla_cache_drops_rows_from_its_prune_layers(make_policy, spatial_episode
         assert work.q_rows == work.kv_rows == record.seq_len - int(skipped[layer])
         assert work.keys == record.seq_len
     assert record.flops["llm_prefill"] < pol.records[0].flops["llm_prefill"]
+
+
+def test_vanilla_does_no_selector_bookkeeping(make_policy, spatial_episode):
+    """Only methods with a selector compute the text-to-vision attention it needs."""
+    frames, instruction = spatial_episode
+    vanilla, cached = make_policy(method="vanilla"), make_policy(method="dual_cache")
+    for pol in (vanilla, cached):
+        pol.step(frames[0], instruction)
+    assert vanilla.records[0].text_probs == {} and vanilla.records[0].relevance is None
+    assert set(cached.records[0].text_probs) == {15} and cached.records[0].relevance.shape == (256,)
