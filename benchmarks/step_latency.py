@@ -16,27 +16,12 @@ import time
 import numpy as np
 import torch
 
+from dcvla.cli import shipped_frame
 from dcvla.config import get_preset
 from dcvla.flops import vanilla_stage_flops
 from dcvla.policy import VLAPolicy
 
 STAGES = ("dino", "siglip", "projector", "llm_prefill", "llm_decode")
-
-
-def benchmark_frame() -> tuple[np.ndarray, str]:
-    """A real LIBERO frame from the shipped episodes when present; else the parity fixture's scene image."""
-    try:
-        from dcvla.libero.episodes import list_episodes, load_episode
-
-        episode = load_episode(list_episodes()[0])
-        return episode.frames[0], episode.instruction
-    except (ImportError, IndexError, FileNotFoundError, AttributeError):
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        ref = Path(__file__).resolve().parents[1] / "tests/fixtures/openvla_tiny/reference.safetensors"
-        return load_file(str(ref))["image"].numpy(), "put the black bowl on the plate"
 
 
 @torch.inference_mode()
@@ -69,7 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    image, instruction = benchmark_frame()
+    image, instruction, _ = shipped_frame()  # first frame of the first shipped LIBERO episode
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; frame {image.shape}, instruction {instruction!r}")
     for preset in args.preset or ["tiny", "small"]:
         policy = VLAPolicy.from_preset(preset)

@@ -65,11 +65,6 @@ def find_datasets(runs_dir: str | Path) -> list[Path]:
     return found
 
 
-def load_run(path: str | Path) -> xr.Dataset:
-    """A recorded dataset with its labels as coordinates (dcvla.io, so the explorer never imports torch)."""
-    return open_recording(path)
-
-
 def png_uri(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
@@ -170,7 +165,7 @@ class Explorer:
 
     def load(self, path: str | Path) -> None:
         """Show the dataset at `path` (one of `self.paths`) from its first frame."""
-        self.path, self.ds = Path(path), load_run(path)
+        self.path, self.ds = Path(path), open_recording(path)
         self._ready = False  # one redraw at the end, not one per widget change
         self.slider.value, self.slider.max = 0, max(self.ds.sizes["frame"] - 1, 0)
         self.play.max = self.slider.max

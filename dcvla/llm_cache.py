@@ -71,9 +71,10 @@ def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor, seq_len: int, plans: lis
     positions = torch.arange(seq_len, device=embeds.device)
     hidden, rows = embeds, plans[0].rows  # [1, row, hidden], [row]
     cache, work, text_probs, entropy = DynamicCache(config=cfg), [], {}, {}
+    mask = rows[:, None] >= positions[None, :]  # [row, seq]: causal by absolute position
     for layer, (block, plan) in enumerate(zip(model.layers, plans)):
         if plan.rows.numel() != rows.numel():  # rows dropped from this layer on
-            hidden, rows = hidden[:, torch.isin(rows, plan.rows)], plan.rows
+            hidden, mask, rows = hidden[:, torch.isin(rows, plan.rows)], mask[torch.isin(rows, plan.rows)], plan.rows
         attn_mod = block.self_attn
         x = block.input_layernorm(hidden)  # [1, row, hidden]
         cos, sin = model.rotary_emb(x, rows[None])  # [1, row, head_dim]
@@ -101,7 +102,6 @@ def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor, seq_len: int, plans: lis
         cache.update(keys, values, layer)
         if observer is not None:
             observer.on_layer("llm", layer, rows, q, keys, values)
-        mask = rows[:, None] >= positions[None, :]  # [row, seq]: causal by absolute position
         is_text = rows >= text_start  # [row]
         if layer in entropy_layers:
             prob_rows = torch.arange(rows.numel(), device=rows.device)

@@ -12,6 +12,7 @@ appears, complete, only when the block exits cleanly: a crash leaves no result f
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from pathlib import Path
@@ -31,6 +32,7 @@ from .selector import MAX_TEXT_TOKENS
 DEFAULT_WHAT = ("masks", "staleness", "text_to_vision", "actions", "flops", "latency")
 
 
+@functools.cache  # one subprocess per process, not per recorded episode
 def git_revision() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,

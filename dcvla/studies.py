@@ -186,12 +186,11 @@ def equivalence_tests(config: StudyConfig, base: VLAPolicy | None = None) -> pd.
     study = "mechanism_equivalence"
     dynamic = StudyConfig(**{**asdict(config), "methods": list(METHODS)})
     runs = _by_episode(record_runs(study, dynamic, ALL_DYNAMIC, tag="all_dynamic", base=base))
-    variants = {"q_reuse": {"faithful": True}}
     pairs_config = StudyConfig(**{**asdict(config), "methods": ["vanilla", "dual_cache", "dual_cache_llm_kv",
                                                                  "llm_kqv_only", "ttf_vla_cache", "vit_kv_only"]})
     cached = _by_episode(record_runs(study, pairs_config, base=base))
     faithful = _by_episode(record_runs(study, StudyConfig(**{**asdict(config), "methods": ["dual_cache"]}),
-                                       variants["q_reuse"], tag="faithful", base=base))
+                                       {"faithful": True}, tag="faithful", base=base))
     episodes_ = sorted({ep for _, ep in cached})
     rows = []
 

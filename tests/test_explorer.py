@@ -22,7 +22,8 @@ import nbformat
 import numpy as np
 import pytest
 
-from dcvla.explorer import ATTENTION, IMAGE, OVERLAY, Explorer, NoDatasetsError, load_run
+from dcvla.explorer import ATTENTION, IMAGE, OVERLAY, Explorer, NoDatasetsError
+from dcvla.io import open_recording
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
@@ -152,7 +153,7 @@ def test_explorer_in_voila_moves_with_the_slider(runs_dir, tmp_path):
         pytest.fail("the browser test needs " + "; ".join(missing), pytrace=False)
     from playwright.sync_api import sync_playwright
 
-    ds = load_run(next(runs_dir.rglob("*.nc")))
+    ds = open_recording(next(runs_dir.rglob("*.nc")))
     masks = [json.dumps(ds.reuse.isel(frame=i).values.reshape(16, 16).tolist(), separators=(",", ":"))
              for i in range(ds.sizes["frame"])]
     assert masks[2] != masks[0]
