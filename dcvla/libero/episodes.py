@@ -76,6 +76,11 @@ class Episode:
         return f"{self.suite}/task{self.task_id:02d}/init{int(self.meta['init_state_index']):02d}"
 
     @property
+    def states(self) -> np.ndarray:
+        """[n, 8] float32: `protocol.robot_state` of each frame (eef pos, eef axis-angle, gripper qpos)."""
+        return protocol.robot_state(self.eef_pos, self.eef_quat, self.gripper_qpos)
+
+    @property
     def frames(self) -> np.ndarray:
         """[n, 224, 224, 3] uint8: the pipeline's frames (rotate, JPEG, lanczos), decoded once and cached."""
         if self._frames is None:
@@ -206,23 +211,33 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
 def replay(policy: Any, episode: Episode, center_crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Run a policy open-loop over an episode's frames, so every method sees exactly the same frames.
 
+    Policies with `uses_state = True` also get the frame's robot state (`episode.states[i]`, [8] float32)
+    as a third argument. A policy that returns an action chunk [horizon, 7] is still called on every frame
+    (open loop has no plan to follow); the chunk's first row is recorded as that frame's action.
+
     Args:
-        policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`.
+        policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`, or, with
+            `uses_state = True`, `step(image, instruction, state [8]) -> [7] or [horizon, 7]`.
         episode: a recorded Episode.
         center_crop: apply the protocol's policy-time center crop (the LIBERO fine-tunes expect it).
 
     Returns:
-        (actions [n_frames, 7] float32 as returned by the policy, un-postprocessed;
+        (actions [n_frames, 7] float32 as returned by the policy, un-postprocessed (first row of a chunk);
          latency_s [n_frames] float64 wall seconds per `policy.step`).
     """
     policy.reset()
     frames = episode.frames
+    states = episode.states if getattr(policy, "uses_state", False) else None
     actions = np.zeros((len(frames), 7), dtype=np.float32)
     latency = np.zeros(len(frames), dtype=np.float64)
     for i, frame in enumerate(frames):
         image = protocol.policy_input(frame, crop=center_crop)
         t0 = time.perf_counter()
-        actions[i] = np.asarray(policy.step(image, episode.instruction), dtype=np.float32).reshape(7)
+        if states is None:
+            raw = policy.step(image, episode.instruction)
+        else:
+            raw = policy.step(image, episode.instruction, states[i])
+        actions[i] = protocol.action_chunk(raw)[0]  # inside the timing, as before: may sync a device array
         latency[i] = time.perf_counter() - t0
     return actions, latency
 

@@ -6,6 +6,11 @@ gripper post-processing, success = `done` from `env.step`, any exception ends th
 its message recorded. `evaluate_task` runs trials of one (method, suite, task) with a tqdm bar and
 rewrites `<run_dir>/<method>/<suite>_task<NN>.nc` atomically after every trial, so a crash loses at most
 the trial in flight and a rerun skips the trials already in the file.
+
+Pi0-style policies (openpi's examples/libero/main.py) are run the openpi way: `uses_state = True` adds the
+8-dim robot state to each call, an action chunk [horizon, 7] is executed open-loop for its first
+`replan_steps` actions before the policy is called again, and `action_convention = "libero"` skips the
+OpenVLA gripper flip (the gripper is only binarised). Policies without these attributes run as before.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,9 +40,10 @@ class TrialResult:
 
     Attributes:
         success: the env reported `done` within the step budget.
-        steps: policy steps executed (the wait steps are not counted).
+        steps: env steps executed after the wait (one per action; for single-action policies, one per
+            policy call).
         error: "" or the exception that ended the trial (type: message).
-        latency_s: wall seconds of each `policy.step` call.
+        latency_s: wall seconds of each `policy.step` call (fewer entries than steps for chunk policies).
         wall_s: wall seconds of the whole trial, env stepping and rendering included.
     """
 
@@ -63,20 +70,38 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
               max_steps: int | None = None, center_crop: bool = True) -> TrialResult:
     """One closed-loop episode, upstream protocol.
 
+    The policy is called when no planned action is left: a single action [7] plans one step (the OpenVLA
+    loop), an action chunk [horizon, 7] plans its first `min(policy.replan_steps, horizon)` rows (openpi's
+    action_plan deque; `replan_steps` defaults to 1). Every executed action is one env step of the budget
+    and `done` on any of them ends the trial.
+
     Args:
-        policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`.
+        policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`. Optional
+            attributes: `uses_state = True` (called as `step(image, instruction, state)` with
+            `protocol.obs_state` of the current observation, [8] float32), `replan_steps` (int >= 1) for
+            chunk policies, and `action_convention` ("openvla", the default: gripper [0, 1] flipped and
+            binarised by `protocol.postprocess_action`; "libero": gripper already -1 open / +1 close, only
+            binarised by `protocol.postprocess_libero_action`).
         env: a LIBERO env for the task (`make_env`, 256x256 render).
         suite: suite name (selects the step budget).
         init_state: the benchmark init state to load.
         instruction: the task's language instruction.
-        max_steps: override the suite's policy-step budget (e.g. for a quick smoke run).
+        max_steps: override the suite's step budget (e.g. for a quick smoke run).
         center_crop: the policy-time 90% center crop (on for the LIBERO fine-tunes).
 
     Returns:
         A TrialResult. Exceptions (from the env or the policy) are caught and recorded, as upstream.
+
+    Raises:
+        ValueError: the policy declares an unknown `action_convention` or a `replan_steps` below 1 (a
+            misconfigured policy, not a failed trial).
     """
     budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
+    convention = protocol.action_convention(policy)
+    replan = _replan_steps(policy)
+    uses_state = bool(getattr(policy, "uses_state", False))
     latency: list[float] = []
+    plan: deque[np.ndarray] = deque()
     steps, success, error = 0, False, ""
     t_start = time.perf_counter()
     try:
@@ -86,11 +111,14 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
         for _ in range(protocol.WAIT_STEPS):  # objects settle; the policy is not called
             obs, _, _, _ = env.step(list(protocol.DUMMY_ACTION))
         while steps < budget:
-            image = protocol.policy_input(protocol.process_frame(obs["agentview_image"]), crop=center_crop)
-            t0 = time.perf_counter()
-            raw = policy.step(image, instruction)
-            latency.append(time.perf_counter() - t0)
-            action = protocol.postprocess_action(raw)
+            if not plan:
+                image = protocol.policy_input(protocol.process_frame(obs["agentview_image"]), crop=center_crop)
+                state = protocol.obs_state(obs) if uses_state else None
+                t0 = time.perf_counter()
+                raw = policy.step(image, instruction) if state is None else policy.step(image, instruction, state)
+                latency.append(time.perf_counter() - t0)
+                plan.extend(protocol.action_chunk(raw)[:replan])
+            action = protocol.postprocess(plan.popleft(), convention)
             obs, _, done, _ = env.step(action.tolist())
             steps += 1
             if done:
@@ -102,6 +130,14 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
         if last:
             error += f" (at {Path(last[0].filename).name}:{last[0].lineno})"
     return TrialResult(success, steps, error, np.asarray(latency, dtype=np.float64), time.perf_counter() - t_start)
+
+
+def _replan_steps(policy: Any) -> int:
+    """`policy.replan_steps` (default 1), validated: a positive integer."""
+    value = getattr(policy, "replan_steps", 1)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{type(policy).__name__}.replan_steps must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def result_path(run_dir: str | Path, method: str, suite: str, task_id: int) -> Path:
@@ -120,10 +156,10 @@ def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) 
             stats["p50"][i], stats["p90"][i] = np.percentile(ms, [50, 90])
     data = {
         "success": ("trial", np.array([r.success for r in results], dtype=np.int8), {"description": "1 if env done"}),
-        "steps": ("trial", np.array([r.steps for r in results], dtype=np.int32), {"units": "policy steps"}),
+        "steps": ("trial", np.array([r.steps for r in results], dtype=np.int32), {"units": "env steps after the wait"}),
         "error": ("trial", np.array([r.error for r in results], dtype=object), {"description": "'' or the exception"}),
         "wall_s": ("trial", np.array([r.wall_s for r in results]), {"units": "s"}),
-        "latency_ms": (("trial", "step"), lat, {"units": "ms", "description": "policy.step wall time; NaN past the end"}),
+        "latency_ms": (("trial", "step"), lat, {"units": "ms", "description": "wall time of each policy.step call; NaN past the last call"}),
     }
     for k, v in stats.items():
         data[f"latency_{k}_ms"] = ("trial", v, {"units": "ms"})
@@ -132,10 +168,15 @@ def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) 
                               "step": np.arange(budget, dtype=np.int32)})
 
 
+#: Attributes added after RESULT_VERSION 1 files were first written, with the value those files imply.
+_POLICY_ATTR_DEFAULTS = {"uses_state": 0, "replan_steps": 1, "action_convention": "openvla"}
+
+
 def _check_compatible(old: xr.Dataset, attrs: dict, path: Path) -> None:
-    for key in ("suite", "task_id", "method", "max_steps", "center_crop", "result_version"):
-        if str(old.attrs.get(key)) != str(attrs[key]):
-            raise ValueError(f"{path} was written with {key}={old.attrs.get(key)!r}, this run has {attrs[key]!r}; "
+    for key in ("suite", "task_id", "method", "max_steps", "center_crop", "result_version", *_POLICY_ATTR_DEFAULTS):
+        have = old.attrs.get(key, _POLICY_ATTR_DEFAULTS.get(key))
+        if str(have) != str(attrs[key]):
+            raise ValueError(f"{path} was written with {key}={have!r}, this run has {attrs[key]!r}; "
                              "use another run_dir or method name, or delete the file")
 
 
@@ -150,7 +191,7 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
         run_dir: root directory of the run; results go to `result_path(run_dir, method, suite, task_id)`.
         method: label for this method (default: `policy.name`, else the class name).
         trials: number of trials (init states 0..n-1, in order) or an explicit list of init-state indices.
-        max_steps: override the suite's policy-step budget (keep None for the real protocol).
+        max_steps: override the suite's step budget (keep None for the real protocol).
         center_crop: policy-time center crop.
         progress: show a tqdm bar.
         env: an existing env for this task to reuse (else one is built and closed here).
@@ -172,7 +213,8 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
                  max_steps=budget, wait_steps=protocol.WAIT_STEPS, center_crop=int(center_crop), seed=protocol.SEED,
                  env_seed=protocol.ENV_SEED, render_resolution=protocol.RENDER_RESOLUTION,
                  policy_resolution=protocol.POLICY_RESOLUTION, jpeg_decoder=protocol.JPEG_DECODER,
-                 result_version=RESULT_VERSION)
+                 result_version=RESULT_VERSION, uses_state=int(bool(getattr(policy, "uses_state", False))),
+                 replan_steps=_replan_steps(policy), action_convention=protocol.action_convention(policy))
     path = result_path(run_dir, method, suite, info.task_id)
     old = read_dataset(path) if path.exists() else None
     if old is not None:

@@ -12,12 +12,17 @@ accurate IDCT differs from TF's by about 1 level on average (max ~15) on LIBERO 
 are re-implemented in float32 numpy with TF's exact sampling rules rather than with PIL's resize, whose
 8-bit intermediate between the horizontal and vertical passes adds +-1 level errors. The match against a
 TF-computed reference is tested in tests/test_libero_protocol.py.
+
+For Pi0-style policies (openpi's LIBERO example) the module also gives the 8-dim proprioceptive state
+(`robot_state`, `obs_state`), action chunks (`action_chunk`) and the LIBERO-convention gripper handling
+(`postprocess_libero_action`); see the section at the end.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -182,3 +187,149 @@ def postprocess_action(action: np.ndarray) -> np.ndarray:
     g = 2.0 * a[6] - 1.0
     a[6] = -np.sign(g)
     return a
+
+
+# --- Proprioceptive state and action chunks (Pi0-style policies; the OpenVLA path does not use them) ---
+#
+# openpi's LIBERO example (examples/libero/main.py) feeds Pi0 an 8-dim state:
+#   concat(obs["robot0_eef_pos"], _quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"])
+# and executes the first `replan_steps` (5) actions of each returned chunk before querying it again.
+
+STATE_DIM = 8
+#: The observation keys `obs_state` reads (robosuite's proprio observables; quaternions are xyzw).
+STATE_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+#: Action conventions a policy can declare with an `action_convention` attribute (absent means "openvla").
+ACTION_CONVENTIONS = ("openvla", "libero")
+#: openpi's LIBERO client: actions executed from each chunk before the policy is called again.
+REPLAN_STEPS = 5
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """Quaternion(s) (x, y, z, w) -> axis-angle (unit axis times angle in radians), as robosuite does.
+
+    Same arithmetic as `robosuite.utils.transform_utils.quat2axisangle` (which openpi's LIBERO example
+    copies): w is clipped to [-1, 1], den = sqrt(1 - w^2), den == 0 (robosuite's `math.isclose(den, 0.0)`
+    with default tolerances is an exact comparison) gives zeros, else xyz * 2 acos(w) / den. Unlike
+    robosuite it does not clip the caller's array in place, computes in float64 whatever the input dtype,
+    and accepts a batch.
+
+    Args:
+        quat: array [..., 4], xyzw. Not normalised here (neither is it upstream).
+
+    Returns:
+        float64 array [..., 3].
+    """
+    q = np.array(quat, dtype=np.float64)  # a copy: the clip below must not touch the caller's array
+    if q.ndim == 0 or q.shape[-1] != 4:
+        raise ValueError(f"expected quaternion(s) of shape [..., 4] (x, y, z, w), got shape {np.shape(quat)}")
+    w = np.clip(q[..., 3], -1.0, 1.0)
+    den = np.sqrt(1.0 - w * w)
+    zero = den == 0.0
+    safe = np.where(zero, 1.0, den)[..., None]
+    out = (q[..., :3] * 2.0 * np.arccos(w)[..., None]) / safe
+    return np.where(zero[..., None], 0.0, out)
+
+
+def robot_state(eef_pos: np.ndarray, eef_quat: np.ndarray, gripper_qpos: np.ndarray) -> np.ndarray:
+    """The 8-dim proprioceptive state openpi's LIBERO example feeds Pi0.
+
+    Layout: [0:3] end-effector position, [3:6] axis-angle of the end-effector quaternion, [6:8] the two
+    gripper finger joint positions. Batched inputs (same leading dims) give a batch of states.
+
+    Args:
+        eef_pos: [..., 3] end-effector position (robot0_eef_pos).
+        eef_quat: [..., 4] end-effector orientation, xyzw (robot0_eef_quat).
+        gripper_qpos: [..., 2] gripper finger joints (robot0_gripper_qpos).
+
+    Returns:
+        float32 array [..., 8] (`STATE_DIM`).
+    """
+    parts = {"eef_pos": (eef_pos, 3), "eef_quat": (eef_quat, 4), "gripper_qpos": (gripper_qpos, 2)}
+    arrays = {}
+    for name, (value, dim) in parts.items():
+        a = np.asarray(value, dtype=np.float64)
+        if a.ndim == 0 or a.shape[-1] != dim:
+            raise ValueError(f"{name} must have shape [..., {dim}], got shape {np.shape(value)}")
+        arrays[name] = a
+    lead = {name: a.shape[:-1] for name, a in arrays.items()}
+    if len(set(lead.values())) != 1:
+        raise ValueError(f"eef_pos, eef_quat and gripper_qpos need the same leading dims, got "
+                         + ", ".join(f"{k} {v}" for k, v in lead.items()))
+    state = np.concatenate([arrays["eef_pos"], quat2axisangle(arrays["eef_quat"]), arrays["gripper_qpos"]], axis=-1)
+    return state.astype(np.float32)
+
+
+def obs_state(obs: dict) -> np.ndarray:
+    """`robot_state` of a LIBERO observation dict (the keys in `STATE_KEYS`).
+
+    Returns:
+        float32 array [8].
+
+    Raises:
+        ValueError: a key is missing or an entry has the wrong shape (the message names it).
+    """
+    missing = [k for k in STATE_KEYS if k not in obs]
+    if missing:
+        raise ValueError(f"observation lacks {', '.join(missing)}; it has: {', '.join(map(str, obs))}")
+    pos, quat, grip = (np.asarray(obs[k]) for k in STATE_KEYS)
+    for key, a, dim in zip(STATE_KEYS, (pos, quat, grip), (3, 4, 2)):
+        if a.shape != (dim,):
+            raise ValueError(f"obs[{key!r}] must have shape ({dim},), got {a.shape}")
+    return robot_state(pos, quat, grip)
+
+
+def action_chunk(raw: Any) -> np.ndarray:
+    """A policy's output as a chunk of actions: [horizon, 7] stays, a single action (7 values) is a chunk of one.
+
+    Args:
+        raw: what `policy.step` returned: a 7-dim action, or a 2-D action chunk [horizon, 7].
+
+    Returns:
+        float64 array [horizon, 7], horizon >= 1.
+
+    Raises:
+        ValueError: anything else (the message gives the shape).
+    """
+    a = np.asarray(raw, dtype=np.float64)
+    if a.ndim == 2 and a.shape[1] == 7 and a.shape[0] >= 1:
+        return a
+    if a.ndim <= 1 and a.size == 7:
+        return a.reshape(1, 7)
+    raise ValueError(f"expected a 7-dim action or an action chunk [horizon, 7], got shape {a.shape}")
+
+
+def postprocess_libero_action(action: np.ndarray) -> np.ndarray:
+    """LIBERO-convention action (gripper -1 = open, +1 = close) -> env action: gripper binarised, no flip.
+
+    For policies trained on LIBERO's own action convention (openpi's Pi0 LIBERO fine-tunes). The gripper
+    becomes sign(g), so 0 stays 0, like `postprocess_action`'s sign(0). openpi's client sends the raw value
+    instead; robosuite's PandaGripper only uses np.sign of it, so the env behaves identically.
+
+    Args:
+        action: float array [7] (xyz delta, rpy delta, gripper in about [-1, 1]).
+
+    Returns:
+        float64 array [7] ready for `env.step`.
+    """
+    a = np.array(action, dtype=np.float64).reshape(-1)
+    if a.shape != (7,):
+        raise ValueError(f"expected a 7-dim action, got shape {np.shape(action)}")
+    a[6] = np.sign(a[6])
+    return a
+
+
+def action_convention(policy: Any) -> str:
+    """The policy's declared `action_convention` ("openvla" when it declares none); ValueError if unknown."""
+    convention = getattr(policy, "action_convention", None) or "openvla"
+    if convention not in ACTION_CONVENTIONS:
+        raise ValueError(f"{type(policy).__name__}.action_convention is {convention!r}; valid: {', '.join(ACTION_CONVENTIONS)}")
+    return convention
+
+
+def postprocess(action: np.ndarray, convention: str = "openvla") -> np.ndarray:
+    """Policy action -> env action: `postprocess_action` for "openvla", `postprocess_libero_action` for "libero"."""
+    if convention == "openvla":
+        return postprocess_action(action)
+    if convention == "libero":
+        return postprocess_libero_action(action)
+    raise ValueError(f"unknown action convention {convention!r}; valid: {', '.join(ACTION_CONVENTIONS)}")
