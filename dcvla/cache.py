@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .flops import LayerWork
 
@@ -70,6 +71,18 @@ class LayerPlan:
 
     def work(self, num_keys: int) -> LayerWork:
         return LayerWork(q_rows=int(self.rows.numel()), kv_rows=int(self.kv_fresh.sum()), keys=num_keys)
+
+
+def project_qkv(attn_mod, x: torch.Tensor, q_rows: torch.Tensor, kv_rows: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q of `q_rows` and K/V of `kv_rows` of x [1, row, width], RoPE-rotated (cos/sin [1, row, head_dim]), with a
+    Llama/Gemma attention module's projections. Returns q [1, head, q_row, head_dim], k/v [1, kv_head, kv_row, head_dim]."""
+    q = attn_mod.q_proj(x[:, q_rows]).view(1, -1, heads, head_dim).transpose(1, 2)
+    k = attn_mod.k_proj(x[:, kv_rows]).view(1, -1, kv_heads, head_dim).transpose(1, 2)
+    v = attn_mod.v_proj(x[:, kv_rows]).view(1, -1, kv_heads, head_dim).transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, q_rows], sin[:, q_rows])
+    _, k = apply_rotary_pos_emb(k, k, cos[:, kv_rows], sin[:, kv_rows])
+    return q, k, v
 
 
 def gather_kv(store: KVStore | None, layer: int, num_tokens: int, fresh_slots: torch.Tensor,

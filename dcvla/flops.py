@@ -22,10 +22,12 @@ class LayerWork:
     keys: int
 
 
-def attention_layer_flops(work: LayerWork, d: int, d_kv: int, d_ff: int, mlp_mats: int) -> int:
+def attention_layer_flops(work: LayerWork, d: int, d_kv: int, d_ff: int, mlp_mats: int, d_attn: int | None = None) -> int:
+    """One layer; `d_attn` = heads x head_dim where it differs from the width d (Gemma's action expert)."""
     r, m, n = work.q_rows, work.kv_rows, work.keys
-    projections = 2 * r * d * d * 2 + 2 * m * d * d_kv * 2  # Q and O; K and V
-    attention = 4 * r * n * d
+    d_attn = d if d_attn is None else d_attn
+    projections = 2 * r * d * d_attn * 2 + 2 * m * d * d_kv * 2  # Q and O; K and V
+    attention = 4 * r * n * d_attn
     mlp = 2 * r * d * d_ff * mlp_mats
     return projections + attention + mlp
 

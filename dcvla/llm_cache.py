@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .cache import KVStore, LayerPlan, attend, gather_kv
+from .cache import KVStore, LayerPlan, attend, gather_kv, project_qkv
 from .flops import LayerWork
 from .selector import attention_entropy
 
@@ -79,11 +78,7 @@ def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor, seq_len: int, plans: lis
         x = block.input_layernorm(hidden)  # [1, row, hidden]
         cos, sin = model.rotary_emb(x, rows[None])  # [1, row, head_dim]
         q_rows, kv_rows = plan.q_fresh.nonzero().squeeze(1), plan.kv_fresh.nonzero().squeeze(1)
-        q = attn_mod.q_proj(x[:, q_rows]).view(1, -1, heads, head_dim).transpose(1, 2)  # [1, head, q_row, head_dim]
-        k = attn_mod.k_proj(x[:, kv_rows]).view(1, -1, kv_heads, head_dim).transpose(1, 2)  # [1, kv_head, kv_row, head_dim]
-        v = attn_mod.v_proj(x[:, kv_rows]).view(1, -1, kv_heads, head_dim).transpose(1, 2)
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, q_rows], sin[:, q_rows])
-        _, k = apply_rotary_pos_emb(k, k, cos[:, kv_rows], sin[:, kv_rows])
+        q, k, v = project_qkv(attn_mod, x, q_rows, kv_rows, cos, sin, heads, kv_heads, head_dim)
         if q_rows.numel() != rows.numel():  # Q reuse: cached (already rotated) queries for the other rows
             full_q = q.new_empty(1, heads, rows.numel(), head_dim)
             full_q[:, :, q_rows] = q

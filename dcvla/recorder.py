@@ -26,7 +26,7 @@ from . import __version__
 from . import accessor  # noqa: F401  (registers ds.dcvla)
 from .io import label_coords, open_recording  # noqa: F401  (open_recording is part of this API)
 from .methods import CachedPolicy, vanilla_pass
-from .schema import STAGES, TOWERS, VARIABLE_GROUPS, StreamWriter, coordinates, dims_of
+from .schema import SCHEMA, STAGES, TOWERS, VARIABLE_GROUPS, StreamWriter, coordinates, dims_of
 from .selector import MAX_TEXT_TOKENS
 
 DEFAULT_WHAT = ("masks", "staleness", "text_to_vision", "actions", "flops", "latency")
@@ -54,6 +54,16 @@ class Recorder:
         labels: scalar coordinates of the run (suite, task, episode, seed, ...), kept in the attrs too.
         control_hz: control rate, for the frame `time` coordinate (LIBERO: 20 Hz).
     """
+
+    def __new__(cls, policy=None, *args, **kwargs):
+        """`Recorder(pi0_policy, ...)` is a `dcvla.pi0.record.Pi0Recorder`: one recorder API for both families."""
+        from .pi0.policy import Pi0Policy
+
+        if cls is Recorder and isinstance(policy, Pi0Policy):
+            from .pi0.record import Pi0Recorder
+
+            return super().__new__(Pi0Recorder)
+        return super().__new__(cls)
 
     def __init__(self, policy: CachedPolicy, what: Iterable[str] = DEFAULT_WHAT, attention_layers: Iterable[int] = (),
                  drift: bool = False, path: str | Path | None = None, labels: dict | None = None,
@@ -204,7 +214,7 @@ class Recorder:
         """The frames recorded so far (in-memory mode), with coordinates and attrs."""
         if self._writer is not None:
             raise RuntimeError(f"frames were streamed to {self.path}; open it with dcvla.io.read_dataset")
-        return frames_to_dataset(self._frames, self.attrs, self.n_layers)
+        return frames_to_dataset(self._frames, self.attrs, coordinates(self.n_layers))
 
 
 def action_bin_logits(logits: torch.Tensor, cfg) -> np.ndarray:
@@ -238,26 +248,35 @@ def _distances(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return torch.stack([cos, rel], dim=-1).numpy()
 
 
-def frames_to_dataset(frames: list[dict[str, np.ndarray]], attrs: dict, n_layers: int) -> xr.Dataset:
+def frames_to_dataset(frames: list[dict[str, np.ndarray]], attrs: dict, fixed_coords: dict[str, np.ndarray],
+                      schema: dict[str, tuple[str, ...]] = SCHEMA) -> xr.Dataset:
     """Stack per-frame arrays into a Dataset with the schema's dims and label coordinates."""
     if not frames:
         raise ValueError("nothing was recorded: the policy took no step inside the Recorder block")
     per_frame = [name for name in frames[0] if name not in ("frame", "time")]
-    data_vars = {name: (("frame", *dims_of(name)), np.stack([f[name] for f in frames])) for name in per_frame}
+    data_vars = {name: (("frame", *dims_of(name, schema)), np.stack([f[name] for f in frames])) for name in per_frame}
     used_dims = {d for dims, _ in data_vars.values() for d in dims}
-    coords = {k: v for k, v in coordinates(n_layers).items() if k in used_dims}
+    coords = {k: v for k, v in fixed_coords.items() if k in used_dims}
     coords["frame"] = np.array([int(f["frame"]) for f in frames])
     coords["time"] = ("frame", np.array([float(f["time"]) for f in frames]))
     return label_coords(xr.Dataset(data_vars, coords=coords, attrs=attrs))
 
 
-def record_episode(policy: CachedPolicy, frames: np.ndarray, instruction: str, path: str | Path, **kwargs) -> Path:
-    """Record one episode to `path` (streamed, atomic); a complete file already there is kept (resume)."""
+def record_episode(policy, frames: np.ndarray, instruction: str, path: str | Path, states: np.ndarray | None = None,
+                   **kwargs) -> Path:
+    """Record one episode to `path` (streamed, atomic); a complete file already there is kept (resume).
+
+    `states` [frame, state_dim]: the robot state per frame, for policies that take it (`uses_state`, Pi0).
+    """
     path = Path(path)
     if path.exists():
         return path
+    uses_state = getattr(policy, "uses_state", False)
+    if uses_state and (states is None or len(states) != len(frames)):
+        raise ValueError(f"{type(policy).__name__} needs one robot state per frame: got {len(frames)} frames and "
+                         f"{'no' if states is None else len(states)} states")
     policy.reset()
     with Recorder(policy, path=path, **kwargs):
-        for frame in frames:
-            policy.step(frame, instruction)
+        for i, frame in enumerate(frames):
+            policy.step(frame, instruction, states[i]) if uses_state else policy.step(frame, instruction)
     return path

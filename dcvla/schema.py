@@ -52,10 +52,37 @@ VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
 DRIFT_VARIABLES = ("q_drift", "k_drift", "v_drift", "action_ref", "logit_kl")
 
 
-def dims_of(name: str) -> tuple[str, ...]:
+# The Pi0-style policy's recordings (dcvla.pi0): one row per control step ("frame"), the prefix spans and layers.
+SPANS = ("vision", "text", "state")
+PI0_STAGES = ("vision", "gate", "prefix", "expert")
+PI0_SCHEMA: dict[str, tuple[str, ...]] = {
+    "gate": (),                                   # the gate opened: the mode's spans were reused
+    "vision_similarity": (),                      # cosine similarity of the image tokens to the reference step's
+    "state_similarity": (),                       # the same for the state token
+    "span_reuse": ("span", "layer"),              # K/V of the span taken from the store at that prefix layer
+    "reuse_fraction": (),                         # share of the prefix's (token, layer) K/V taken from the store
+    "staleness": ("span",),                       # steps since the span's K/V were computed (oldest layer)
+    "action": ("horizon", "action_dim"),          # the un-normalised action chunk
+    "flops": ("stage",),
+    "latency_ms": ("stage",),
+    "action_ref": ("horizon", "action_dim"),      # the no-reuse shadow pass's chunk (same noise)
+    "action_drift": (),                           # mean over the chunk of |action - action_ref| (L2 per action)
+    "k_drift": ("span", "layer", "metric"),       # used vs fresh prefix K, mean over the span's tokens
+    "v_drift": ("span", "layer", "metric"),
+}
+PI0_VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "reuse": ("gate", "vision_similarity", "state_similarity", "span_reuse", "reuse_fraction"),
+    "staleness": ("staleness",),
+    "actions": ("action",),
+    "flops": ("flops",),
+    "latency": ("latency_ms",),
+}
+
+
+def dims_of(name: str, schema: dict[str, tuple[str, ...]] = SCHEMA) -> tuple[str, ...]:
     if name == "time":
         return ()
-    return ATTENTION_DIMS if name.startswith("attention_l") else SCHEMA[name]
+    return ATTENTION_DIMS if name.startswith("attention_l") else schema[name]
 
 
 def coordinates(n_layers: int) -> dict[str, np.ndarray]:
@@ -64,11 +91,19 @@ def coordinates(n_layers: int) -> dict[str, np.ndarray]:
             "metric": np.array(METRICS)}
 
 
+def pi0_coordinates(n_layers: int) -> dict[str, np.ndarray]:
+    """The Pi0 recordings' label coordinates."""
+    return {"span": np.array(SPANS), "layer": np.arange(n_layers), "stage": np.array(PI0_STAGES),
+            "metric": np.array(METRICS)}
+
+
 class StreamWriter:
     """Append frames to a netCDF file; `close(commit=True)` renames it into place, anything else deletes it."""
 
-    def __init__(self, path: str | Path, sizes: dict[str, int], attrs: dict, coords: dict[str, np.ndarray]) -> None:
+    def __init__(self, path: str | Path, sizes: dict[str, int], attrs: dict, coords: dict[str, np.ndarray],
+                 schema: dict[str, tuple[str, ...]] = SCHEMA) -> None:
         self.path = Path(path)
+        self.schema = schema
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.file = h5netcdf.File(self.tmp, "w")
@@ -93,7 +128,7 @@ class StreamWriter:
             if is_bool:  # netCDF has no bool: int8 with xarray's dtype="bool" marker, decoded back on reading
                 value = value.astype(np.int8)
             if name not in self.file.variables:
-                dims = dims_of(name)
+                dims = dims_of(name, self.schema)
                 for dim, size in zip(dims, value.shape):
                     if dim not in self.file.dimensions:  # e.g. the text and seq sizes of attention maps
                         self.file.dimensions[dim] = size

@@ -1,0 +1,129 @@
+"""Recording the Pi0-style policy: `Recorder(pi0_policy, ...)` lands here (same API as the OpenVLA recorder).
+
+Per control step: the gate's decision and both similarities, which spans were reused at which layer, the
+reused share of the prefix K/V, each span's staleness, the action chunk, FLOPs and latency per stage. With
+`drift=True` a no-reuse shadow pass of the same step from the same noise gives `action_ref`, `action_drift`
+and the drift of the prefix K/V the expert read (`k_drift`, `v_drift`). A step that reused nothing is the
+no-reuse computation itself, so it is its own reference (drift exactly 0) and the shadow is skipped there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .. import __version__
+from ..recorder import Recorder, _distances, frames_to_dataset, git_revision
+from ..schema import PI0_SCHEMA, PI0_STAGES, PI0_VARIABLE_GROUPS, SPANS, StreamWriter, pi0_coordinates
+from .policy import Pi0Policy, Pi0StepRecord
+
+DEFAULT_WHAT = tuple(PI0_VARIABLE_GROUPS)
+
+
+class Pi0Recorder(Recorder):
+    """Records a `Pi0Policy`'s steps into an `xarray.Dataset` (dims frame = control step, span, layer, horizon,
+    action_dim, stage, metric).
+
+    Args:
+        policy: the policy to observe.
+        what: variable groups to record (see `schema.PI0_VARIABLE_GROUPS`).
+        drift: run a no-reuse shadow pass on every step that reused something.
+        path: stream steps to this netCDF file (written atomically on exit); None keeps them in memory.
+        labels: scalar coordinates of the run (suite, task, episode, ...), kept in the attrs too.
+        control_hz: inference rate, for the frame `time` coordinate (LIBERO 20 Hz / replan_steps).
+    """
+
+    def __init__(self, policy: Pi0Policy, what: Iterable[str] = DEFAULT_WHAT, drift: bool = False,
+                 path: str | Path | None = None, labels: dict | None = None, control_hz: float = 4.0) -> None:
+        if not isinstance(policy, Pi0Policy):
+            raise TypeError(f"Pi0Recorder needs a dcvla.pi0.Pi0Policy, got {type(policy).__name__}")
+        what = tuple(what)
+        unknown = [w for w in what if w not in PI0_VARIABLE_GROUPS]
+        if unknown:
+            raise ValueError(f"unknown recording variable(s) {unknown}; known: {', '.join(PI0_VARIABLE_GROUPS)}")
+        cfg = policy.model.config
+        self.policy, self.what, self.drift, self.path = policy, what, drift, Path(path) if path else None
+        self.n_layers = cfg.num_layers
+        self.attrs = {
+            "family": "pi0", "method": policy.name, "preset": cfg.name, "config": json.dumps(vars(policy.config)),
+            "threshold": float(policy.config.threshold), "layer_wise_from": policy.layer_wise_from,
+            "recorded": json.dumps(list(what)), "drift_recorded": int(drift),
+            "drift_note": "action and K/V drift from a no-reuse shadow pass (same noise) of every step that reused"
+            if drift else "drift not recorded (Recorder(drift=True) runs a no-reuse shadow pass)",
+            "dcvla_version": __version__, "git_revision": git_revision(), "control_hz": control_hz,
+            "label_coords": json.dumps(sorted(labels or {})), **(labels or {}),
+        }
+        self.control_hz = control_hz
+        self.schema = PI0_SCHEMA
+        self._frames: list[dict[str, np.ndarray]] = []
+        self._writer: StreamWriter | None = None
+
+    def __enter__(self) -> "Pi0Recorder":
+        if self.policy.observer is not None:
+            raise RuntimeError("this policy already has a recorder attached")
+        self.policy.observer = self
+        if self.path is not None:
+            self.policy.keep_records = False
+            cfg = self.policy.model.config
+            sizes = {"span": len(SPANS), "layer": self.n_layers, "horizon": cfg.action_horizon, "action_dim": 7,
+                     "stage": len(PI0_STAGES), "metric": 2}
+            self._writer = StreamWriter(self.path, sizes, self.attrs, pi0_coordinates(self.n_layers), PI0_SCHEMA)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.policy.observer = None
+        self.policy.keep_records = True
+        if self._writer is not None:
+            self._writer.close(commit=exc_type is None)
+        return False
+
+    def on_step(self, record: Pi0StepRecord) -> None:
+        frame = self._step_arrays(record)
+        if self.drift:
+            frame |= self._drift_arrays(record)
+        if self._writer is not None:
+            self._writer.append(frame)
+        else:
+            self._frames.append(frame)
+
+    def _step_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"frame": np.array(record.step), "time": np.array(record.step / self.control_hz)}
+        if "reuse" in self.what:
+            out["gate"] = np.array(record.gate)
+            out["vision_similarity"] = np.array(record.vision_similarity, np.float32)
+            out["state_similarity"] = np.array(record.state_similarity, np.float32)
+            out["span_reuse"] = record.span_reuse.numpy()
+            out["reuse_fraction"] = np.array(record.reuse_fraction, np.float32)
+        if "staleness" in self.what:
+            out["staleness"] = record.staleness.numpy().astype(np.int32)
+        if "actions" in self.what:
+            out["action"] = record.chunk.astype(np.float32)
+        if "flops" in self.what:
+            out["flops"] = np.array([record.flops.get(s, 0) for s in PI0_STAGES], np.float64)
+        if "latency" in self.what:
+            out["latency_ms"] = np.array([record.latency_ms[s] for s in PI0_STAGES], np.float32)
+        return out
+
+    def _drift_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
+        policy = self.policy
+        kv = {x: np.zeros((len(SPANS), self.n_layers, 2), np.float32) for x in "kv"}
+        if record.reuse_fraction == 0:  # nothing reused: the step is the no-reuse pass itself
+            chunk_ref = record.chunk
+        else:
+            ref_actions, fresh = policy.no_reuse_pass(record.inputs, record.noise)
+            chunk_ref = policy.unnormalize(ref_actions)
+            for i, span in enumerate(record.inputs.spans.values()):
+                for layer in range(self.n_layers):
+                    kv["k"][i, layer] = _distances(policy.store.keys[layer][:, span], fresh.keys[layer][:, span]).mean(0)
+                    kv["v"][i, layer] = _distances(policy.store.values[layer][:, span], fresh.values[layer][:, span]).mean(0)
+        drift = np.linalg.norm(record.chunk - chunk_ref, axis=-1).mean()
+        return {"action_ref": chunk_ref.astype(np.float32), "action_drift": np.array(drift, np.float32),
+                "k_drift": kv["k"], "v_drift": kv["v"]}
+
+    def to_dataset(self):
+        if self._writer is not None:
+            raise RuntimeError(f"steps were streamed to {self.path}; open it with dcvla.io.read_dataset")
+        return frames_to_dataset(self._frames, self.attrs, pi0_coordinates(self.n_layers), PI0_SCHEMA)
