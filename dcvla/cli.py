@@ -53,7 +53,7 @@ def predict(args: argparse.Namespace) -> None:
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-PAPER_SET = ("mechanism_equivalence", "cache_behaviour", "long_horizon_stability", "libero_benchmark")
+PAPER_SET = ("mechanism_equivalence", "cache_behaviour", "long_horizon_stability", "libero_benchmark", "stability_cliff")
 
 
 def parse_value(text: str):
@@ -101,10 +101,30 @@ def studies(args: argparse.Namespace) -> None:
     columns = ["reuse rate", "LLM reuse rate", "FLOPs ratio", "measured speedup", "action drift", "action KL"]
     print(f"\nSummary (cache_behaviour, {parameters.get('preset', 'small')} preset, shipped LIBERO frames):")
     print(table[columns].round(4).to_string())
+    print_cliff_summary(runs_dir.parent / "stability_cliff.nc", parameters.get("preset", "small"))
     figures = ROOT / Path(parameters.get("figures_dir", "figures"))
     print("\nFigures:\n" + "\n".join(f"  {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}"
                                        for p in sorted(figures.glob("*.png"))))
     print(f"\nDone in {time.perf_counter() - start:.0f} s")
+
+
+def print_cliff_summary(path: Path, preset: str) -> None:
+    """The stability_cliff study in three tables: reuse/speed/drift per mode and threshold, the cliff per mode,
+    and full against vision_only at the same gate."""
+    import pandas as pd
+
+    from .io import read_dataset
+    from .studies import consistency_vs_freshness, locate_cliff
+
+    table = read_dataset(path).to_dataframe()
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"\nStability cliff (Pi0-style policy, {preset} preset, prefix K/V reuse gated by cosine similarity):")
+        columns = ["reuse rate", "KV reuse", "latency ms", "Hz", "speedup", "FLOPs ratio", "action drift"]
+        print(table.set_index(["mode", "threshold"])[columns].round(4).to_string())
+        print("\nWhere action drift jumps as the threshold is lowered:")
+        print(locate_cliff(table).drop(columns="parameter").set_index("mode").round(4).to_string())
+        print("\nConsistency vs freshness (full vs vision_only, same gate):")
+        print(consistency_vs_freshness(table).set_index("threshold").round(4).to_string())
 
 
 def main(argv: list[str] | None = None) -> int:

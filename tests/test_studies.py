@@ -69,3 +69,28 @@ def test_study_config_and_parameters_are_checked():
         StudyConfig(suites=["libero_100"])
     assert parse_value("[1, 3]") == [1, 3] and parse_value("0.03") == 0.03 and parse_value("small") == "small"
     assert cli(["run", "no_such_study"]) == 2
+
+
+def test_stability_cliff_smoke(tmp_path):
+    run_study("stability_cliff", tmp_path, "-p", "steps", "3", "-p", "thresholds", "[-1.0, 0.95, 1.01]",
+              "-p", "modes", '["full", "vision_only", "synchronized"]')
+    table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe().set_index(["mode", "threshold"])
+    never = table.xs(1.01, level="threshold")  # a cosine similarity never exceeds 1: nothing reused, no drift
+    assert (never["reuse rate"] == 0).all() and (never["action drift"] == 0).all() and (never["FLOPs ratio"] == 1).all()
+    always = table.xs(-1.0, level="threshold")  # every inference after the first reuses
+    assert (always["reuse rate"] == 2 / 3).all() and (always["action drift"] > 0).all()
+    assert always.loc["full", "FLOPs ratio"] > always.loc["vision_only", "FLOPs ratio"] > 1
+    names = {p.name for p in (tmp_path / "figures").glob("*.png")}
+    assert {"stability_cliff.png", "stability_cliff_staleness.png", "stability_cliff_similarity.png"} <= names
+
+
+def test_cliff_config_is_checked():
+    from dcvla.studies import CliffConfig
+
+    assert CliffConfig(preset="small").pi0_preset() == "pi0-small" and CliffConfig(preset="pi0").pi0_preset() == "pi0"
+    with pytest.raises(ValueError, match="no Pi0 preset for 'huge'"):
+        CliffConfig(preset="huge")
+    with pytest.raises(ValueError, match="CliffConfig.modes: unknown \\['none'\\]"):
+        CliffConfig(modes=["none"])
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        CliffConfig(steps=1)
