@@ -258,10 +258,12 @@ class Pi0Model(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- flops
     def stage_flops(self, prefix_work: list[F.LayerWork], prefix_len: int) -> dict[str, int]:
-        """FLOPs per stage of one control step: vision (SigLIP + projector), prefix (as computed), expert."""
+        """FLOPs per stage of one control step: vision (SigLIP + projector, state projection), prefix (as computed),
+        expert."""
         cfg, v = self.config, self.config.vision
         n = v.num_patches
         vision = F.vit_flops(v, [F.LayerWork(n, n, n)] * v.depth) + 2 * n * v.hidden_size * cfg.lm.hidden_size
+        vision += 2 * cfg.state_dim * cfg.lm.hidden_size  # the state token
         lm, ex = cfg.lm, cfg.expert
         kv = lambda d: d.num_kv_heads * d.head_dim  # noqa: E731
         attn = lambda d: d.num_heads * d.head_dim  # noqa: E731

@@ -23,6 +23,7 @@ no-reuse computation exactly. The store is per episode: `reset()` empties it and
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -71,7 +72,7 @@ class ReuseConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"ReuseConfig.mode: unknown mode {self.mode!r}; known: {', '.join(MODES)}")
-        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold) or self.threshold < -1:
+        if not isinstance(self.threshold, numbers.Real) or not math.isfinite(self.threshold) or self.threshold < -1:
             raise ValueError(f"ReuseConfig.threshold must be a finite cosine similarity >= -1 (> 1 never reuses), got {self.threshold!r}")
         if self.compare_to not in COMPARE_TO:
             raise ValueError(f"ReuseConfig.compare_to must be one of {COMPARE_TO}, got {self.compare_to!r}")
@@ -135,8 +136,9 @@ class Pi0Policy:
 
     @classmethod
     def from_preset(cls, preset: str = "pi0-tiny", seed: int = 0, config: ReuseConfig | None = None) -> "Pi0Policy":
-        """Random weights of a preset's architecture with dcvla's offline tokenizer."""
-        return cls(random_pi0(preset, seed), load_tokenizer(), config)
+        """Random weights of a preset's architecture with dcvla's offline tokenizer; `seed` seeds both the weights
+        and the flow's noise."""
+        return cls(random_pi0(preset, seed), load_tokenizer(), config, seed=seed)
 
     def with_config(self, config: ReuseConfig) -> "Pi0Policy":
         """Another mode on the same model and tokenizer (no weights copied)."""
@@ -185,11 +187,11 @@ class Pi0Policy:
         size = self.model.config.vision.image_size
         if image.shape[:2] != (size, size):
             image = resize_image(image, size)
-        px = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        px = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0
         return ((px - 0.5) / 0.5).to(self.model.device, self.model.dtype)
 
     def _check_episode(self, image: np.ndarray, input_ids: torch.Tensor) -> None:
-        key = (np.shape(image), tuple(input_ids[0].tolist()))
+        key = (image.shape, tuple(input_ids[0].tolist()))
         if self.episode_key is not None and key != self.episode_key:
             what = "image size" if key[0] != self.episode_key[0] else "prompt"
             raise RuntimeError(f"the {what} changed within an episode (the {self.name} store holds the previous one's "
@@ -204,9 +206,10 @@ class Pi0Policy:
         timings: dict[str, float] = {}
         input_ids = self.encode_prompt(instruction)
         state_n = self.normalize_state(state)
+        image = validate_image(image)
+        self._check_episode(image, input_ids)
         start = time.perf_counter()
         px = self.pixel_values(image)
-        self._check_episode(np.shape(image), input_ids)
         inputs = PrefixInputs(model.embed_image(px), model.embed_text(input_ids.to(model.device)),
                               model.embed_state(state_n.to(model.device)))
         timings["vision"] = _lap(start)
@@ -299,10 +302,11 @@ class Pi0Policy:
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor | None) -> float:
-    """Cosine similarity of two embeddings, flattened, in float32 (NaN without a reference)."""
+    """Cosine similarity of two embeddings, flattened, in float32, clamped to [-1, 1] (float32 rounding can give
+    1.0000002 for identical inputs, and a threshold above 1 must never open the gate). NaN without a reference."""
     if b is None:
         return float("nan")
-    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).clamp(-1.0, 1.0))
 
 
 def _lap(start: float) -> float:
