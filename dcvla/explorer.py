@@ -52,14 +52,19 @@ class NoDatasetsError(FileNotFoundError):
     """The runs directory is missing or holds no recorded dataset."""
 
 
+PI0_STUDIES = ("stability_cliff",)  # Pi0-style recordings: another schema, plotted by their own notebook
+
+
 def find_datasets(runs_dir: str | Path) -> list[Path]:
-    """Recorded datasets (`*.nc`, recursively, skipping hidden/temporary files) under `runs_dir`, sorted."""
+    """Recorded OpenVLA datasets (`*.nc`, recursively, skipping hidden/temporary files and the Pi0 studies'
+    folders) under `runs_dir`, sorted."""
     runs_dir = Path(runs_dir)
     hint = ("record one with dcvla.recorder.record_episode(policy, frames, instruction, path, drift=True, "
             "labels={'suite': ..., 'task': ..., 'episode': ep.name})")
     if not runs_dir.is_dir():
         raise NoDatasetsError(f"runs directory {runs_dir} does not exist; {hint}")
-    found = sorted(p for p in runs_dir.rglob("*.nc") if not any(part.startswith(".") for part in p.relative_to(runs_dir).parts))
+    found = sorted(p for p in runs_dir.rglob("*.nc")
+                   if not any(part.startswith(".") or part in PI0_STUDIES for part in p.relative_to(runs_dir).parts))
     if not found:
         raise NoDatasetsError(f"no recorded datasets (*.nc) under {runs_dir}; {hint}")
     return found

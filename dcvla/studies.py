@@ -312,7 +312,7 @@ def write_table(table: pd.DataFrame, name: str, config: StudyConfig) -> Path:
 
 # ------------------------------------------------------------------------- stability cliff (the Pi0-style policy)
 CLIFF_MODES = ("full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized")
-CLIFF_THRESHOLDS = (0.97, 0.975, 0.98, 0.985, 0.99, 0.995)
+CLIFF_THRESHOLDS = (0.97, 0.98, 0.985, 0.99, 0.995)  # the report's
 
 
 @dataclass
@@ -327,7 +327,7 @@ class CliffConfig:
     thresholds: list[float] = field(default_factory=lambda: list(CLIFF_THRESHOLDS))
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     episodes_per_suite: int = 1          # shipped episodes per suite (0 = all)
-    steps: int = 10                      # control steps (inferences) per episode
+    steps: int = 6                       # control steps (inferences) per episode
     replan_steps: int = 5                # frames between inferences: openpi's LIBERO client executes 5 actions
     compare_to: str = "previous"         # the gate's reference: "previous" step (the report) or "anchor"
     runs_dir: str = "data/runs"

@@ -1,0 +1,83 @@
+"""Measured speedup of each Pi0 prefix-reuse mode against no reuse, next to its FLOPs ideal, on shipped LIBERO
+frames and robot states (one inference every `--replan-steps` frames, as openpi's LIBERO client).
+
+Every mode streams the same inferences in one process; for each inference the modes run one after another in an
+order that rotates from inference to inference, so machine noise falls on all of them alike. Per mode: the share of
+inferences whose gate opened, the FLOPs ratio (no-reuse FLOPs / mode FLOPs, the ideal), the measured ratio of total
+times, Hz (inferences per second, median latency), the paired estimate (per inference, measured ratio / FLOPs
+ratio, median over the inferences that reused) and the per-stage times.
+
+    python benchmarks/pi0_reuse_speedup.py --preset pi0-small --threshold 0.985 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from dcvla.libero.episodes import list_episodes, load_episode
+from dcvla.pi0.policy import MODES, Pi0Policy, ReuseConfig
+from dcvla.schema import PI0_STAGES
+from dcvla.studies import pi0_episode_inputs
+
+
+def run(preset: str, modes: list[str], threshold: float, steps: int, replan_steps: int) -> dict:
+    base = Pi0Policy.from_preset(preset, seed=0, config=ReuseConfig(mode="none"))
+    policies = {m: base.with_config(ReuseConfig(mode=m, threshold=threshold, replan_steps=replan_steps)) for m in modes}
+    stats: dict[str, dict[str, list]] = {m: defaultdict(list) for m in modes}
+    turn = 0
+    for path in list_episodes():
+        episode = load_episode(path)
+        frames, states = pi0_episode_inputs(episode, steps, replan_steps)
+        for policy in policies.values():
+            policy.reset()
+        for frame, state in zip(frames, states):
+            order = modes[turn % len(modes):] + modes[: turn % len(modes)]
+            turn += 1
+            for mode in order:
+                policy = policies[mode]
+                start = time.perf_counter()
+                policy.step(frame, episode.instruction, state)
+                s, record = stats[mode], policy.last
+                s["ms"].append((time.perf_counter() - start) * 1e3)
+                s["flops"].append(sum(record.flops.values()))
+                s["gate"].append(record.gate)
+                for stage in PI0_STAGES:
+                    s[stage].append(record.latency_ms[stage])
+        print(f"  {episode.name}: {len(frames)} inferences x {len(modes)} modes", flush=True)
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="pi0-small")
+    parser.add_argument("--threshold", type=float, default=0.985)
+    parser.add_argument("--steps", type=int, default=8, help="inferences per shipped episode")
+    parser.add_argument("--replan-steps", type=int, default=5)
+    parser.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "none"])
+    args = parser.parse_args()
+    modes = ["none"] + [m for m in args.modes if m != "none"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, threshold "
+          f"{args.threshold}, {args.steps} inferences per episode every {args.replan_steps} frames, modes interleaved")
+    stats = run(args.preset, modes, args.threshold, args.steps, args.replan_steps)
+    ref = stats["none"]
+    print("\n| mode | reuse rate | GFLOP/inference | FLOPs ratio | measured (total) | of ideal | paired (reused) "
+          "| median ms | Hz | " + " | ".join(f"{s} ms" for s in PI0_STAGES) + " |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(PI0_STAGES))
+    for mode, s in stats.items():
+        flops_ratio = sum(ref["flops"]) / sum(s["flops"])
+        measured = sum(ref["ms"]) / sum(s["ms"])
+        reused = [(tr / tm) / (fr / fm) for tr, tm, fr, fm, g in zip(ref["ms"], s["ms"], ref["flops"], s["flops"], s["gate"]) if g]
+        paired = f"{statistics.median(reused):.2f}" if reused else "-"
+        median_ms = statistics.median(s["ms"])
+        stages = " | ".join(f"{statistics.median(s[stage]):.1f}" for stage in PI0_STAGES)
+        print(f"| {mode} | {statistics.mean(s['gate']):.1%} | {statistics.mean(s['flops']) / 1e9:.2f} | {flops_ratio:.2f}x "
+              f"| {measured:.2f}x | {measured / flops_ratio:.2f} | {paired} | {median_ms:.0f} | {1e3 / median_ms:.1f} | {stages} |")
+
+
+if __name__ == "__main__":
+    main()
