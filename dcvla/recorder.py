@@ -103,22 +103,34 @@ class Recorder:
         if self.policy.observer is not None:
             raise RuntimeError("this policy already has a recorder attached")
         self.policy.observer = self
-        llm_layers = set(self.attention_layers)
-        if "text_to_vision" in self.what:
-            llm_layers |= set(range(self.depth["llm"]))
-        self.policy.observed_prob_layers = frozenset(llm_layers)
+        self._attach()
         if self.path is not None:
             self.policy.keep_records = False
-            self._writer = StreamWriter(self.path, self._dims(), self.attrs, coordinates(self.n_layers))
+            self._writer = StreamWriter(self.path, self._dims(), self.attrs, self._coords(), self.schema)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.policy.observer = None
-        self.policy.observed_prob_layers = frozenset()
+        self._detach()
         self.policy.keep_records = True
         if self._writer is not None:
             self._writer.close(commit=exc_type is None)
         return False
+
+    schema = SCHEMA  # variable -> dims after frame
+
+    def _attach(self) -> None:
+        """Ask the policy for the LLM attention probabilities the recording needs."""
+        llm_layers = set(self.attention_layers)
+        if "text_to_vision" in self.what:
+            llm_layers |= set(range(self.depth["llm"]))
+        self.policy.observed_prob_layers = frozenset(llm_layers)
+
+    def _detach(self) -> None:
+        self.policy.observed_prob_layers = frozenset()
+
+    def _coords(self) -> dict[str, np.ndarray]:
+        return coordinates(self.n_layers)
 
     def _dims(self) -> dict[str, int]:
         return {"patch": self.policy.model.config.num_patches, "tower": 3, "layer": self.n_layers,
@@ -214,7 +226,7 @@ class Recorder:
         """The frames recorded so far (in-memory mode), with coordinates and attrs."""
         if self._writer is not None:
             raise RuntimeError(f"frames were streamed to {self.path}; open it with dcvla.io.read_dataset")
-        return frames_to_dataset(self._frames, self.attrs, coordinates(self.n_layers))
+        return frames_to_dataset(self._frames, self.attrs, self._coords(), self.schema)
 
 
 def action_bin_logits(logits: torch.Tensor, cfg) -> np.ndarray:

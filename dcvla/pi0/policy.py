@@ -32,6 +32,7 @@ import torch
 
 from ..actions import resolve_unnorm_key
 from ..cache import KVStore, LayerPlan
+from ..libero.protocol import REPLAN_STEPS
 from ..processing import load_tokenizer, resize_image, validate_image
 from .model import SPANS, Pi0Model, PrefixInputs, random_pi0, run_prefix
 
@@ -66,7 +67,7 @@ class ReuseConfig:
     compare_to: str = "previous"       # "previous": the last step's embeddings (the report's gate);
                                        # "anchor": those of the step that last computed the reused spans
     layer_wise_from: int | None = None  # layer_wise: first prefix layer whose vision K/V are reused (None: depth // 2)
-    replan_steps: int = 5              # closed loop: actions of each chunk executed before the next inference
+    replan_steps: int = REPLAN_STEPS   # closed loop: actions of each chunk executed before the next inference
     unnorm_key: str | None = None      # dataset statistics (None: the model's only entry)
 
     def __post_init__(self) -> None:

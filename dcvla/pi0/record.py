@@ -16,9 +16,9 @@ from typing import Iterable
 import numpy as np
 
 from .. import __version__
-from ..recorder import Recorder, _distances, frames_to_dataset, git_revision
+from ..recorder import Recorder, _distances, git_revision
 from ..schema import PI0_SCHEMA, PI0_STAGES, PI0_VARIABLE_GROUPS, SPANS, StreamWriter, pi0_coordinates
-from .policy import Pi0Policy, Pi0StepRecord
+from .policy import LIBERO_ACTION_DIM, Pi0Policy, Pi0StepRecord
 
 DEFAULT_WHAT = tuple(PI0_VARIABLE_GROUPS)
 
@@ -57,28 +57,24 @@ class Pi0Recorder(Recorder):
             "label_coords": json.dumps(sorted(labels or {})), **(labels or {}),
         }
         self.control_hz = control_hz
-        self.schema = PI0_SCHEMA
         self._frames: list[dict[str, np.ndarray]] = []
         self._writer: StreamWriter | None = None
 
-    def __enter__(self) -> "Pi0Recorder":
-        if self.policy.observer is not None:
-            raise RuntimeError("this policy already has a recorder attached")
-        self.policy.observer = self
-        if self.path is not None:
-            self.policy.keep_records = False
-            cfg = self.policy.model.config
-            sizes = {"span": len(SPANS), "layer": self.n_layers, "horizon": cfg.action_horizon, "action_dim": 7,
-                     "stage": len(PI0_STAGES), "metric": 2}
-            self._writer = StreamWriter(self.path, sizes, self.attrs, pi0_coordinates(self.n_layers), PI0_SCHEMA)
-        return self
+    schema = PI0_SCHEMA
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self.policy.observer = None
-        self.policy.keep_records = True
-        if self._writer is not None:
-            self._writer.close(commit=exc_type is None)
-        return False
+    def _attach(self) -> None:  # the Pi0 step gives everything recorded; nothing to ask for
+        pass
+
+    def _detach(self) -> None:
+        pass
+
+    def _coords(self) -> dict[str, np.ndarray]:
+        return pi0_coordinates(self.n_layers)
+
+    def _dims(self) -> dict[str, int]:
+        cfg = self.policy.model.config
+        return {"span": len(SPANS), "layer": self.n_layers, "horizon": cfg.action_horizon, "action_dim": LIBERO_ACTION_DIM,
+                "stage": len(PI0_STAGES), "metric": 2}
 
     def on_step(self, record: Pi0StepRecord) -> None:
         frame = self._step_arrays(record)
@@ -123,7 +119,3 @@ class Pi0Recorder(Recorder):
         return {"action_ref": chunk_ref.astype(np.float32), "action_drift": np.array(drift, np.float32),
                 "k_drift": kv["k"], "v_drift": kv["v"]}
 
-    def to_dataset(self):
-        if self._writer is not None:
-            raise RuntimeError(f"steps were streamed to {self.path}; open it with dcvla.io.read_dataset")
-        return frames_to_dataset(self._frames, self.attrs, pi0_coordinates(self.n_layers), PI0_SCHEMA)
