@@ -40,7 +40,7 @@ nbs["cache_behaviour"] = nb("Cache behaviour",
 '''methods = ["vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache"]
 suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
 episodes_per_suite = 0    # 0: every shipped episode of each suite
-frames = 6                # frames per episode from its start (0: whole episode)
+frames = 5                # frames per episode from its start (0: whole episode)
 drift = False             # shadow recompute for Q/K/V drift (doubles the cost)
 ''', [SETUP, '''runs = studies.load_runs(studies.record_runs("cache_behaviour", config, base=base))
 table = studies.summary(runs)
@@ -98,7 +98,7 @@ nbs["mechanism_equivalence"] = nb("Mechanism equivalence (H0-H4)",
 "fresh LLM? Verdicts are computed from the numbers (tolerance 1e-4 on the action-token logits, fp32).",
 '''suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
 episodes_per_suite = 1
-frames = 4
+frames = 3
 ''', [SETUP,
 '''table = studies.equivalence_tests(config, base=base)
 studies.write_table(table, "mechanism_equivalence", config)
@@ -129,7 +129,7 @@ episodes_per_suite = 1
 frames = 60               # consecutive frames of the long episode (0: all)
 drift = False
 sweep_methods = ["dual_cache"]
-sweep_frames = 20
+sweep_frames = 12
 keyframe_intervals = [1, 3, 6, 12]
 pixel_thresholds = [0.0, 0.01, 0.03, 0.1]
 attention_top_ks = [0, 35, 70, 140]
