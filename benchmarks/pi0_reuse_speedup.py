@@ -45,9 +45,9 @@ def run(preset: str, modes: list[str], threshold: float, steps: int, replan_step
                 s, record = stats[mode], policy.last
                 s["ms"].append((time.perf_counter() - start) * 1e3)
                 s["flops"].append(sum(record.flops.values()))
-                s["gate"].append(record.gate)
+                s["reused"].append(record.gate)
                 for stage in PI0_STAGES:
-                    s[stage].append(record.latency_ms[stage])
+                    s[f"{stage}_ms"].append(record.latency_ms[stage])
         print(f"  {episode.name}: {len(frames)} inferences x {len(modes)} modes", flush=True)
     return stats
 
@@ -71,11 +71,11 @@ def main() -> None:
     for mode, s in stats.items():
         flops_ratio = sum(ref["flops"]) / sum(s["flops"])
         measured = sum(ref["ms"]) / sum(s["ms"])
-        reused = [(tr / tm) / (fr / fm) for tr, tm, fr, fm, g in zip(ref["ms"], s["ms"], ref["flops"], s["flops"], s["gate"]) if g]
+        reused = [(tr / tm) / (fr / fm) for tr, tm, fr, fm, g in zip(ref["ms"], s["ms"], ref["flops"], s["flops"], s["reused"]) if g]
         paired = f"{statistics.median(reused):.2f}" if reused else "-"
         median_ms = statistics.median(s["ms"])
-        stages = " | ".join(f"{statistics.median(s[stage]):.1f}" for stage in PI0_STAGES)
-        print(f"| {mode} | {statistics.mean(s['gate']):.1%} | {statistics.mean(s['flops']) / 1e9:.2f} | {flops_ratio:.2f}x "
+        stages = " | ".join(f"{statistics.median(s[f'{stage}_ms']):.1f}" for stage in PI0_STAGES)
+        print(f"| {mode} | {statistics.mean(s['reused']):.1%} | {statistics.mean(s['flops']) / 1e9:.2f} | {flops_ratio:.2f}x "
               f"| {measured:.2f}x | {measured / flops_ratio:.2f} | {paired} | {median_ms:.0f} | {1e3 / median_ms:.1f} | {stages} |")
 
 
