@@ -18,7 +18,7 @@ therefore a choice of rows, and a skipped row is work not done.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -225,7 +225,7 @@ class Pi0Model(nn.Module):
         actions = self.action_in_proj(noisy_actions)  # [1, horizon, width]
         time = sinusoidal_time(torch.tensor([t], device=self.device), width).to(self.dtype)  # [1, width]
         fused = torch.cat([actions, time[:, None].expand_as(actions)], dim=-1)
-        return self.action_time_mlp_out(F_swish(self.action_time_mlp_in(fused)))
+        return self.action_time_mlp_out(nn.functional.silu(self.action_time_mlp_in(fused)))  # swish
 
     @torch.inference_mode()
     def velocity(self, store: KVStore, noisy_actions: torch.Tensor, t: float) -> torch.Tensor:
@@ -275,10 +275,6 @@ class Pi0Model(nn.Module):
         return {"vision": vision, "prefix": prefix, "expert": expert}
 
 
-def F_swish(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(x)
-
-
 def sinusoidal_time(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
     """openpi's `create_sinusoidal_pos_embedding`: [batch] times -> [batch, dim] (sin half, then cos half)."""
     if dim % 2:
@@ -291,8 +287,8 @@ def sinusoidal_time(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_per
 
 @dataclass
 class PrefixOutput:
-    work: list[F.LayerWork]                                   # per layer
-    reused: torch.Tensor = field(default=None)                # [layer, prefix] bool: K/V taken from the store
+    work: list[F.LayerWork]   # per layer
+    reused: torch.Tensor      # [layer, prefix] bool: K/V taken from the store
 
 
 @torch.inference_mode()
