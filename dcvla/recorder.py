@@ -70,33 +70,41 @@ class Recorder:
                  control_hz: float = 20.0) -> None:
         if not isinstance(policy, CachedPolicy):
             raise TypeError(f"Recorder needs a dcvla.methods.CachedPolicy, got {type(policy).__name__}")
-        what = tuple(what)
-        unknown = [w for w in what if w not in VARIABLE_GROUPS]
-        if unknown:
-            raise ValueError(f"unknown recording variable(s) {unknown}; known: {', '.join(VARIABLE_GROUPS)}")
+        self._setup(policy, what, VARIABLE_GROUPS, drift, path, labels, control_hz,
+                    "q/k/v drift from a shadow full recompute of every frame (doubles the cost)" if drift
+                    else "drift not recorded (Recorder(drift=True) runs a shadow full recompute per frame)")
         cfg = policy.model.config
         self.depth: dict[str, int] = {"dino": cfg.dino.num_layers_run, "siglip": cfg.siglip.num_layers_run, "llm": cfg.llm.num_layers}
         self.attention_layers = tuple(attention_layers)
         bad = [layer for layer in self.attention_layers if not 0 <= layer < self.depth["llm"]]
         if bad:
             raise ValueError(f"attention_layers {bad} out of range: the LLM has layers 0..{self.depth['llm'] - 1}")
-        self.policy, self.what, self.drift, self.path = policy, what, drift, Path(path) if path else None
         self.n_layers = max(self.depth.values())
         self.heads = cfg.llm.num_heads
-        self.attrs = {
-            "method": policy.name, "preset": cfg.name, "config": json.dumps(vars(policy.config), default=list),
-            "recorded": json.dumps(list(what)), "drift_recorded": int(drift),
-            "drift_note": "q/k/v drift from a shadow full recompute of every frame (doubles the cost)" if drift
-            else "drift not recorded (Recorder(drift=True) runs a shadow full recompute per frame)",
-            "attention_layers": json.dumps(list(self.attention_layers)), "dcvla_version": __version__,
-            "git_revision": git_revision(), "control_hz": control_hz,
-            "label_coords": json.dumps(sorted(labels or {})), **(labels or {}),
+        self.attrs.update({
+            "attention_layers": json.dumps(list(self.attention_layers)),
             "tower_depths": [self.depth[t] for t in TOWERS],  # layers past a component's depth are padding
-        }
+        })
+        self._layer_values: dict[tuple[str, int], tuple] = {}  # (component, layer) -> (rows, q, keys, values)
+
+    def _setup(self, policy, what: Iterable[str], groups: dict, drift: bool, path: str | Path | None, labels: dict | None,
+               control_hz: float, drift_note: str) -> None:
+        """What every family's recorder keeps: the checked variable groups, where the frames go, the common attrs."""
+        what = tuple(what)
+        unknown = [w for w in what if w not in groups]
+        if unknown:
+            raise ValueError(f"unknown recording variable(s) {unknown}; known: {', '.join(groups)}")
+        self.policy, self.what, self.drift, self.path = policy, what, drift, Path(path) if path else None
         self.control_hz = control_hz
+        self.attrs = {
+            "method": policy.name, "preset": policy.model.config.name,
+            "config": json.dumps(vars(policy.config), default=list),
+            "recorded": json.dumps(list(what)), "drift_recorded": int(drift), "drift_note": drift_note,
+            "dcvla_version": __version__, "git_revision": git_revision(), "control_hz": control_hz,
+            "label_coords": json.dumps(sorted(labels or {})), **(labels or {}),
+        }
         self._frames: list[dict[str, np.ndarray]] = []
         self._writer: StreamWriter | None = None
-        self._layer_values: dict[tuple[str, int], tuple] = {}  # (component, layer) -> (rows, q, keys, values)
 
     # ------------------------------------------------------------------------------------------- attach/detach
     def __enter__(self) -> "Recorder":

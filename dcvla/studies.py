@@ -75,8 +75,8 @@ def base_policy(config: StudyConfig) -> VLAPolicy:
     return policy
 
 
-def episodes(config: StudyConfig) -> list[Episode]:
-    """The shipped episodes of the configured suites."""
+def episodes(config: StudyConfig | CliffConfig) -> list[Episode]:
+    """The shipped episodes of the configured suites (`episodes_per_suite` of each, 0 = all)."""
     per_suite = [list_episodes(suite=suite) for suite in config.suites]
     return [load_episode(p) for paths in per_suite for p in (paths[: config.episodes_per_suite] if config.episodes_per_suite else paths)]
 
@@ -403,7 +403,7 @@ def record_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> 
     from .pi0.policy import ReuseConfig
 
     base = base or pi0_base(config)
-    eps = episodes(StudyConfig(suites=config.suites, episodes_per_suite=config.episodes_per_suite, methods=["vanilla"]))
+    eps = episodes(config)
     grid = [("none", None)] + [(m, t) for m in config.modes for t in config.thresholds]
     if eps:  # warm up (allocator, kernels) so the reference run's latency is not the cold start's
         frames, states = pi0_episode_inputs(eps[0], 2, config.replan_steps)
@@ -425,11 +425,15 @@ def record_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> 
     return paths
 
 
-def cliff_table(paths: dict[tuple[str, float | None, str], Path]) -> pd.DataFrame:
+def load_cliff_runs(paths: dict[tuple[str, float | None, str], Path]) -> dict[tuple[str, float | None, str], xr.Dataset]:
+    """`record_cliff_runs`' files, opened once, under the same keys."""
+    return {key: open_recording(p) for key, p in paths.items()}
+
+
+def cliff_table(runs: dict[tuple[str, float | None, str], xr.Dataset]) -> pd.DataFrame:
     """Per (mode, threshold): reuse rate (share of inferences whose gate opened), K/V reuse (share of the prefix's
     token-layer K/V reused, "KV reuse"), latency and Hz (mean per inference), speedup and FLOPs ratio against the no-reuse
     reference, and the action drift to the reference (mean L2 per action over chunk and steps; also its max)."""
-    runs = {key: open_recording(p) for key, p in paths.items()}
     rows = []
     for (mode, threshold, episode), ds in runs.items():
         if mode == "none":

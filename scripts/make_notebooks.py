@@ -206,8 +206,8 @@ if globals().get("checkpoint"):
     print("checkpoint is an OpenVLA checkpoint; this study runs the random", config.pi0_preset(), "preset (no Pi0 loader yet)")
 base = studies.pi0_base(config)
 figures = []''',
-'''paths = studies.record_cliff_runs(config, base=base)
-table = studies.cliff_table(paths)
+'''runs = studies.load_cliff_runs(studies.record_cliff_runs(config, base=base))
+table = studies.cliff_table(runs)
 studies.write_table(table, "stability_cliff", config)
 table.round(4)''',
 '''#md ## Reuse rate, speed and drift against the threshold''',
@@ -221,8 +221,7 @@ cliffs.round(4)''',
 '''#md ## Consistency beats freshness? `full` against `vision_only` at the same gate (the same reuse rate)''',
 '''h4 = studies.consistency_vs_freshness(table)
 h4.round(4)''',
-'''runs = {key: studies.open_recording(p) for key, p in paths.items()}
-steps_table = []
+'''steps_table = []
 for (mode, threshold, episode), ds in runs.items():
     if mode in ("full", "vision_only", "synchronized"):
         ref = runs[("none", None, episode)]

@@ -184,7 +184,10 @@ class Pi0Policy:
 
     def pixel_values(self, image) -> torch.Tensor:
         """uint8 RGB [H, W, 3] -> [1, 3, 224, 224] in [-1, 1] (SigLIP's normalisation)."""
-        image = validate_image(image)
+        return self._pixels(validate_image(image))
+
+    def _pixels(self, image: np.ndarray) -> torch.Tensor:
+        """`pixel_values` of an image `validate_image` has already checked."""
         size = self.model.config.vision.image_size
         if image.shape[:2] != (size, size):
             image = resize_image(image, size)
@@ -210,7 +213,7 @@ class Pi0Policy:
         image = validate_image(image)
         self._check_episode(image, input_ids)
         start = time.perf_counter()
-        px = self.pixel_values(image)
+        px = self._pixels(image)
         inputs = PrefixInputs(model.embed_image(px), model.embed_text(input_ids.to(model.device)),
                               model.embed_state(state_n.to(model.device)))
         timings["vision"] = _lap(start)

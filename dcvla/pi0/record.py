@@ -9,15 +9,13 @@ no-reuse computation itself, so it is its own reference (drift exactly 0) and th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from .. import __version__
-from ..recorder import Recorder, _distances, git_revision
-from ..schema import PI0_SCHEMA, PI0_STAGES, PI0_VARIABLE_GROUPS, SPANS, StreamWriter, pi0_coordinates
+from ..recorder import Recorder, _distances
+from ..schema import PI0_SCHEMA, PI0_STAGES, PI0_VARIABLE_GROUPS, SPANS, pi0_coordinates
 from .policy import LIBERO_ACTION_DIM, Pi0Policy, Pi0StepRecord
 
 DEFAULT_WHAT = tuple(PI0_VARIABLE_GROUPS)
@@ -40,25 +38,12 @@ class Pi0Recorder(Recorder):
                  path: str | Path | None = None, labels: dict | None = None, control_hz: float = 4.0) -> None:
         if not isinstance(policy, Pi0Policy):
             raise TypeError(f"Pi0Recorder needs a dcvla.pi0.Pi0Policy, got {type(policy).__name__}")
-        what = tuple(what)
-        unknown = [w for w in what if w not in PI0_VARIABLE_GROUPS]
-        if unknown:
-            raise ValueError(f"unknown recording variable(s) {unknown}; known: {', '.join(PI0_VARIABLE_GROUPS)}")
-        cfg = policy.model.config
-        self.policy, self.what, self.drift, self.path = policy, what, drift, Path(path) if path else None
-        self.n_layers = cfg.num_layers
-        self.attrs = {
-            "family": "pi0", "method": policy.name, "preset": cfg.name, "config": json.dumps(vars(policy.config)),
-            "threshold": float(policy.config.threshold), "layer_wise_from": policy.layer_wise_from,
-            "recorded": json.dumps(list(what)), "drift_recorded": int(drift),
-            "drift_note": "action and K/V drift from a no-reuse shadow pass (same noise) of every step that reused"
-            if drift else "drift not recorded (Recorder(drift=True) runs a no-reuse shadow pass)",
-            "dcvla_version": __version__, "git_revision": git_revision(), "control_hz": control_hz,
-            "label_coords": json.dumps(sorted(labels or {})), **(labels or {}),
-        }
-        self.control_hz = control_hz
-        self._frames: list[dict[str, np.ndarray]] = []
-        self._writer: StreamWriter | None = None
+        self._setup(policy, what, PI0_VARIABLE_GROUPS, drift, path, labels, control_hz,
+                    "action and K/V drift from a no-reuse shadow pass (same noise) of every step that reused" if drift
+                    else "drift not recorded (Recorder(drift=True) runs a no-reuse shadow pass)")
+        self.n_layers = policy.model.config.num_layers
+        self.attrs.update({"family": "pi0", "threshold": float(policy.config.threshold),
+                           "layer_wise_from": policy.layer_wise_from})
 
     schema = PI0_SCHEMA
 
