@@ -136,7 +136,10 @@ class Oracle:
         """(xy the object's centre should reach, z the object's bottom should be lowered to)."""
         lo, hi = self._aabb(target)
         if target in self.env.env.obj_body_id:
-            return self._pos(target)[:2], hi[2] + 0.015
+            # Aim the object's bottom 1.5 cm below the target's top: contact stops it on the target (a plate's dish
+            # first) and the lower phase's timeout ends there. Releasing it above the target lets the opening
+            # fingers of a rim grasp push a bowl off the plate (seen on some machines' physics).
+            return self._pos(target)[:2], hi[2] - 0.015
         site = self._pos(target)
         return site[:2], site[2] + (0.0 if kind == "in" else 0.02)
 
@@ -190,16 +193,8 @@ class Oracle:
                 self._next()
             return self._move(eef, quat, wp, GRIPPER_CLOSE)
         if phase in ("carry", "lower"):
-            # Steer by the object's live offset from the hand so a slipped grasp still lands on target.
-            xy = tgt_xy + (eef[:2] - obj_pos[:2])
-            z = carry_z if phase == "carry" else eef[2] + (tgt_bottom - obj_lo[2])
-            wp = np.array([xy[0], xy[1], max(z, self._grasp[2] - 0.5)])
-            err_xy = np.linalg.norm(obj_pos[:2] - tgt_xy)
-            if phase == "carry" and (err_xy < 0.01 and abs(z - eef[2]) < 0.03 or timeout):
-                self._next()
-            elif phase == "lower" and (obj_lo[2] - tgt_bottom < 0.006 or timeout):
-                self._next()
-            return self._move(eef, quat, wp, GRIPPER_CLOSE)
+            return self._move(eef, quat, self._transport(phase, eef, obj_pos, obj_lo, tgt_xy, tgt_bottom, carry_z, timeout),
+                              GRIPPER_CLOSE)
         if phase == "release":
             if timeout:
                 self._next()
@@ -208,6 +203,25 @@ class Oracle:
         if timeout or obj_hi[2] + 0.1 - eef[2] < 0.02:
             self._next()
         return self._move(eef, quat, np.array([eef[0], eef[1], obj_hi[2] + 0.1]), GRIPPER_OPEN)
+
+    def hold(self, obs: dict, grip: float) -> np.ndarray:
+        """An action that keeps the hand where it is, upright, with the gripper command `grip`."""
+        eef, quat = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["robot0_eef_quat"])
+        return self._move(eef, quat, eef, grip)
+
+    def _transport(self, phase: str, eef: np.ndarray, obj_pos: np.ndarray, obj_lo: np.ndarray, tgt_xy: np.ndarray,
+                   tgt_bottom: float, carry_z: float, timeout: bool) -> np.ndarray:
+        """The carry and lower phases' waypoint (and the phase change when it is reached)."""
+        # Steer by the object's live offset from the hand so a slipped grasp still lands on target.
+        xy = tgt_xy + (eef[:2] - obj_pos[:2])
+        z = carry_z if phase == "carry" else eef[2] + (tgt_bottom - obj_lo[2])
+        wp = np.array([xy[0], xy[1], max(z, self._grasp[2] - 0.5)])
+        err_xy = np.linalg.norm(obj_pos[:2] - tgt_xy)
+        if phase == "carry" and (err_xy < 0.01 and abs(z - eef[2]) < 0.03 or timeout):
+            self._next()
+        elif phase == "lower" and (obj_lo[2] - tgt_bottom < 0.006 or timeout):
+            self._next()
+        return wp
 
 
 class OraclePolicy:
@@ -245,7 +259,7 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
         init_state: the flattened simulator state to start from.
         max_steps: oracle steps after the wait (use the suite's protocol max).
         wait_steps: dummy-action steps first, like the evaluation protocol (objects settle).
-        extra_steps: steps kept after success so an episode ends with the goal visibly achieved.
+        extra_steps: steps kept after success, the arm holding still, so an episode ends with the goal achieved.
         on_step: optional callback `on_step(obs, action, done)` called for every oracle step with the
             observation the action was chosen from.
 
@@ -259,9 +273,10 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
         obs, _, _, _ = env.step([0, 0, 0, 0, 0, 0, -1])
     oracle = Oracle()
     oracle.reset(env)
-    success_step, t = None, 0
+    success_step, t, action = None, 0, None
     while t < max_steps:
-        action = oracle.act(obs)
+        # After success the arm holds still (gripper as it was), so the episode ends with the goal still achieved.
+        action = oracle.act(obs) if success_step is None else oracle.hold(obs, action[6])
         prev = obs
         obs, _, done, _ = env.step(action.tolist())
         t += 1
