@@ -26,8 +26,7 @@ from collections import defaultdict
 import torch
 
 from dcvla.libero.episodes import list_episodes, load_episode
-from dcvla.methods import CacheConfig, CachedPolicy
-from dcvla.policy import VLAPolicy
+from dcvla.openvla import CacheConfig, CachedPolicy
 
 DEFAULT_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
 LLM_STAGES = ("llm_prefill", "llm_decode")
@@ -38,8 +37,8 @@ GROUPS = {  # stage groups reported separately: decode is memory-bound and the s
 
 
 def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[str] | None) -> dict:
-    base = VLAPolicy.from_preset(preset, seed=0)
-    policies = {m: CachedPolicy(base.model, base.processor, CacheConfig(method=m)) for m in methods}
+    base = CachedPolicy.from_preset(preset, seed=0, config=CacheConfig("vanilla"))
+    policies = {m: base.with_config(CacheConfig(method=m)) for m in methods}
     stats: dict[str, dict[str, list]] = {m: defaultdict(list) for m in methods}
     episodes = [p for p in list_episodes() if suites is None or any(p.name.startswith(s + "_task") for s in suites)]
     turn = 0

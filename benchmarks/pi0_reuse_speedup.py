@@ -20,9 +20,9 @@ from collections import defaultdict
 import torch
 
 from dcvla.libero.episodes import list_episodes, load_episode
-from dcvla.pi0.policy import MODES, Pi0Policy, ReuseConfig
-from dcvla.schema import PI0_STAGES
-from dcvla.studies import pi0_episode_inputs
+from dcvla.pi0 import MODES, Pi0Policy, ReuseConfig
+from dcvla.pi0.record import PI0_STAGES
+from dcvla.studies.stability_cliff import pi0_episode_inputs
 
 
 def run(preset: str, modes: list[str], threshold: float, steps: int, replan_steps: int) -> dict:

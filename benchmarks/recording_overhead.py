@@ -2,8 +2,8 @@
 
 Three policies share one model and step the same frames, interleaved per frame in a rotating order:
 - `plain`: a policy no recorder ever touched;
-- `detached`: a policy that had a Recorder attached and removed (recording off);
-- `recording`: a policy inside `Recorder(policy)` with the default variables (masks, staleness, text-to-vision
+- `detached`: a policy that had a recorder attached and removed (recording off);
+- `recording`: a policy inside `recorder_for(policy)` with the default variables (masks, staleness, text-to-vision
   attention of every LLM layer and head, actions, FLOPs, latency).
 Bytes per frame are measured on disk (compressed netCDF) for the preset run, with and without drift, and
 computed from the schema's shapes (uncompressed) for the published openvla-7b dims.
@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dcvla.config import get_preset
 from dcvla.libero.episodes import list_episodes, load_episode
-from dcvla.methods import CacheConfig, CachedPolicy
-from dcvla.policy import VLAPolicy
-from dcvla.recorder import DEFAULT_WHAT, Recorder, record_episode
-from dcvla.schema import SCHEMA, VARIABLE_GROUPS
+from dcvla.openvla import CacheConfig, CachedPolicy, get_preset
+from dcvla.openvla.record import DEFAULT_WHAT, DRIFT_VARIABLES, SCHEMA
+from dcvla.recording import record_episode, recorder_for
 
 ITEM_BYTES = {"reuse": 1, "pixel_dynamic": 1, "attn_relevant": 1, "keyframe": 1, "reuse_by_layer": 1, "staleness": 4,
               "text_to_vision": 2, "action": 4, "action_tokens": 4, "action_logits": 4, "flops": 8, "latency_ms": 4, "q_drift": 2,
@@ -39,9 +37,9 @@ def bytes_per_frame(preset: str, drift: bool) -> int:
     sizes = {"patch": cfg.num_patches, "tower": 3, "layer": max(cfg.dino.num_layers_run, cfg.siglip.num_layers_run,
              cfg.llm.num_layers), "head": cfg.llm.num_heads, "action_dim": cfg.action_dim, "stage": 6, "metric": 2,
              "action_bin": cfg.n_action_bins}
-    names = [v for group in DEFAULT_WHAT for v in VARIABLE_GROUPS[group]]
-    names += ["q_drift", "k_drift", "v_drift", "action_ref", "logit_kl"] if drift else []
-    return sum(ITEM_BYTES[n] * int(np.prod([sizes[d] for d in SCHEMA[n]])) for n in names)
+    names = [v for group in DEFAULT_WHAT for v in SCHEMA.groups[group]]
+    names += list(DRIFT_VARIABLES) if drift else []
+    return sum(ITEM_BYTES[n] * int(np.prod([sizes[d] for d in SCHEMA.dims_of(n)])) for n in names)
 
 
 def main() -> None:
@@ -52,12 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     episode = load_episode(list_episodes(suite="libero_spatial")[0])
     frames = episode.frames[: args.frames]
-    base = VLAPolicy.from_preset(args.preset)
-    policies = {name: CachedPolicy(base.model, base.processor, CacheConfig(method=args.method))
-                for name in ("plain", "detached", "recording")}
-    with Recorder(policies["detached"]):
+    base = CachedPolicy.from_preset(args.preset, config=CacheConfig("vanilla"))
+    policies = {name: base.with_config(CacheConfig(method=args.method)) for name in ("plain", "detached", "recording")}
+    with recorder_for(policies["detached"]):
         policies["detached"].step(frames[0], episode.instruction)
-    recorder = Recorder(policies["recording"]).__enter__()
+    recorder = recorder_for(policies["recording"]).__enter__()
     for p in policies.values():
         p.reset()
     ms = {name: [] for name in policies}

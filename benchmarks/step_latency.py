@@ -1,10 +1,13 @@
-"""Per-stage latency of one vanilla OpenVLA step on this machine, with the FLOPs of each stage.
+"""Per-stage latency of one OpenVLA step on this machine, with the FLOPs of each stage: the reference (the plain
+transformers forward, `OpenVLA.reference_action`'s modules) next to the cache engine's methods (`CachedPolicy`).
 
-Stages: dino, siglip (the two towers), projector, llm_prefill (BOS + 256 vision + prompt, last logits only),
-llm_decode (the remaining action_dim - 1 single-token steps). Each repeat runs the stages in order on the same
-frame; the table reports medians over repeats after warm-up, and GFLOP/s achieved.
+Stages: select (the engine's reuse decision), dino, siglip (the two towers), projector, llm_prefill (BOS + 256
+vision + prompt, last logits only), llm_decode (the remaining action_dim - 1 single-token steps). Each repeat runs
+one full step on the same frame; an engine step follows a `reset()`, so it is an episode's first frame and
+computes everything, as the reference does (what the engine itself costs; benchmarks/cache_speedup.py measures
+reuse). The table reports medians over repeats after warm-up, and the reference's GFLOP/s.
 
-    python benchmarks/step_latency.py --preset tiny --preset small --repeats 10
+    python benchmarks/step_latency.py --preset tiny --preset small --repeats 10 --methods vanilla dual_cache
 """
 
 from __future__ import annotations
@@ -17,16 +20,16 @@ import numpy as np
 import torch
 
 from dcvla.cli import shipped_frame
-from dcvla.config import get_preset
-from dcvla.flops import vanilla_stage_flops
-from dcvla.policy import VLAPolicy
+from dcvla.openvla import METHODS, CacheConfig, CachedPolicy, get_preset
+from dcvla.openvla.flops import vanilla_stage_flops
 
-STAGES = ("dino", "siglip", "projector", "llm_prefill", "llm_decode")
+STAGES = ("select", "dino", "siglip", "projector", "llm_prefill", "llm_decode")
+REFERENCE = "reference (HF forward)"
 
 
 @torch.inference_mode()
-def time_stages(policy: VLAPolicy, image: np.ndarray, instruction: str) -> dict[str, float]:
-    """One step, stage by stage; returns milliseconds per stage."""
+def time_reference(policy: CachedPolicy, image: np.ndarray, instruction: str) -> dict[str, float]:
+    """One step of the plain transformers forward, stage by stage; returns milliseconds per stage."""
     model = policy.model
     input_ids, pixel_values = policy.processor(image, instruction)
     dino_px, siglip_px = torch.split(pixel_values, [3, 3], dim=1)
@@ -48,28 +51,42 @@ def time_stages(policy: VLAPolicy, image: np.ndarray, instruction: str) -> dict[
     return ms
 
 
+def time_method(policy: CachedPolicy, image: np.ndarray, instruction: str) -> dict[str, float]:
+    """One engine step on an episode's first frame; returns its stage clock's milliseconds per stage."""
+    policy.reset()
+    policy.step(image, instruction)
+    return dict(policy.records[-1].latency_ms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", help="preset(s) to time (default: tiny and small)")
+    parser.add_argument("--methods", nargs="*", default=["vanilla"], choices=list(METHODS),
+                        help="engine methods timed next to the reference (default: vanilla)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     image, instruction, _ = shipped_frame()  # first frame of the first shipped LIBERO episode
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; frame {image.shape}, instruction {instruction!r}")
     for preset in args.preset or ["tiny", "small"]:
-        policy = VLAPolicy.from_preset(preset)
-        seq_len = policy.processor.encode_prompt(instruction).shape[1] + get_preset(preset).num_patches
+        base = CachedPolicy.from_preset(preset, config=CacheConfig("vanilla"))
+        seq_len = base.processor.encode_prompt(instruction).shape[1] + get_preset(preset).num_patches
         flops = vanilla_stage_flops(get_preset(preset), seq_len)
-        runs = [time_stages(policy, image, instruction) for _ in range(args.warmup + args.repeats)][args.warmup:]
-        print(f"\npreset {preset}: sequence {seq_len} tokens, medians of {args.repeats} repeats")
-        print(f"{'stage':<12} {'ms':>9} {'GFLOP':>9} {'GFLOP/s':>8}")
-        total_ms = 0.0
+        timers = {REFERENCE: lambda: time_reference(base, image, instruction)}
+        for method in args.methods:
+            policy = base.with_config(CacheConfig(method))
+            timers[method] = lambda policy=policy: time_method(policy, image, instruction)
+        runs = {name: [timer() for _ in range(args.warmup + args.repeats)][args.warmup:] for name, timer in timers.items()}
+        print(f"\npreset {preset}: sequence {seq_len} tokens, medians of {args.repeats} repeats (ms)")
+        print(f"| stage | GFLOP | {' | '.join(runs)} | reference GFLOP/s |")
+        print("|---|---|" + "---|" * len(runs) + "---|")
         for stage in STAGES:
-            ms = statistics.median(r[stage] for r in runs)
-            total_ms += ms
-            print(f"{stage:<12} {ms:9.2f} {flops[stage] / 1e9:9.3f} {flops[stage] / 1e6 / ms:8.1f}")
-        end_to_end = statistics.median(sum(r.values()) for r in runs)
-        print(f"{'total':<12} {end_to_end:9.2f} {sum(flops.values()) / 1e9:9.3f}")
+            cells = [statistics.median(r.get(stage, np.nan) for r in rs) for rs in runs.values()]
+            gflop = flops.get(stage, 0) / 1e9
+            rate = f"{flops[stage] / 1e6 / cells[0]:.1f}" if stage in flops else "-"
+            print(f"| {stage} | {gflop:.3f} | " + " | ".join("-" if np.isnan(c) else f"{c:.2f}" for c in cells) + f" | {rate} |")
+        totals = [statistics.median(sum(r.values()) for r in rs) for rs in runs.values()]
+        print(f"| total | {sum(flops.values()) / 1e9:.3f} | " + " | ".join(f"{t:.2f}" for t in totals) + " | |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import xarray as xr
 
 @xr.register_dataset_accessor("dcvla")
 class DcvlaAccessor:
-    """Summaries of a dataset made by `dcvla.recorder.Recorder` (one method, one episode)."""
+    """Summaries of a dataset made by `dcvla.openvla.record.OpenVLARecorder` (one method, one episode)."""
 
     def __init__(self, ds: xr.Dataset) -> None:
         self._ds = ds

@@ -1,7 +1,8 @@
 """Command line.
 
     dcvla predict [--checkpoint DIR] [--image PNG]     one action for one image
-    dcvla run STUDY [-p NAME VALUE]...                 execute notebooks/STUDY.ipynb with papermill
+    dcvla run STUDY [-p NAME VALUE]...                 build notebooks/STUDY.ipynb from notebooks/STUDY.py and
+                                                       execute it with papermill
     dcvla studies [-p NAME VALUE]...                   the paper set on the embedded default, then a summary
 
 Executed notebooks are written next to their outputs: data/studies/STUDY.ipynb beside data/STUDY.nc.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .policy import VLAPolicy
+from .openvla import CacheConfig, CachedPolicy
 
 
 def shipped_frame() -> tuple[np.ndarray, str, str]:
@@ -32,10 +33,11 @@ def shipped_frame() -> tuple[np.ndarray, str, str]:
 
 
 def predict(args: argparse.Namespace) -> None:
+    config = CacheConfig(method=args.method, unnorm_key=args.unnorm_key)
     if args.checkpoint:
-        policy = VLAPolicy.from_pretrained(args.checkpoint, unnorm_key=args.unnorm_key, preset=args.preset)
+        policy = CachedPolicy.from_pretrained(args.checkpoint, config, preset=args.preset)
     else:
-        policy = VLAPolicy.from_preset(args.preset or "tiny", seed=args.seed, unnorm_key=args.unnorm_key)
+        policy = CachedPolicy.from_preset(args.preset or "tiny", seed=args.seed, config=config)
     if args.image:
         from PIL import Image
 
@@ -52,7 +54,7 @@ def predict(args: argparse.Namespace) -> None:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ROOT / "notebooks"
+NOTEBOOKS = ROOT / "notebooks"  # <study>.py sources (jupytext percent); run_study builds <study>.ipynb from one
 PAPER_SET = ("mechanism_equivalence", "cache_behaviour", "long_horizon_stability", "libero_benchmark", "stability_cliff")
 
 
@@ -65,16 +67,22 @@ def parse_value(text: str):
 
 
 def available_studies() -> list[str]:
-    return sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+    """The notebooks written as sources under notebooks/ (<study>.py), the explorer included."""
+    from .notebooks import notebook_names
+
+    return notebook_names(NOTEBOOKS)
 
 
 def run_study(study: str, parameters: dict) -> Path:
-    """Execute one study notebook with papermill (kernel cwd: the repository root); returns the executed copy."""
+    """Build notebooks/<study>.ipynb from its source notebooks/<study>.py, then execute it with papermill (kernel
+    cwd: the repository root); returns the executed copy."""
     import papermill
 
-    source = NOTEBOOKS / f"{study}.ipynb"
-    if not source.exists():
+    from .notebooks import build_notebook
+
+    if study not in available_studies():
         raise ValueError(f"unknown study {study!r}; available: {', '.join(available_studies())}")
+    source = build_notebook(study, NOTEBOOKS)
     runs_dir = Path(parameters.get("runs_dir", "data/runs"))
     out = (ROOT / runs_dir).parent / "studies" / f"{study}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +122,7 @@ def print_cliff_summary(path: Path, preset: str) -> None:
     import pandas as pd
 
     from .io import read_dataset
-    from .studies import consistency_vs_freshness, locate_cliff
+    from .studies.stability_cliff import consistency_vs_freshness, locate_cliff
 
     table = read_dataset(path).to_dataframe()
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint directory or hub id (OpenVLA layout, safetensors)")
     p.add_argument("--unnorm-key", help="dataset statistics to un-normalise with")
     p.add_argument("--seed", type=int, default=0, help="weights seed of a random preset")
+    p.add_argument("--method", default="vanilla", help="cache method (one frame: every method computes it in full)")
     p.add_argument("--image", type=Path, help="an RGB image file (default: a shipped LIBERO frame)")
     p.add_argument("--instruction", help="task instruction (default: the shipped episode's)")
     p.set_defaults(func=predict)

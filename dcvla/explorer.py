@@ -59,7 +59,7 @@ def find_datasets(runs_dir: str | Path) -> list[Path]:
     """Recorded OpenVLA datasets (`*.nc`, recursively, skipping hidden/temporary files and the Pi0 studies'
     folders) under `runs_dir`, sorted."""
     runs_dir = Path(runs_dir)
-    hint = ("record one with dcvla.recorder.record_episode(policy, frames, instruction, path, drift=True, "
+    hint = ("record one with dcvla.recording.record_episode(policy, frames, instruction, path, drift=True, "
             "labels={'suite': ..., 'task': ..., 'episode': ep.name})")
     if not runs_dir.is_dir():
         raise NoDatasetsError(f"runs directory {runs_dir} does not exist; {hint}")

@@ -1,4 +1,10 @@
-"""Atomic writes: a crash mid-write leaves the previous file (or none), never half a file."""
+"""Files: atomic writes (a crash mid-write leaves the previous file, or none, never half a file), the netCDF
+writer that streams a recording frame by frame, and reading recordings back.
+
+`StreamWriter` appends one frame at a time along an unlimited `frame` dimension of an HDF5/netCDF4 file
+(h5netcdf), so a 520-frame episode never sits in memory, and renames the finished file into place only on a clean
+close: a killed run leaves at most a hidden temporary file, never a partial result.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import h5netcdf
+import h5py
+import numpy as np
 import xarray as xr
 
 
@@ -75,5 +84,58 @@ def label_coords(ds: xr.Dataset) -> xr.Dataset:
 
 
 def open_recording(path: str | os.PathLike) -> xr.Dataset:
-    """A dataset written by `dcvla.recorder`, loaded into memory, with its label and time coordinates."""
+    """A dataset written by a `dcvla.recording.Recorder`, loaded into memory, with its label and time coordinates."""
     return label_coords(read_dataset(path))
+
+
+class StreamWriter:
+    """Append frames to a netCDF file; `close(commit=True)` renames it into place, anything else deletes it."""
+
+    def __init__(self, path: str | Path, sizes: dict[str, int], attrs: dict, coords: dict[str, np.ndarray],
+                 dims_of: Callable[[str], tuple[str, ...]]) -> None:
+        self.path = Path(path)
+        self.dims_of = dims_of  # variable -> its dims after frame
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.file = h5netcdf.File(self.tmp, "w")
+        self.file.dimensions = {"frame": None, **sizes}
+        self.file.attrs.update({k: _netcdf_attr(v) for k, v in attrs.items()})
+        for name, values in coords.items():
+            if name in sizes:
+                dtype = h5py.string_dtype() if values.dtype.kind == "U" else values.dtype
+                self.file.create_variable(name, (name,), dtype=dtype, data=values.astype(object) if values.dtype.kind == "U" else values)
+        self.file.create_variable("frame", ("frame",), dtype=np.int64)
+        self.n = 0
+
+    def append(self, frame: dict[str, np.ndarray]) -> None:
+        """Write one frame's arrays (keyed by variable name, plus "frame": its index)."""
+        self.file.resize_dimension("frame", self.n + 1)
+        self.file.variables["frame"][self.n] = int(frame["frame"])
+        for name, value in frame.items():
+            if name == "frame":
+                continue
+            value = np.asarray(value)
+            is_bool = value.dtype == bool
+            if is_bool:  # netCDF has no bool: int8 with xarray's dtype="bool" marker, decoded back on reading
+                value = value.astype(np.int8)
+            if name not in self.file.variables:
+                dims = self.dims_of(name)
+                for dim, size in zip(dims, value.shape):
+                    if dim not in self.file.dimensions:  # e.g. the text and seq sizes of attention maps
+                        self.file.dimensions[dim] = size
+                var = self.file.create_variable(name, ("frame", *dims), dtype=value.dtype,
+                                                chunks=(1, *value.shape), compression="gzip", compression_opts=4)
+                if is_bool:
+                    var.attrs["dtype"] = "bool"
+            self.file.variables[name][self.n, ...] = value
+        self.n += 1
+
+    def close(self, commit: bool) -> None:
+        self.file.close()
+        if commit and self.n:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)

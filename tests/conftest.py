@@ -17,18 +17,19 @@ def parity_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def base():
-    """The tiny preset with random weights, shared by every test that steps a policy."""
-    from dcvla.policy import VLAPolicy
+    """The tiny preset with random weights behind the vanilla method, shared by every test that steps a policy.
+    `base.model.reference_action(input_ids, pixel_values)` is the plain transformers forward."""
+    from dcvla.openvla import CacheConfig, CachedPolicy
 
-    return VLAPolicy.from_preset("tiny", seed=0)
+    return CachedPolicy.from_preset("tiny", seed=0, config=CacheConfig("vanilla"))
 
 
 @pytest.fixture(scope="session")
 def make_policy(base):
     """policy(**CacheConfig fields) -> a CachedPolicy on the shared tiny model."""
-    from dcvla.methods import CacheConfig, CachedPolicy
+    from dcvla.openvla import CacheConfig
 
-    return lambda **config: CachedPolicy(base.model, base.processor, CacheConfig(**config))
+    return lambda **config: base.with_config(CacheConfig(**config))
 
 
 def _shipped(suite: str, n: int):
@@ -48,3 +49,37 @@ def spatial_episode():
 def object_episode():
     """The first 5 frames and the instruction of the first shipped libero_object episode."""
     return _shipped("libero_object", 5)
+
+
+@pytest.fixture(scope="session")
+def pi0():
+    """The shared pi0-tiny model (random weights) behind a no-reuse policy; other modes come from `with_config`."""
+    from dcvla.pi0 import Pi0Policy, ReuseConfig
+
+    return Pi0Policy.from_preset("pi0-tiny", seed=0, config=ReuseConfig(mode="none"))
+
+
+@pytest.fixture(scope="session")
+def pi0_clip():
+    """Frames 0, 5, .., 20 of the first shipped libero_spatial episode (uncropped), their states, the task."""
+    from dcvla.libero.episodes import list_episodes, load_episode
+    from dcvla.libero.protocol import policy_input
+
+    ep = load_episode(list_episodes(suite="libero_spatial")[0])
+    idx = range(0, 25, 5)
+    return [policy_input(ep.frames[i], crop=False) for i in idx], [ep.states[i] for i in idx], ep.instruction
+
+
+@pytest.fixture(scope="session")
+def record():
+    """record(policy, frames, instruction, **recorder_kwargs) -> the in-memory dataset of one episode."""
+    from dcvla.recording import recorder_for
+
+    def run(pol, frames, instruction, **kw):
+        pol.reset()
+        with recorder_for(pol, **kw) as rec:
+            for frame in frames:
+                pol.step(frame, instruction)
+        return rec.to_dataset()
+
+    return run

@@ -3,12 +3,9 @@
 import numpy as np
 import pytest
 
-from dcvla.actions import ActionTokenizer, resolve_unnorm_key, unnormalize_action
+from dcvla.openvla.actions import ActionTokenizer, unnormalize_action
 
-STATS = {
-    "libero_spatial_no_noops": {"action": {"q01": [-2.0] * 7, "q99": [2.0] * 7, "mask": [True] * 6 + [False]}},
-    "bridge_orig": {"action": {"q01": [0.0] * 7, "q99": [1.0] * 7}},
-}
+STATS = {"action": {"q01": [-2.0] * 7, "q99": [2.0] * 7, "mask": [True] * 6 + [False]}}
 
 
 def test_token_to_bin_centre_matches_openvla():
@@ -29,21 +26,9 @@ def test_encode_decode_round_trip_within_half_a_bin():
 
 def test_unnormalize_respects_mask():
     normalized = np.array([-1.0, 0.0, 1.0, 0.5, -0.5, 0.25, 0.7])
-    out = unnormalize_action(normalized, STATS["libero_spatial_no_noops"]["action"])
+    out = unnormalize_action(normalized, STATS["action"])
     assert out[:6].tolist() == [-2.0, 0.0, 2.0, 1.0, -1.0, 0.5]
     assert out[6] == 0.7  # the gripper is not un-normalised
-
-
-def test_unnorm_key_resolution():
-    assert resolve_unnorm_key(STATS, "libero_spatial") == "libero_spatial_no_noops"
-    assert resolve_unnorm_key(STATS, "bridge_orig") == "bridge_orig"
-    assert resolve_unnorm_key({"only": {}}, None) == "only"
-    with pytest.raises(KeyError, match="unnorm_key 'libero_goal' not found; available: bridge_orig, libero_spatial_no_noops"):
-        resolve_unnorm_key(STATS, "libero_goal")
-    with pytest.raises(KeyError, match="pass unnorm_key, one of: bridge_orig, libero_spatial_no_noops"):
-        resolve_unnorm_key(STATS, None)
-    with pytest.raises(KeyError, match="no dataset statistics"):
-        resolve_unnorm_key({}, None)
 
 
 def test_stats_of_the_wrong_size():

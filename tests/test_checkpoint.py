@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dcvla import checkpoint
-from dcvla.checkpoint import CheckpointError, load_pretrained, read_state_dict, save_pretrained
-from dcvla.config import get_preset
-from dcvla.model import random_model
+from dcvla.openvla import checkpoint
+from dcvla.openvla.checkpoint import CheckpointError, load_pretrained, read_state_dict, save_pretrained
+from dcvla.openvla.config import get_preset
+from dcvla.openvla.model import random_model
 
 TINY = get_preset("tiny")
 INPUT_IDS = torch.tensor([[1, 323, 324, 290]])
@@ -44,7 +44,7 @@ def test_round_trip_is_exact(tiny, tmp_path):
     for key, value in tiny.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     pixel_values = torch.randn(1, 6, 224, 224)
-    a, b = tiny.predict_action(INPUT_IDS, pixel_values), loaded.predict_action(INPUT_IDS, pixel_values)
+    a, b = tiny.reference_action(INPUT_IDS, pixel_values), loaded.reference_action(INPUT_IDS, pixel_values)
     assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.logits, b.logits)
     assert loaded.norm_stats == tiny.norm_stats
 

@@ -1,20 +1,14 @@
-"""The model: presets, the blocks that run, greedy action decoding, the policy API and its errors."""
+"""The model: presets, the blocks that run, greedy action decoding and the reference forward."""
 
 import numpy as np
 import pytest
 import torch
 
-from dcvla.config import PRESETS, get_preset
-from dcvla.model import OpenVLA, random_model
-from dcvla.policy import VLAPolicy
+from dcvla.openvla.config import PRESETS, get_preset
+from dcvla.openvla.model import OpenVLA, random_model
 
 TINY = get_preset("tiny")
 IMAGE = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def policy():
-    return VLAPolicy.from_preset("tiny", seed=0)
 
 
 def test_published_dims():
@@ -47,9 +41,9 @@ def test_unknown_preset_lists_known_ones():
 
 
 @torch.no_grad()
-def test_greedy_decode_matches_a_full_recompute(policy):
+def test_greedy_decode_matches_a_full_recompute(base):
     """The KV-cached decode loop gives the same tokens as re-running the whole sequence each step."""
-    model, processor = policy.model, policy.processor
+    model, processor = base.model, base.processor
     input_ids, pixel_values = processor(IMAGE, "pick up the bowl")
     embeds = model.multimodal_embeddings(input_ids, model.embed_image(pixel_values))
     tokens, logits = model.generate_action_tokens(embeds)
@@ -62,13 +56,6 @@ def test_greedy_decode_matches_a_full_recompute(policy):
         seq = torch.cat([seq, model.language_model.get_input_embeddings()(tokens[i : i + 1])[None]], dim=1)
 
 
-def test_random_preset_decodes_action_tokens(policy):
-    action = policy.step(IMAGE, "pick up the bowl")
-    assert action.shape == (7,) and np.isfinite(action).all()
-    ids = policy.last.token_ids
-    assert ((ids < 32000) & (ids >= 32000 - 256)).all(), ids
-
-
 def test_random_model_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -79,19 +66,8 @@ def test_random_model_is_seeded_and_leaves_global_rng_alone():
     assert not torch.equal(a.projector.fc1.weight, random_model(TINY, seed=6).projector.fc1.weight)
 
 
-def test_policy_errors_name_the_problem(policy):
-    with pytest.raises(ValueError, match="batch of 2"):
-        policy.step(np.stack([IMAGE, IMAGE]), "pick up the bowl")
-    with pytest.raises(ValueError, match="instruction is empty"):
-        policy.step(IMAGE, "  ")
-    with pytest.raises(KeyError, match="unnorm_key 'bridge_orig' not found; available: random"):
-        VLAPolicy(policy.model, policy.processor, unnorm_key="bridge_orig")
+def test_reference_action_takes_one_example(base):
     with pytest.raises(ValueError, match="batch 1"):
-        policy.model.predict_action(torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 6, 224, 224))
-
-
-def test_from_pretrained_uses_checkpoint_stats(parity_dir):
-    policy = VLAPolicy.from_pretrained(parity_dir, unnorm_key="libero_spatial", preset="tiny")
-    action = policy.step(IMAGE, "put the bowl on the plate")
-    assert policy.model.action_stats("libero_spatial") is policy.model.norm_stats["libero_spatial_no_noops"]["action"]
-    assert action.shape == (7,)
+        base.model.reference_action(torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 6, 224, 224))
+    with pytest.raises(KeyError, match="unnorm_key 'bridge_orig' not found; available: random"):
+        base.model.reference_action(*base.processor(IMAGE, "pick up the bowl"), unnorm_key="bridge_orig")

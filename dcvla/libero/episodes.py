@@ -9,11 +9,12 @@ decode + lanczos resize and yields bit-for-bit the 224 frames the live protocol 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -164,8 +165,31 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     np.random.seed(seed)
     own = env is None
     env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION, seed=protocol.ENV_SEED)
-    # Time the camera render alone, separate from physics. Patched on the class because a hard reset
-    # replaces the env's sim object; restored in `finally`.
+    capture = _Capture()
+    t0 = time.perf_counter()
+    try:
+        with _timed_render(env) as render_s:
+            result = run_oracle(env, get_init_state(suite, info.task_id, init_index),
+                                max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
+                                on_step=capture.on_step)
+    finally:
+        if own:
+            close_env(env)
+    wall = time.perf_counter() - t0
+    n = len(capture.jpegs)
+    meta = dict(suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
+                init_state_index=int(init_index), seed=int(seed), env_seed=protocol.ENV_SEED, success=bool(result["success"]), n_steps=n,
+                success_step=result["success_step"], wait_steps=protocol.WAIT_STEPS,
+                render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
+                step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
+                render_resolution=protocol.RENDER_RESOLUTION)
+    return capture.episode(meta)
+
+
+@contextlib.contextmanager
+def _timed_render(env: Any) -> Iterator[list[float]]:
+    """Time the camera render alone, separate from physics: yields the list the render times go into. Patched on
+    the class because a hard reset replaces the env's sim object; restored on exit."""
     sim_cls = type(env.env.sim)
     render_s: list[float] = []
     original_render = sim_cls.render
@@ -176,36 +200,38 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         render_s.append(time.perf_counter() - t0)
         return out
 
-    rec: dict[str, list] = {k: [] for k in ("jpegs", "eef_pos", "eef_quat", "gripper_qpos", "actions", "done")}
-
-    def on_step(obs, action, done):
-        rec["jpegs"].append(protocol.encode_frame(obs["agentview_image"]))
-        rec["eef_pos"].append(obs["robot0_eef_pos"])
-        rec["eef_quat"].append(obs["robot0_eef_quat"])
-        rec["gripper_qpos"].append(obs["robot0_gripper_qpos"])
-        rec["actions"].append(action)
-        rec["done"].append(done)
-
     sim_cls.render = timed_render
-    t0 = time.perf_counter()
     try:
-        result = run_oracle(env, get_init_state(suite, info.task_id, init_index),
-                            max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS, on_step=on_step)
+        yield render_s
     finally:
         sim_cls.render = original_render
-        if own:
-            close_env(env)
-    wall = time.perf_counter() - t0
-    n = len(rec["jpegs"])
-    meta = dict(suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
-                init_state_index=int(init_index), seed=int(seed), env_seed=protocol.ENV_SEED, success=bool(result["success"]), n_steps=n,
-                success_step=result["success_step"], wait_steps=protocol.WAIT_STEPS,
-                render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
-                step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
-                render_resolution=protocol.RENDER_RESOLUTION)
-    return Episode(jpegs=rec["jpegs"], eef_pos=np.array(rec["eef_pos"]).reshape(n, 3),
-                   eef_quat=np.array(rec["eef_quat"]).reshape(n, 4), gripper_qpos=np.array(rec["gripper_qpos"]).reshape(n, 2),
-                   actions=np.array(rec["actions"]).reshape(n, 7), done=np.array(rec["done"], dtype=bool), meta=meta)
+
+
+@dataclass
+class _Capture:
+    """What the oracle's rollout shows a policy, step by step: the frame (as the pipeline's JPEG) and the state."""
+
+    jpegs: list[bytes] = field(default_factory=list)
+    eef_pos: list = field(default_factory=list)
+    eef_quat: list = field(default_factory=list)
+    gripper_qpos: list = field(default_factory=list)
+    actions: list = field(default_factory=list)
+    done: list = field(default_factory=list)
+
+    def on_step(self, obs: dict, action: np.ndarray, done: bool) -> None:
+        self.jpegs.append(protocol.encode_frame(obs["agentview_image"]))
+        self.eef_pos.append(obs["robot0_eef_pos"])
+        self.eef_quat.append(obs["robot0_eef_quat"])
+        self.gripper_qpos.append(obs["robot0_gripper_qpos"])
+        self.actions.append(action)
+        self.done.append(done)
+
+    def episode(self, meta: dict) -> Episode:
+        n = len(self.jpegs)
+        return Episode(jpegs=self.jpegs, eef_pos=np.array(self.eef_pos).reshape(n, 3),
+                       eef_quat=np.array(self.eef_quat).reshape(n, 4),
+                       gripper_qpos=np.array(self.gripper_qpos).reshape(n, 2),
+                       actions=np.array(self.actions).reshape(n, 7), done=np.array(self.done, dtype=bool), meta=meta)
 
 
 def replay(policy: Any, episode: Episode, center_crop: bool = True) -> tuple[np.ndarray, np.ndarray]:

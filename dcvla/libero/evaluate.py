@@ -97,39 +97,67 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
             misconfigured policy, not a failed trial).
     """
     budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
-    convention = protocol.action_convention(policy)
-    replan = _replan_steps(policy)
-    uses_state = bool(getattr(policy, "uses_state", False))
-    latency: list[float] = []
-    plan: deque[np.ndarray] = deque()
-    steps, success, error = 0, False, ""
-    t_start = time.perf_counter()
+    loop = _ClosedLoop(policy, instruction, protocol.action_convention(policy), _replan_steps(policy),
+                       bool(getattr(policy, "uses_state", False)), center_crop)
+    error, t_start = "", time.perf_counter()
     try:
         env.reset()
         obs = env.set_init_state(init_state)
         policy.reset()
         for _ in range(protocol.WAIT_STEPS):  # objects settle; the policy is not called
             obs, _, _, _ = env.step(list(protocol.DUMMY_ACTION))
-        while steps < budget:
-            if not plan:
-                image = protocol.policy_input(protocol.process_frame(obs["agentview_image"]), crop=center_crop)
-                state = protocol.obs_state(obs) if uses_state else None
-                t0 = time.perf_counter()
-                raw = policy.step(image, instruction) if state is None else policy.step(image, instruction, state)
-                latency.append(time.perf_counter() - t0)
-                plan.extend(protocol.action_chunk(raw)[:replan])
-            action = protocol.postprocess(plan.popleft(), convention)
-            obs, _, done, _ = env.step(action.tolist())
-            steps += 1
-            if done:
-                success = True
-                break
+        loop.run(env, obs, budget)
     except Exception as exc:  # noqa: BLE001 - upstream counts any exception as a failed trial
-        error = f"{type(exc).__name__}: {exc}"
-        last = traceback.extract_tb(exc.__traceback__)[-1:]
-        if last:
-            error += f" (at {Path(last[0].filename).name}:{last[0].lineno})"
-    return TrialResult(success, steps, error, np.asarray(latency, dtype=np.float64), time.perf_counter() - t_start)
+        error = _describe(exc)
+    return TrialResult(loop.success, loop.steps, error, np.asarray(loop.latency, dtype=np.float64),
+                       time.perf_counter() - t_start)
+
+
+@dataclass
+class _ClosedLoop:
+    """The policy-env loop of one trial; what it did so far survives an exception (the trial's record)."""
+
+    policy: Any
+    instruction: str
+    convention: str
+    replan: int
+    uses_state: bool
+    center_crop: bool
+    steps: int = 0
+    success: bool = False
+    latency: list[float] = field(default_factory=list)
+    plan: deque = field(default_factory=deque)
+
+    def run(self, env: Any, obs: dict, budget: int) -> None:
+        """Execute planned actions until `done` or the budget; call the policy when the plan is empty."""
+        while self.steps < budget:
+            if not self.plan:
+                self.plan.extend(protocol.action_chunk(self._call_policy(obs))[: self.replan])
+            action = protocol.postprocess(self.plan.popleft(), self.convention)
+            obs, _, done, _ = env.step(action.tolist())
+            self.steps += 1
+            if done:
+                self.success = True
+                return
+
+    def _call_policy(self, obs: dict) -> np.ndarray:
+        image = protocol.policy_input(protocol.process_frame(obs["agentview_image"]), crop=self.center_crop)
+        t0 = time.perf_counter()
+        if self.uses_state:
+            raw = self.policy.step(image, self.instruction, protocol.obs_state(obs))
+        else:
+            raw = self.policy.step(image, self.instruction)
+        self.latency.append(time.perf_counter() - t0)
+        return raw
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message (at file:line)` of the exception that ended a trial."""
+    error = f"{type(exc).__name__}: {exc}"
+    last = traceback.extract_tb(exc.__traceback__)[-1:]
+    if last:
+        error += f" (at {Path(last[0].filename).name}:{last[0].lineno})"
+    return error
 
 
 def _replan_steps(policy: Any) -> int:
@@ -199,8 +227,6 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     Returns:
         The dataset for all trials in the file (earlier runs' included), dims (trial, step), sorted by trial.
     """
-    from tqdm.auto import tqdm
-
     info = get_task(suite, task)
     method = method or getattr(policy, "name", None) or type(policy).__name__
     init_states = get_init_states(suite, info.task_id)
@@ -209,12 +235,7 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     if bad:
         raise ValueError(f"trial (init state) indices {bad} out of range for {suite}/{info.task_id}; valid: 0..{len(init_states) - 1}")
     budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
-    attrs = dict(method=method, suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
-                 max_steps=budget, wait_steps=protocol.WAIT_STEPS, center_crop=int(center_crop), seed=protocol.SEED,
-                 env_seed=protocol.ENV_SEED, render_resolution=protocol.RENDER_RESOLUTION,
-                 policy_resolution=protocol.POLICY_RESOLUTION, jpeg_decoder=protocol.JPEG_DECODER,
-                 result_version=RESULT_VERSION, uses_state=int(bool(getattr(policy, "uses_state", False))),
-                 replan_steps=_replan_steps(policy), action_convention=protocol.action_convention(policy))
+    attrs = _result_attrs(policy, method, suite, info, budget, center_crop)
     path = result_path(run_dir, method, suite, info.task_id)
     old = read_dataset(path) if path.exists() else None
     if old is not None:
@@ -223,26 +244,43 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     todo = [t for t in wanted if t not in done_trials]
     if not todo:
         return old
-
     seed_everything(protocol.SEED)
     own = env is None
     env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION, seed=protocol.ENV_SEED)
-    ds = old
     try:
-        bar = tqdm(todo, desc=f"{method} {suite}/{info.task_id}", disable=not progress, unit="trial")
-        n_success = 0 if old is None else int(old.success.sum())
-        for t in bar:
-            r = run_trial(policy, env, suite, init_states[t], info.instruction, budget, center_crop)
-            new = _trials_dataset([t], [r], budget)
-            ds = new if ds is None else xr.concat([ds, new], dim="trial", data_vars="all").sortby("trial")
-            ds.attrs = dict(attrs, trials_done=int(ds.sizes["trial"]),
-                            success_rate=float(ds.success.mean()), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            write_dataset(ds, path)
-            n_success += r.success
-            bar.set_postfix(success=f"{n_success}/{ds.sizes['trial']}", steps=r.steps)
+        return _run_trials(policy, env, suite, info, init_states, todo, budget, center_crop, old, attrs, path, progress)
     finally:
         if own:
             close_env(env)
+
+
+def _result_attrs(policy: Any, method: str, suite: str, info: Any, budget: int, center_crop: bool) -> dict:
+    """What a result file records of the protocol and the policy (a resumed run must match all of it)."""
+    return dict(method=method, suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
+                max_steps=budget, wait_steps=protocol.WAIT_STEPS, center_crop=int(center_crop), seed=protocol.SEED,
+                env_seed=protocol.ENV_SEED, render_resolution=protocol.RENDER_RESOLUTION,
+                policy_resolution=protocol.POLICY_RESOLUTION, jpeg_decoder=protocol.JPEG_DECODER,
+                result_version=RESULT_VERSION, uses_state=int(bool(getattr(policy, "uses_state", False))),
+                replan_steps=_replan_steps(policy), action_convention=protocol.action_convention(policy))
+
+
+def _run_trials(policy: Any, env: Any, suite: str, info: Any, init_states: np.ndarray, todo: list[int], budget: int,
+                center_crop: bool, old: xr.Dataset | None, attrs: dict, path: Path, progress: bool) -> xr.Dataset:
+    """Run the pending trials in order, rewriting the result file (atomically) after each one."""
+    from tqdm.auto import tqdm
+
+    ds = old
+    bar = tqdm(todo, desc=f"{attrs['method']} {suite}/{info.task_id}", disable=not progress, unit="trial")
+    n_success = 0 if old is None else int(old.success.sum())
+    for t in bar:
+        r = run_trial(policy, env, suite, init_states[t], info.instruction, budget, center_crop)
+        new = _trials_dataset([t], [r], budget)
+        ds = new if ds is None else xr.concat([ds, new], dim="trial", data_vars="all").sortby("trial")
+        ds.attrs = dict(attrs, trials_done=int(ds.sizes["trial"]),
+                        success_rate=float(ds.success.mean()), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_dataset(ds, path)
+        n_success += r.success
+        bar.set_postfix(success=f"{n_success}/{ds.sizes['trial']}", steps=r.steps)
     return ds
 
 

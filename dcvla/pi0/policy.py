@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..actions import resolve_unnorm_key
-from ..cache import KVStore, LayerPlan
-from ..libero.protocol import REPLAN_STEPS
-from ..processing import load_tokenizer, resize_image, validate_image
-from .model import SPANS, Pi0Model, PrefixInputs, random_pi0, run_prefix
-
-LIBERO_ACTION_DIM = 7
+from ..images import resize_image, validate_image
+from ..kv_store import KVStore, LayerPlan
+from ..stats import resolve_unnorm_key
+from ..streaming import EpisodeGuard, StageClock
+from ..tokenizer import load_tokenizer
+from .config import LIBERO_ACTION_DIM, REPLAN_STEPS, SPANS
+from .model import Pi0Model, PrefixInputs, random_pi0, run_prefix
 
 
 @dataclass(frozen=True)
@@ -133,6 +132,7 @@ class Pi0Policy:
         self.replan_steps = self.config.replan_steps
         self.observer = None           # a Recorder attaches itself here while it records
         self.keep_records = True
+        self.guard = EpisodeGuard(self.name)
         self.reset()
 
     @classmethod
@@ -152,7 +152,7 @@ class Pi0Policy:
         self.store: KVStore | None = None
         self.ref_vision: torch.Tensor | None = None
         self.ref_state: torch.Tensor | None = None
-        self.episode_key: tuple | None = None
+        self.guard.reset()
         self.generator = torch.Generator().manual_seed(self.seed)
         self.last: Pi0StepRecord | None = None
         self.records: list[Pi0StepRecord] = []
@@ -194,65 +194,52 @@ class Pi0Policy:
         px = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0
         return ((px - 0.5) / 0.5).to(self.model.device, self.model.dtype)
 
-    def _check_episode(self, image: np.ndarray, input_ids: torch.Tensor) -> None:
-        key = (image.shape, tuple(input_ids[0].tolist()))
-        if self.episode_key is not None and key != self.episode_key:
-            what = "image size" if key[0] != self.episode_key[0] else "prompt"
-            raise RuntimeError(f"the {what} changed within an episode (the {self.name} store holds the previous one's "
-                               "K/V); call reset() before a new episode")
-        self.episode_key = key
-
     # --------------------------------------------------------------------------------------------- one step
     @torch.inference_mode()
     def step(self, image, instruction: str, state) -> np.ndarray:
         """One control step -> the un-normalised action chunk [horizon, 7]; `self.last` keeps the record."""
         model, cfg = self.model, self.model.config
-        timings: dict[str, float] = {}
         input_ids = self.encode_prompt(instruction)
         state_n = self.normalize_state(state)
         image = validate_image(image)
-        self._check_episode(image, input_ids)
-        start = time.perf_counter()
-        px = self._pixels(image)
-        inputs = PrefixInputs(model.embed_image(px), model.embed_text(input_ids.to(model.device)),
-                              model.embed_state(state_n.to(model.device)))
-        timings["vision"] = _lap(start)
-
-        start = time.perf_counter()
-        vision_sim = _cosine(inputs.vision, self.ref_vision)
-        state_sim = _cosine(inputs.state, self.ref_state)
-        gate = self._gate(vision_sim, state_sim)
-        if self.store is None:
-            self.store = model.new_store(inputs.length)
-        span_reuse = self._span_reuse(gate)  # [span, layer]
-        plans = self._plans(inputs, span_reuse)
-        timings["gate"] = _lap(start)
-
-        start = time.perf_counter()
-        out = run_prefix(model, inputs, plans, self.store, self.step_index)
-        timings["prefix"] = _lap(start)
-        start = time.perf_counter()
-        noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=self.generator).to(model.device)
-        actions = model.sample_actions(self.store, noise)
-        timings["expert"] = _lap(start)
-
+        self.guard.check(image.shape, input_ids)
+        clock = StageClock(model.device)
+        with clock.stage("vision"):
+            inputs = PrefixInputs(model.embed_image(self._pixels(image)), model.embed_text(input_ids.to(model.device)),
+                                  model.embed_state(state_n.to(model.device)))
+        with clock.stage("gate"):
+            vision_sim, state_sim = _cosine(inputs.vision, self.ref_vision), _cosine(inputs.state, self.ref_state)
+            gate = self._gate(vision_sim, state_sim)
+            if self.store is None:
+                self.store = model.new_store(inputs.length)
+            span_reuse = self._span_reuse(gate)  # [span, layer]
+            plans = self._plans(inputs, span_reuse)
+        with clock.stage("prefix"):
+            out = run_prefix(model, inputs, plans, self.store, self.step_index)
+        with clock.stage("expert"):
+            noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=self.generator).to(model.device)
+            actions = model.sample_actions(self.store, noise)
         if self.config.compare_to == "previous" or not gate:
             self.ref_vision, self.ref_state = inputs.vision, inputs.state
         record = Pi0StepRecord(
             step=self.step_index, gate=gate, vision_similarity=vision_sim, state_similarity=state_sim,
             span_reuse=span_reuse, staleness=self._staleness(inputs), reuse_fraction=float(out.reused.float().mean()),
             chunk=self.unnormalize(actions), chunk_normalized=actions, noise=noise,
-            flops=model.stage_flops(out.work, inputs.length), latency_ms=timings,
-            inputs=inputs if self.observer is not None else None,
+            flops=model.stage_flops(out.work, inputs.length), latency_ms=clock.ms,
         )
+        self._emit(record, inputs)
+        return record.chunk
+
+    def _emit(self, record: Pi0StepRecord, inputs: PrefixInputs) -> None:
+        """Keep the record and hand it to the observer (with the prefix inputs its shadow pass needs)."""
         self.last = record
         if self.keep_records:
             self.records.append(record)
         if self.observer is not None:
+            record.inputs = inputs
             self.observer.on_step(record)
             record.inputs = None
         self.step_index += 1
-        return record.chunk
 
     def _gate(self, vision_sim: float, state_sim: float) -> bool:
         threshold, kind = self.config.threshold, self.mode.gate
@@ -311,7 +298,3 @@ def _cosine(a: torch.Tensor, b: torch.Tensor | None) -> float:
     if b is None:
         return float("nan")
     return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).clamp(-1.0, 1.0))
-
-
-def _lap(start: float) -> float:
-    return (time.perf_counter() - start) * 1e3

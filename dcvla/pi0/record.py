@@ -1,4 +1,4 @@
-"""Recording the Pi0-style policy: `Recorder(pi0_policy, ...)` lands here (same API as the OpenVLA recorder).
+"""Recording the Pi0-style policy: its schema and the recorder that writes it (`recorder_for(pi0_policy)`).
 
 Per control step: the gate's decision and both similarities, which spans were reused at which layer, the
 reused share of the prefix K/V, each span's staleness, the action chunk, FLOPs and latency per stage. With
@@ -14,63 +14,72 @@ from typing import Iterable
 
 import numpy as np
 
-from ..recorder import Recorder, _distances
-from ..schema import PI0_SCHEMA, PI0_STAGES, PI0_VARIABLE_GROUPS, SPANS, pi0_coordinates
-from .policy import LIBERO_ACTION_DIM, Pi0Policy, Pi0StepRecord
+from ..recording import METRICS, Recorder, Schema, distances, register_recorder
+from .config import LIBERO_ACTION_DIM, SPANS
+from .policy import Pi0Policy, Pi0StepRecord
 
-DEFAULT_WHAT = tuple(PI0_VARIABLE_GROUPS)
+PI0_STAGES = ("vision", "gate", "prefix", "expert")
+PI0_VARIABLES: dict[str, tuple[str, ...]] = {
+    "gate": (),                                   # the gate opened: the mode's spans were reused
+    "vision_similarity": (),                      # cosine similarity of the image tokens to the reference step's
+    "state_similarity": (),                       # the same for the state token
+    "span_reuse": ("span", "layer"),              # K/V of the span taken from the store at that prefix layer
+    "reuse_fraction": (),                         # share of the prefix's (token, layer) K/V taken from the store
+    "staleness": ("span",),                       # steps since the span's K/V were computed (oldest layer)
+    "action": ("horizon", "action_dim"),          # the un-normalised action chunk
+    "flops": ("stage",),
+    "latency_ms": ("stage",),
+    "action_ref": ("horizon", "action_dim"),      # the no-reuse shadow pass's chunk (same noise)
+    "action_drift": (),                           # mean over the chunk of |action - action_ref| (L2 per action)
+    "k_drift": ("span", "layer", "metric"),       # used vs fresh prefix K, mean over the span's tokens
+    "v_drift": ("span", "layer", "metric"),
+}
+PI0_VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "reuse": ("gate", "vision_similarity", "state_similarity", "span_reuse", "reuse_fraction"),
+    "staleness": ("staleness",),
+    "actions": ("action",),
+    "flops": ("flops",),
+    "latency": ("latency_ms",),
+}
+SCHEMA = Schema(PI0_VARIABLES, PI0_VARIABLE_GROUPS)
 
 
+@register_recorder(Pi0Policy)
 class Pi0Recorder(Recorder):
     """Records a `Pi0Policy`'s steps into an `xarray.Dataset` (dims frame = control step, span, layer, horizon,
     action_dim, stage, metric).
 
     Args:
         policy: the policy to observe.
-        what: variable groups to record (see `schema.PI0_VARIABLE_GROUPS`).
+        what: variable groups to record (see `SCHEMA.groups`).
         drift: run a no-reuse shadow pass on every step that reused something.
-        path: stream steps to this netCDF file (written atomically on exit); None keeps them in memory.
-        labels: scalar coordinates of the run (suite, task, episode, ...), kept in the attrs too.
+        path, labels: see `dcvla.recording.Recorder`.
         control_hz: inference rate, for the frame `time` coordinate (LIBERO 20 Hz / replan_steps).
     """
 
-    def __init__(self, policy: Pi0Policy, what: Iterable[str] = DEFAULT_WHAT, drift: bool = False,
+    schema = SCHEMA
+    default_what = tuple(PI0_VARIABLE_GROUPS)
+    drift_note = "action and K/V drift from a no-reuse shadow pass (same noise) of every step that reused"
+
+    def __init__(self, policy: Pi0Policy, what: Iterable[str] | None = None, drift: bool = False,
                  path: str | Path | None = None, labels: dict | None = None, control_hz: float = 4.0) -> None:
         if not isinstance(policy, Pi0Policy):
             raise TypeError(f"Pi0Recorder needs a dcvla.pi0.Pi0Policy, got {type(policy).__name__}")
-        self._setup(policy, what, PI0_VARIABLE_GROUPS, drift, path, labels, control_hz,
-                    "action and K/V drift from a no-reuse shadow pass (same noise) of every step that reused" if drift
-                    else "drift not recorded (Recorder(drift=True) runs a no-reuse shadow pass)")
+        super().__init__(policy, what, drift, path, labels, control_hz)
         self.n_layers = policy.model.config.num_layers
         self.attrs.update({"family": "pi0", "threshold": float(policy.config.threshold),
                            "layer_wise_from": policy.layer_wise_from})
 
-    schema = PI0_SCHEMA
+    def coords(self) -> dict[str, np.ndarray]:
+        return {"span": np.array(SPANS), "layer": np.arange(self.n_layers), "stage": np.array(PI0_STAGES),
+                "metric": np.array(METRICS)}
 
-    def _attach(self) -> None:  # the Pi0 step gives everything recorded; nothing to ask for
-        pass
-
-    def _detach(self) -> None:
-        pass
-
-    def _coords(self) -> dict[str, np.ndarray]:
-        return pi0_coordinates(self.n_layers)
-
-    def _dims(self) -> dict[str, int]:
+    def sizes(self) -> dict[str, int]:
         cfg = self.policy.model.config
         return {"span": len(SPANS), "layer": self.n_layers, "horizon": cfg.action_horizon, "action_dim": LIBERO_ACTION_DIM,
-                "stage": len(PI0_STAGES), "metric": 2}
+                "stage": len(PI0_STAGES), "metric": len(METRICS)}
 
-    def on_step(self, record: Pi0StepRecord) -> None:
-        frame = self._step_arrays(record)
-        if self.drift:
-            frame |= self._drift_arrays(record)
-        if self._writer is not None:
-            self._writer.append(frame)
-        else:
-            self._frames.append(frame)
-
-    def _step_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
+    def frame_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {"frame": np.array(record.step), "time": np.array(record.step / self.control_hz)}
         if "reuse" in self.what:
             out["gate"] = np.array(record.gate)
@@ -88,7 +97,7 @@ class Pi0Recorder(Recorder):
             out["latency_ms"] = np.array([record.latency_ms[s] for s in PI0_STAGES], np.float32)
         return out
 
-    def _drift_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
+    def drift_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
         policy = self.policy
         kv = {x: np.zeros((len(SPANS), self.n_layers, 2), np.float32) for x in "kv"}
         if record.reuse_fraction == 0:  # nothing reused: the step is the no-reuse pass itself
@@ -98,8 +107,8 @@ class Pi0Recorder(Recorder):
             chunk_ref = policy.unnormalize(ref_actions)
             for i, span in enumerate(record.inputs.spans.values()):
                 for layer in range(self.n_layers):
-                    kv["k"][i, layer] = _distances(policy.store.keys[layer][:, span], fresh.keys[layer][:, span]).mean(0)
-                    kv["v"][i, layer] = _distances(policy.store.values[layer][:, span], fresh.values[layer][:, span]).mean(0)
+                    kv["k"][i, layer] = distances(policy.store.keys[layer][:, span], fresh.keys[layer][:, span]).mean(0)
+                    kv["v"][i, layer] = distances(policy.store.values[layer][:, span], fresh.values[layer][:, span]).mean(0)
         drift = np.linalg.norm(record.chunk - chunk_ref, axis=-1).mean()
         return {"action_ref": chunk_ref.astype(np.float32), "action_drift": np.array(drift, np.float32),
                 "k_drift": kv["k"], "v_drift": kv["v"]}

@@ -1,4 +1,4 @@
-"""Which vision patches may reuse cached values: TTF-VLA's selector and VLA-Cache's token selection.
+"""Which vision patches may reuse cached values: TTF-VLA's selector (the unified selector of the dual cache).
 
 `UnifiedTokenSelector` follows PKU-XLab/TTF-VLA (`experiments/robot/aptube_manager.py`): keyframes at frames
 0, k, 2k, ... since the episode start; a patch is pixel-dynamic when the mean |dY| of its grayscale difference
@@ -10,8 +10,6 @@ about 4.43x the plain grayscale difference (1/std per channel: 4.37 R, 4.46 G, 4
 exactly 2x, so TTF's published 0.03 equals ~0.0068 on [0, 1] pixels (1.7 grey levels of 255); SigLIP alone
 would give 0.015. `pixel_space="unit"` thresholds the [0, 1] grayscale difference instead.
 
-The VLA-Cache functions follow siyuhsu/vla-cache (`src/openvla/experiments/robot/vla_cache_utils.py`,
-`openvla_utils.py`, and the forked `LlamaModel.forward` in `src/transformers/.../modeling_llama.py`).
 Patch j of the 16x16 grid (row-major, row = image y) is LLM sequence position j + 1.
 """
 
@@ -20,11 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SIGLIP_MEAN, SIGLIP_STD
+from ..vision import SIGLIP_MEAN, SIGLIP_STD
 
 NUM_PATCHES = 256
 MAX_TEXT_TOKENS = 35  # TTF and VLA-Cache average at most the first 35 prompt rows (token_attention_merge)
@@ -33,13 +30,13 @@ FUSIONS = ("hybrid", "pixel", "attention")
 PIXEL_SPACES = ("ttf", "unit")
 
 
-def _check_int(owner: str, name: str, value, lo: int, hi: int | None = None) -> None:
+def check_int(owner: str, name: str, value, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{owner}.{name} must be an int {bound}, got {value!r}")
 
 
-def _check_float(owner: str, name: str, value, lo: float, hi: float) -> None:
+def check_float(owner: str, name: str, value, lo: float, hi: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
         raise ValueError(f"{owner}.{name} must be a finite number in [{lo}, {hi}], got {value!r}")
 
@@ -54,10 +51,10 @@ class SelectorConfig:
     pixel_space: str = "ttf"          # "ttf": normalised tower inputs, max over towers | "unit": [0, 1] RGB
 
     def __post_init__(self) -> None:
-        _check_float("SelectorConfig", "pixel_threshold", self.pixel_threshold, 0.0, math.inf)
-        _check_int("SelectorConfig", "attention_top_k", self.attention_top_k, 0, NUM_PATCHES)
-        _check_int("SelectorConfig", "attention_layer_id", self.attention_layer_id, 0)
-        _check_int("SelectorConfig", "keyframe_interval", self.keyframe_interval, 1)
+        check_float("SelectorConfig", "pixel_threshold", self.pixel_threshold, 0.0, math.inf)
+        check_int("SelectorConfig", "attention_top_k", self.attention_top_k, 0, NUM_PATCHES)
+        check_int("SelectorConfig", "attention_layer_id", self.attention_layer_id, 0)
+        check_int("SelectorConfig", "keyframe_interval", self.keyframe_interval, 1)
         if self.fusion not in FUSIONS:
             raise ValueError(f"SelectorConfig.fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
         if self.pixel_space not in PIXEL_SPACES:
@@ -91,7 +88,7 @@ def top_k_patches(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor | None:
+def check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor | None:
     if relevance is None:
         return None
     if not isinstance(relevance, torch.Tensor):
@@ -142,7 +139,7 @@ class UnifiedTokenSelector:
 
     def __init__(self, config: SelectorConfig | None = None, patch_size: int = 14) -> None:
         self.config = config if config is not None else SelectorConfig()
-        _check_int("UnifiedTokenSelector", "patch_size", patch_size, 1)
+        check_int("UnifiedTokenSelector", "patch_size", patch_size, 1)
         self.patch_size = patch_size
         self.reset()
 
@@ -165,7 +162,7 @@ class UnifiedTokenSelector:
         """
         cfg = self.config
         current = self._check_pixels(pixel_values)  # [6, H, W]
-        relevance = _check_relevance(text_to_vision, "text_to_vision")
+        relevance = check_relevance(text_to_vision, "text_to_vision")
         prev = None if self._prev is None else self._prev.to(current.device)
         score = torch.zeros(NUM_PATCHES) if prev is None else self._pixel_score(prev, current)
         keyframe = prev is None or self._frame % cfg.keyframe_interval == 0
@@ -210,167 +207,3 @@ class UnifiedTokenSelector:
             return self._gray_diff(prev[3:] * std + mean, current[3:] * std + mean)  # [patch]
         # A patch TTF would recompute in either tower is recomputed in both.
         return torch.maximum(self._gray_diff(prev[:3], current[:3]), self._gray_diff(prev[3:], current[3:]))
-
-
-# === VLA-Cache ===
-
-
-@dataclass(frozen=True)
-class VLACacheConfig:
-    similarity_threshold: float = 0.996         # patch cosine similarity >= this => static
-    top_k_static: int = 130                     # keep the most similar static patches (openvla_utils.py)
-    attention_top_k_remove: int = 100           # task_relevant_selection's default, used by the OpenVLA path
-    prune_layers: tuple[int, ...] = (2, 6, 9, 11)  # LlamaModel.pruning_loc
-    attention_layer_id: int = 15                # layer of the relevance (token_attention_merge)
-    growth_factor: float = 0.55                 # damping of upward steps of the per-layer reuse share
-    apply_weighted_growth: bool = True          # get_layer_mask_schedule's default
-
-    def __post_init__(self) -> None:
-        _check_float("VLACacheConfig", "similarity_threshold", self.similarity_threshold, -1.0, 1.0)
-        _check_int("VLACacheConfig", "top_k_static", self.top_k_static, 0, NUM_PATCHES)
-        _check_int("VLACacheConfig", "attention_top_k_remove", self.attention_top_k_remove, 0, NUM_PATCHES)
-        _check_int("VLACacheConfig", "attention_layer_id", self.attention_layer_id, 0)
-        _check_float("VLACacheConfig", "growth_factor", self.growth_factor, 0.0, 1.0)
-        if not isinstance(self.apply_weighted_growth, bool):
-            raise ValueError(f"VLACacheConfig.apply_weighted_growth must be a bool, got {self.apply_weighted_growth!r}")
-        layers = tuple(self.prune_layers) if isinstance(self.prune_layers, (list, tuple)) else None
-        if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers) or \
-                list(layers) != sorted(set(layers)):
-            raise ValueError(f"VLACacheConfig.prune_layers must be a non-empty increasing tuple of layer indices >= 0, "
-                             f"got {self.prune_layers!r}")
-        object.__setattr__(self, "prune_layers", layers)
-
-
-def _as_patches(image, name: str, patch_size: int) -> np.ndarray:
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    side = 16 * patch_size
-    if array.shape != (side, side, 3):
-        raise ValueError(f"{name} must be an RGB image [{side}, {side}, 3] (H, W, C); got shape {list(array.shape)}")
-    if array.dtype != np.uint8 and array.dtype.kind != "f":
-        raise TypeError(f"{name} must be uint8 or float, got dtype {array.dtype}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ValueError(f"{name} has NaN or infinite pixel values")
-    grid = array.reshape(16, patch_size, 16, patch_size, 3).transpose(0, 2, 1, 3, 4)  # [row, col, y, x, c]
-    return grid.reshape(NUM_PATCHES, -1).astype(np.float32)  # [patch, y*x*c], skimage.view_as_blocks' order
-
-
-def patch_cosine_similarity(prev_image, image, patch_size: int = 14) -> torch.Tensor:
-    """Cosine similarity of each patch's raw RGB values between two frames (VLA-Cache's static test).
-
-    Upstream compares the uint8 224x224 RGB images the processor receives (after the optional center crop,
-    before normalisation) in float32 with a 1e-8 guard, so an all-black patch scores 0 and a patch whose
-    brightness only scales scores 1.
-
-    Args:
-        prev_image: [224, 224, 3] uint8 (numpy or torch) previous frame.
-        image: [224, 224, 3] uint8 current frame.
-        patch_size: patch side.
-    Returns:
-        [256] float32 similarity, patch j = row j // 16, column j % 16.
-    """
-    a, b = _as_patches(prev_image, "prev_image", patch_size), _as_patches(image, "image", patch_size)
-    dot = np.sum(a * b, axis=1)  # [patch]
-    return torch.from_numpy(dot / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8))
-
-
-def vla_cache_static_patches(
-    prev_image, image, prev_text_to_vision: torch.Tensor | None, config: VLACacheConfig | None = None
-) -> torch.Tensor:
-    """The patches VLA-Cache may serve from the previous frame's K/V cache.
-
-    Static = similarity >= threshold, capped at the `top_k_static` most similar (ties: lower index); minus the
-    `attention_top_k_remove` most relevant patches of the previous frame's prefill.
-
-    Args:
-        prev_image, image: [224, 224, 3] uint8 RGB frames (see `patch_cosine_similarity`).
-        prev_text_to_vision: [256] relevance of the previous prefill at `config.attention_layer_id`
-            (`text_to_vision_relevance` with that prefill's query positions), or None on an episode's first frame.
-        config: VLA-Cache parameters.
-    Returns:
-        [256] bool, all False when there is no previous prefill.
-    """
-    config = config if config is not None else VLACacheConfig()
-    similarity = patch_cosine_similarity(prev_image, image)  # [patch]
-    relevance = _check_relevance(prev_text_to_vision, "prev_text_to_vision")
-    static = torch.zeros(NUM_PATCHES, dtype=torch.bool)
-    if relevance is None:
-        return static
-    order = torch.sort(similarity, descending=True, stable=True).indices  # [patch]
-    static[order[similarity[order] >= config.similarity_threshold][: config.top_k_static]] = True
-    return static & ~top_k_patches(relevance, config.attention_top_k_remove)
-
-
-def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
-    """One layer's mean attention entropy, as VLA-Cache's get_layer_mask_schedule computes it.
-
-    Heads are averaged, each row renormalised (+1e-10), row entropy -sum p log(p + 1e-10) in nats, then the mean
-    over the rows the prefill computed at that layer. Upstream did this in bf16; here it is float32.
-
-    Args:
-        attn: [1, heads, q, k] or [heads, q, k] prefill attention probabilities of one layer.
-    Returns:
-        0-dim float32 tensor.
-    """
-    probs = attn.detach().float()
-    probs = (probs[0] if probs.dim() == 4 else probs).mean(dim=0)  # [q, k]
-    probs = torch.nan_to_num(probs / (probs.sum(dim=-1, keepdim=True) + 1e-10), nan=0.0)
-    return -(probs * torch.log(probs + 1e-10)).sum(dim=-1).mean().cpu()
-
-
-def vla_cache_reuse_proportions(layer_entropy: torch.Tensor, config: VLACacheConfig | None = None) -> torch.Tensor:
-    """Per-layer share of the static patches to reuse: low entropy => high share.
-
-    share = 1 - (e - min e) / (max e - min e + 1e-10) over all layers; then, walking up the layers, an increase
-    over the layer below is damped to `growth_factor` of itself (decreases are kept).
-
-    Args:
-        layer_entropy: [num_layers] `attention_entropy` of every LLM layer of the previous prefill.
-        config: VLA-Cache parameters.
-    Returns:
-        [num_layers] float32 in [0, 1].
-    """
-    config = config if config is not None else VLACacheConfig()
-    entropy = layer_entropy.detach().float().cpu()
-    if entropy.dim() != 1 or entropy.numel() == 0 or not torch.isfinite(entropy).all():
-        raise ValueError(f"layer_entropy must be a finite [num_layers] vector; got shape {list(entropy.shape)}")
-    share = 1.0 - (entropy - entropy.min()) / (entropy.max() - entropy.min() + 1e-10)  # [layer]
-    if not config.apply_weighted_growth:
-        return share
-    values = share.tolist()  # upstream smooths in Python floats, then returns float32
-    for i in range(1, len(values)):
-        if values[i] > values[i - 1]:
-            values[i] = values[i - 1] + (values[i] - values[i - 1]) * config.growth_factor
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def vla_cache_layer_reuse(
-    reusable: torch.Tensor, layer_entropy: torch.Tensor, config: VLACacheConfig | None = None
-) -> torch.Tensor:
-    """Which vision tokens skip each LLM layer and use the cached K/V of the previous frame there.
-
-    At pruning layer p, upstream drops the first max(1, int(share[p] * n)) of the n reusable positions in
-    ascending order (not by similarity), unless that is fewer than already dropped; dropped tokens stay
-    dropped. Layers before the first pruning layer compute every token.
-
-    Args:
-        reusable: [256] bool from `vla_cache_static_patches`.
-        layer_entropy: [num_layers] per-layer entropies of the previous prefill (`attention_entropy`).
-        config: VLA-Cache parameters.
-    Returns:
-        [num_layers, 256] bool, monotone non-decreasing along layers.
-    """
-    config = config if config is not None else VLACacheConfig()
-    if not isinstance(reusable, torch.Tensor) or reusable.shape != (NUM_PATCHES,) or reusable.dtype != torch.bool:
-        raise ValueError(f"reusable must be a [{NUM_PATCHES}] bool tensor; got {getattr(reusable, 'shape', reusable)!r}")
-    share = vla_cache_reuse_proportions(layer_entropy, config)  # [layer]
-    num_layers = share.shape[0]
-    if config.prune_layers[-1] >= num_layers:
-        raise ValueError(f"VLACacheConfig.prune_layers {config.prune_layers} exceed the {num_layers} layers given")
-    order = reusable.cpu().nonzero().flatten()  # [n] ascending patch index, as upstream's sorted positions
-    out = torch.zeros(num_layers, NUM_PATCHES, dtype=torch.bool)
-    dropped = 0
-    for layer in range(num_layers):
-        if len(order) and layer in config.prune_layers:
-            dropped = max(dropped, max(1, int(share[layer] * len(order))))  # float32 product, truncated
-        out[layer, order[:dropped]] = True
-    return out

@@ -24,8 +24,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .actions import ActionTokenizer, resolve_unnorm_key, unnormalize_action
-from .config import LLMConfig, OpenVLAConfig, ViTConfig
+from ..stats import resolve_unnorm_key
+from .actions import ActionTokenizer, unnormalize_action
+from ..vision import ViTConfig
+from .config import LLMConfig, OpenVLAConfig
 
 
 def _hf_vision_model(cfg: ViTConfig, attn_implementation: str) -> nn.Module:
@@ -205,10 +207,12 @@ class OpenVLA(nn.Module):
         return torch.cat(tokens), torch.cat(logits)
 
     @torch.inference_mode()
-    def predict_action(
+    def reference_action(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, unnorm_key: str | None = None
     ) -> ActionPrediction:
-        """One full forward: image + prompt ids -> un-normalised action (upstream `predict_action`).
+        """The reference forward: towers and projector as modules, then the plain transformers `LlamaForCausalLM`
+        prefill and greedy decode (upstream `predict_action`). Policies run the cache engine instead
+        (`dcvla.openvla.policy.CachedPolicy`); the tests hold the engine's every method against this.
 
         Args:
             input_ids: [1, text] prompt ids starting with BOS (see `dcvla.processing.Processor`).
@@ -217,7 +221,7 @@ class OpenVLA(nn.Module):
         """
         if input_ids.ndim != 2 or input_ids.shape[0] != 1 or pixel_values.shape[0] != 1:
             raise ValueError(
-                f"predict_action takes one example (batch 1); got input_ids {tuple(input_ids.shape)}, "
+                f"reference_action takes one example (batch 1); got input_ids {tuple(input_ids.shape)}, "
                 f"pixel_values {tuple(pixel_values.shape)}"
             )
         self.action_stats(unnorm_key)  # a missing key fails before the forward, naming the available ones

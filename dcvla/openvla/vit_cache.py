@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cache import KVStore, LayerPlan, attend, gather_kv
-from .flops import LayerWork
+from ..attention import attend, gather_kv
+from ..flops import LayerWork
+from ..kv_store import KVStore, LayerPlan
 from .model import VisionTower
 
 

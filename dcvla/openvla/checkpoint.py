@@ -20,8 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import OpenVLAConfig, ViTConfig, get_preset
-from .io import atomic_path
+from ..io import atomic_path
+from ..vision import ViTConfig
+from .config import OpenVLAConfig, get_preset
 from .model import OpenVLA
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -1,4 +1,5 @@
-"""Recording: labelled datasets, netCDF round trips, hooks that never outlive a run, atomic streamed files."""
+"""Recording a `CachedPolicy` (OpenVLARecorder): the schema, what is recorded against what the policy did,
+netCDF round trips, streaming, the policy hooks, drift and the action KL."""
 
 import json
 
@@ -6,34 +7,36 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dcvla.io import write_dataset
-from dcvla.recorder import Recorder, action_kl, open_recording, record_episode
-from dcvla.schema import SCHEMA
+from dcvla.io import open_recording, write_dataset
+from dcvla.openvla.record import SCHEMA, OpenVLARecorder, action_kl
+from dcvla.recording import record_episode, recorder_for
 
 
-def record(pol, frames, instruction, **kw) -> xr.Dataset:
-    pol.reset()
-    with Recorder(pol, **kw) as rec:
-        for frame in frames:
-            pol.step(frame, instruction)
-    return rec.to_dataset()
-
-
-def test_dataset_has_the_schema(make_policy, object_episode):
-    ds = record(make_policy(method="dual_cache"), *object_episode, drift=True, attention_layers=[15],
-                labels={"suite": "libero_object", "task": 0})
+def test_dataset_has_the_schema_and_records_what_the_policy_did(record, make_policy, object_episode):
+    pol = make_policy(method="dual_cache")
+    ds = record(pol, *object_episode, drift=True, attention_layers=[15], labels={"suite": "libero_object", "task": 0})
     for name in ("reuse", "staleness", "reuse_by_layer", "text_to_vision", "q_drift", "action_ref", "logit_kl"):
-        assert ds[name].dims == ("frame", *SCHEMA[name]), name
+        assert ds[name].dims == ("frame", *SCHEMA.dims_of(name)), name
     assert ds.sizes["frame"] == 5 and ds.sizes["patch"] == 256 and list(ds.tower.values) == ["dino", "siglip", "llm"]
     assert ds.attention_l15.dims == ("frame", "head", "text", "seq")
     assert ds.suite.item() == "libero_object" and float(ds.time[1]) == pytest.approx(0.05)
     assert json.loads(ds.attrs["config"])["method"] == "dual_cache"
     assert ds.keyframe.values.tolist() == [True, False, False, True, False]
-    # the mask is the selector's: a reused patch was neither pixel-dynamic nor attention-relevant
-    assert not (ds.reuse & (ds.pixel_dynamic | ds.attn_relevant)).any()
+    # the masks are the policy's own, frame by frame: the selector's, and the K/V each tower took from a store
+    for k, step in enumerate(pol.records):
+        sel = step.selection
+        for name in ("reuse", "pixel_dynamic", "attn_relevant"):
+            assert np.array_equal(ds[name].values[k], getattr(sel, name).numpy()), (name, k)
+        for tower in ("dino", "siglip"):  # dual_cache's towers reuse the selector's mask at every block
+            assert np.array_equal(ds.reuse_by_layer.sel(tower=tower).values[k, :3], np.tile(sel.reuse.numpy(), (3, 1)))
+        assert np.array_equal(ds.reuse_by_layer.sel(tower="llm").values[k], step.llm_reuse.numpy())
+        assert np.array_equal(ds.staleness.values[k], step.staleness.numpy())
+        assert np.array_equal(ds.action_tokens.values[k], step.prediction.token_ids.numpy())
+    # non-keyframes reused patches, keyframes none
+    assert not ds.reuse[ds.keyframe].any() and ds.reuse[~ds.keyframe].any(dim="patch").all()
 
 
-def test_netcdf_round_trip_preserves_values_and_attrs(make_policy, object_episode, tmp_path):
+def test_netcdf_round_trip_preserves_values_and_attrs(record, make_policy, object_episode, tmp_path):
     ds = record(make_policy(method="vla_cache"), *object_episode, drift=True, labels={"suite": "libero_object"})
     loaded = open_recording(write_dataset(ds, tmp_path / "run.nc"))
     xr.testing.assert_identical(loaded.drop_attrs(), ds.drop_attrs())
@@ -41,7 +44,7 @@ def test_netcdf_round_trip_preserves_values_and_attrs(make_policy, object_episod
     assert loaded.reuse.dtype == bool and loaded.text_to_vision.dtype == np.float16
 
 
-def test_streamed_file_equals_in_memory(make_policy, object_episode, tmp_path):
+def test_streamed_file_equals_in_memory(record, make_policy, object_episode, tmp_path):
     frames, instruction = object_episode
     in_memory = record(make_policy(method="dual_cache"), frames, instruction, drift=True)
     pol = make_policy(method="dual_cache")
@@ -56,32 +59,13 @@ def test_streamed_file_equals_in_memory(make_policy, object_episode, tmp_path):
 def test_hooks_are_removed_even_after_an_exception(make_policy, object_episode):
     pol = make_policy(method="dual_cache")
     with pytest.raises(ValueError, match="instruction is empty"):
-        with Recorder(pol, drift=True, attention_layers=[3]):
+        with recorder_for(pol, drift=True, attention_layers=[3]):
             pol.step(object_episode[0][0], object_episode[1])
             pol.step(object_episode[0][1], "")
     assert pol.observer is None and pol.observed_prob_layers == frozenset() and pol.keep_records
 
 
-def test_a_crash_leaves_no_file_and_a_rerun_resumes(make_policy, object_episode, tmp_path):
-    frames, instruction = object_episode
-    path = tmp_path / "object_episode.nc"
-    pol = make_policy(method="dual_cache")
-
-    class Crash(Exception):
-        pass
-
-    with pytest.raises(Crash):
-        with Recorder(pol, path=path):
-            pol.step(frames[0], instruction)
-            raise Crash
-    assert list(tmp_path.iterdir()) == []  # neither the result nor its temporary file
-    record_episode(pol, frames[:2], instruction, path)
-    stamp = path.stat().st_mtime_ns
-    assert record_episode(pol, frames[:2], instruction, path) == path
-    assert path.stat().st_mtime_ns == stamp  # complete: skipped, not rewritten
-
-
-def test_drift_is_zero_for_vanilla_and_positive_with_stale_kv(make_policy, object_episode):
+def test_drift_is_zero_for_vanilla_and_positive_with_stale_kv(record, make_policy, object_episode):
     vanilla = record(make_policy(method="vanilla"), *object_episode, drift=True)
     for name in ("q_drift", "k_drift", "v_drift"):
         assert float(np.nanmax(np.abs(vanilla[name].values))) == 0.0, name
@@ -105,36 +89,8 @@ def test_drift_is_zero_for_vanilla_and_positive_with_stale_kv(make_policy, objec
 def test_bad_requests_raise(make_policy, base):
     pol = make_policy(method="dual_cache")
     with pytest.raises(ValueError, match="unknown recording variable.*'attention'.*known: masks"):
-        Recorder(pol, what=["masks", "attention"])
+        recorder_for(pol, what=["masks", "attention"])
     with pytest.raises(ValueError, match=r"attention_layers \[16\] out of range: the LLM has layers 0..15"):
-        Recorder(pol, attention_layers=[16])
-    with pytest.raises(TypeError, match="needs a dcvla.methods.CachedPolicy"):
-        Recorder(base)
-    with Recorder(pol):
-        with pytest.raises(RuntimeError, match="already has a recorder"):
-            Recorder(pol).__enter__()
-    with pytest.raises(ValueError, match="nothing was recorded"):
-        with Recorder(pol) as rec:
-            pass
-        rec.to_dataset()
-
-
-def test_accessor_summaries(make_policy, object_episode):
-    ds = record(make_policy(method="vla_cache"), *object_episode)
-    by_layer = ds.dcvla.reuse_rate_by_layer()
-    assert by_layer.sel(tower="dino", layer=5).isnull()  # past the tiny DINOv2's 3 blocks
-    assert float(by_layer.sel(tower="llm", layer=0)) == 0  # VLA-Cache never reuses before layer 2
-    assert ds.dcvla.reuse_rate().dims == ("frame",)
-    with pytest.raises(KeyError, match="no k_drift"):
-        ds.dcvla.drift_vs_staleness()
-
-
-def test_llm_reuse_rate_ignores_padded_layers():
-    """The layer dim is padded to the deepest component; rates over the LLM must stop at its own depth."""
-    reuse = np.zeros((2, 3, 20, 256), bool)  # [frame, tower, layer, patch]: a SigLIP of 20 blocks, an LLM of 16
-    reuse[:, 2, :16] = True
-    ds = xr.Dataset({"reuse_by_layer": (("frame", "tower", "layer", "patch"), reuse)},
-                    coords={"tower": ["dino", "siglip", "llm"], "layer": np.arange(20)},
-                    attrs={"tower_depths": [4, 20, 16]})
-    assert ds.dcvla.llm_reuse_rate() == 1.0  # a plain mean over the padded dim would say 0.8
-    assert ds.dcvla.reuse_rate_by_layer().sel(tower="llm", layer=17).isnull()
+        recorder_for(pol, attention_layers=[16])
+    with pytest.raises(TypeError, match="OpenVLARecorder needs a dcvla.openvla.CachedPolicy, got object"):
+        OpenVLARecorder(object())

@@ -1,0 +1,49 @@
+"""What every streaming policy (`reset()` per episode, `step()` per frame) shares: the episode guard and the
+stage clock."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import torch
+
+
+class EpisodeGuard:
+    """Remembers the episode's image size and prompt: a cache holds one episode's values, so a change of either
+    without `reset()` is an error, never silent reuse of another episode's K/V."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner  # named in the error: the method or mode whose caches would be reused
+        self.key: tuple | None = None
+
+    def reset(self) -> None:
+        self.key = None
+
+    def check(self, image_shape: tuple[int, ...], input_ids: torch.Tensor) -> None:
+        key = (tuple(image_shape), tuple(input_ids[0].tolist()))
+        if self.key is not None and key != self.key:
+            what = "image size" if key[0] != self.key[0] else "prompt"
+            raise RuntimeError(f"the {what} changed within an episode (the {self.owner} caches hold the previous "
+                               "one's values); call reset() before a new episode")
+        self.key = key
+
+
+class StageClock:
+    """Wall-clock milliseconds per named stage of one step. On a CUDA device each stage is bracketed by a device
+    synchronisation, so a stage's time is the kernels it launched, not the time to queue them."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.sync = torch.device(device).type == "cuda"
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3

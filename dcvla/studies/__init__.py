@@ -1,0 +1,9 @@
+"""The studies: what the notebooks compute, kept here so they stay short and the logic is tested.
+
+    common                   the config, policies, episodes, recorded runs, tables and figures every study shares
+    mechanism_equivalence    H0-H4 of the design
+    cache_behaviour          reuse, savings and drift per method
+    long_horizon_stability   drift over long episodes, parameter sweeps, where drift jumps
+    libero_benchmark         closed-loop LIBERO success per method (BenchmarkConfig, evaluate, success_table)
+    stability_cliff          the Pi0-style policy's prefix K/V reuse per mode and threshold
+"""

@@ -1,0 +1,182 @@
+"""What every study shares: the config, the policies and episodes, the recorded runs, tables and figures.
+
+A study records (method, episode) runs with the family's recorder, each to its own netCDF file under
+`<runs_dir>/<study>/<method>/<suite>_task<NN>_init<NN>.nc` (resumable: complete files are kept), then reduces
+the datasets to tables. A notebook's `parameters` cell mirrors its study's config (`StudyConfig`, or the study's
+own: `libero_benchmark.BenchmarkConfig`, `stability_cliff.CliffConfig`) plus the study's own knobs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from ..io import open_recording, write_dataset
+from ..libero.episodes import Episode, list_episodes, load_episode
+from ..libero.protocol import policy_input
+from ..openvla import METHODS, CacheConfig, CachedPolicy
+from ..recording import record_episode
+
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+PAPER_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
+
+
+class Parameters:
+    """A study config built from a notebook's globals (its papermill `parameters` cell mirrors the fields)."""
+
+    @classmethod
+    def from_parameters(cls, namespace: dict):
+        """Build from a notebook's globals: every field found there."""
+        return cls(**{f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
+
+
+def check_names(owner: str, values: list[str], known: tuple[str, ...] | dict, what: str) -> None:
+    """A ValueError naming the unknown entries of a config list field (`owner` is `Class.field`)."""
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(f"{owner}: unknown {unknown}; {what}: {', '.join(known)}")
+
+
+@dataclass
+class PolicyParameters(Parameters):
+    """Which OpenVLA-family model a study runs: a checkpoint, or a random preset; where and in which dtype."""
+
+    preset: str = "small"                # model preset (random weights) unless `checkpoint` is given
+    checkpoint: str = ""                 # OpenVLA-layout checkpoint directory or hub id ("" = random preset)
+    unnorm_key: str = ""                 # dataset statistics for a checkpoint ("" = its only one)
+    seed: int = 0                        # weights seed of a random preset
+    device: str = "cpu"                  # "cuda" on a GPU machine
+    dtype: str = "float32"               # "bfloat16" for openvla-7b on a GPU
+
+
+@dataclass
+class StudyConfig(PolicyParameters):
+    """The parameters the recorded OpenVLA studies share; a notebook's parameters cell has these names."""
+
+    methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    episodes_per_suite: int = 0          # shipped episodes per suite (0 = all)
+    frames: int = 12                     # frames per episode from its start (0 = the whole episode)
+    drift: bool = False                  # shadow full recompute per frame (doubles the cost)
+    runs_dir: str = "data/runs"
+    figures_dir: str = "figures"
+
+    def __post_init__(self) -> None:
+        check_names("StudyConfig.methods", self.methods, METHODS, "known")
+        check_names("StudyConfig.suites", self.suites, SUITES, "shipped suites")
+        if self.frames < 0 or self.episodes_per_suite < 0:
+            raise ValueError(f"StudyConfig.frames and episodes_per_suite must be >= 0, got {self.frames}, {self.episodes_per_suite}")
+
+
+def base_policy(config: PolicyParameters) -> CachedPolicy:
+    """The vanilla policy whose model every method of a study shares (`with_config`): a checkpoint, or a random
+    preset, on the configured device."""
+    dtype = getattr(torch, config.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"StudyConfig.dtype: {config.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    if config.checkpoint:
+        return CachedPolicy.from_pretrained(config.checkpoint, CacheConfig("vanilla", unnorm_key=config.unnorm_key or None),
+                                            dtype=dtype, device=config.device)
+    policy = CachedPolicy.from_preset(config.preset, seed=config.seed, config=CacheConfig("vanilla"))
+    policy.model.to(device=config.device, dtype=dtype)
+    return policy
+
+
+def episodes(config) -> list[Episode]:
+    """The shipped episodes of the configured suites (`episodes_per_suite` of each, 0 = all)."""
+    per_suite = [list_episodes(suite=suite) for suite in config.suites]
+    return [load_episode(p) for paths in per_suite for p in (paths[: config.episodes_per_suite] if config.episodes_per_suite else paths)]
+
+
+def episode_frames(episode: Episode, frames: int) -> np.ndarray:
+    """What the policy sees (center crop, as the LIBERO fine-tunes expect), the first `frames` of them."""
+    chosen = episode.frames if frames == 0 else episode.frames[:frames]
+    return np.stack([policy_input(f) for f in chosen])
+
+
+def run_path(runs_dir: str | Path, study: str, method: str, episode: Episode, frames: int, tag: str = "") -> Path:
+    """One run's file; the frame count is in the name, so a resumed study never reuses a shorter or longer run."""
+    name = episode.name.replace("/", "_") + f"_f{frames or 'all'}" + (f"_{tag}" if tag else "")
+    return Path(runs_dir) / study / method / f"{name}.nc"
+
+
+def record_runs(study: str, config: StudyConfig, cache_overrides: dict | None = None, tag: str = "",
+                base: CachedPolicy | None = None, progress: bool = True) -> list[Path]:
+    """Record every (method, episode) of `config`; existing complete files are kept (resume).
+
+    Args:
+        study: the study's name (a folder under runs_dir).
+        cache_overrides: CacheConfig fields to set for every method (a sweep point); `tag` names it in files.
+        base: a loaded policy to share (its model and processor); built from `config` when None.
+    """
+    base = base or base_policy(config)
+    paths = []
+    eps = episodes(config)
+    for method in config.methods:
+        cache = CacheConfig(method=method, unnorm_key=config.unnorm_key or None, **(cache_overrides or {}))
+        policy = base.with_config(cache)
+        for episode in eps:
+            path = run_path(config.runs_dir, study, method, episode, config.frames, tag)
+            labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": study,
+                      "sweep": json.dumps(cache_overrides or {})}
+            if progress and not path.exists():
+                print(f"[{study}] {method:<14} {episode.name} {tag}", flush=True)
+            paths.append(record_episode(policy, episode_frames(episode, config.frames), episode.instruction, path,
+                                        drift=config.drift, labels=labels))
+    return paths
+
+
+def load_runs(paths: list[Path]) -> list[xr.Dataset]:
+    return [open_recording(p) for p in paths]
+
+
+def by_episode(paths: list[Path]) -> dict[tuple[str, str], xr.Dataset]:
+    """Recorded runs keyed by (method, episode)."""
+    return {(ds.attrs["method"], str(ds.episode.item())): ds for ds in load_runs(paths)}
+
+
+
+def config_json(config: StudyConfig) -> str:
+    return json.dumps(asdict(config))
+
+
+def find_cliff(table: pd.DataFrame, metric: str = "action KL") -> pd.DataFrame:
+    """Per (parameter, method): the step between consecutive sweep values where `metric` rises the most, and
+    that rise as a multiple of the median step (a cliff stands out; a slope does not)."""
+    rows = []
+    for (parameter, method), group in table.groupby(["parameter", "method"]):
+        group = group.sort_values("value")
+        values, metric_values = group["value"].tolist(), group[metric].to_numpy()
+        steps = np.diff(metric_values)
+        if len(steps) == 0:
+            continue
+        i = int(np.argmax(np.abs(steps)))
+        typical = float(np.median(np.abs(steps))) or float("nan")
+        rows.append({"parameter": parameter, "method": method, "from": values[i], "to": values[i + 1],
+                     f"{metric} before": metric_values[i], f"{metric} after": metric_values[i + 1],
+                     "jump / median step": abs(steps[i]) / typical if typical == typical else float("inf")})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------- figures
+def save_figure(fig, name: str, figures_dir: str | Path, width: int = 1000, height: int = 520) -> Path:
+    """Write a plotly figure as PNG (kaleido + chromium) under figures_dir; returns the path."""
+    path = Path(figures_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_image(str(path), width=width, height=height, scale=1)
+    return path
+
+
+def write_table(table: pd.DataFrame, name: str, config: StudyConfig) -> Path:
+    """A study's table as a netCDF dataset under data/ (atomic), with the study config in its attrs."""
+    ds = xr.Dataset.from_dataframe(table.reset_index(drop=table.index.name is None))
+    ds.attrs.update({"study": name, "config": config_json(config)})
+    return write_dataset(ds, Path(config.runs_dir).parent / f"{name}.nc")
+
+
