@@ -7,7 +7,7 @@ export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps studies test bench explorer clean
+.PHONY: install system-deps studies test bench notebooks explorer clean
 
 install: $(STAMP)
 
@@ -31,7 +31,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_latency.py --preset tiny --preset small
 
-explorer: $(STAMP)
+# notebooks/*.ipynb (git-ignored) from their jupytext sources notebooks/*.py; `dcvla run` builds its own
+notebooks: $(STAMP)
+	$(PY) -m dcvla.notebooks
+
+explorer: notebooks
 	$(PY) -m voila notebooks/explorer.ipynb --no-browser --Voila.ip=127.0.0.1 \
 	  --VoilaConfiguration.extension_denylist=jupyterlab-jupytext
 

@@ -1,4 +1,5 @@
-"""The explorer: its widget logic on a tiny recording, and the notebook served by Voila in headless Chromium.
+"""The explorer: its widget logic on a tiny recording, and the notebook (built from notebooks/explorer.py) served
+by Voila in headless Chromium.
 
 The browser test needs Debian's `chromium` (or DCVLA_CHROMIUM=/path/to/chromium), `voila` and `playwright`
 (the Python package only: it drives the system Chromium, no browser download). Missing ones FAIL the test.
@@ -24,9 +25,10 @@ import pytest
 
 from dcvla.explorer import ATTENTION, IMAGE, OVERLAY, Explorer, NoDatasetsError
 from dcvla.io import open_recording
+from dcvla.notebooks import build_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
+SOURCE = ROOT / "notebooks" / "explorer.py"  # jupytext source; the .ipynb Voila serves is built from it
 SCREENSHOT = ROOT / "figures" / "explorer.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -42,7 +44,7 @@ def runs_dir(tmp_path_factory, make_policy) -> Path:
     """A tiny dual-cache recording (with drift) of the first 4 frames of a shipped episode, as the policy saw them."""
     from dcvla.libero import protocol
     from dcvla.libero.episodes import list_episodes, load_episode
-    from dcvla.recorder import record_episode
+    from dcvla.recording import record_episode
 
     ep = load_episode(list_episodes(suite="libero_spatial")[0])
     frames = np.stack([protocol.policy_input(protocol.decode_frame(j)) for j in ep.jpegs[:4]])  # = ep.frames[:4], cropped
@@ -90,11 +92,18 @@ def test_no_datasets_is_a_clear_error(tmp_path):
         Explorer(tmp_path / "missing")
 
 
-def test_notebook_is_parameterised_and_stripped():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.fixture(scope="module")
+def notebook() -> Path:
+    """notebooks/explorer.ipynb, built from its source (as `make explorer` does)."""
+    return build_notebook("explorer")
+
+
+def test_notebook_is_parameterised_and_stripped(notebook):
+    assert notebook == SOURCE.with_suffix(".ipynb")
+    nb = nbformat.read(notebook, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", []) and "runs_dir" in code[0].source
-    assert all(not c.outputs and c.execution_count is None for c in code), "commit the notebook with outputs stripped"
+    assert all(not c.outputs and c.execution_count is None for c in code), "the built notebook has no outputs"
 
 
 # ------------------------------------------------------------------------------------------------ browser test
@@ -147,7 +156,7 @@ def _requirements() -> tuple[str, list[str]]:
     return chromium, missing
 
 
-def test_explorer_in_voila_moves_with_the_slider(runs_dir, tmp_path):
+def test_explorer_in_voila_moves_with_the_slider(runs_dir, notebook, tmp_path):
     chromium, missing = _requirements()
     if missing:
         pytest.fail("the browser test needs " + "; ".join(missing), pytrace=False)
@@ -161,7 +170,7 @@ def test_explorer_in_voila_moves_with_the_slider(runs_dir, tmp_path):
     url = f"http://127.0.0.1:{port}/"
     env = dict(os.environ, DCVLA_RUNS_DIR=str(runs_dir), JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
                JUPYTER_PLATFORM_DIRS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
+    cmd = [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
            "--VoilaConfiguration.show_tracebacks=True",
            # lab extensions of other tools in the env (jupytext, the lab preview) only add console errors here
            "--VoilaConfiguration.extension_denylist=jupyterlab-jupytext",

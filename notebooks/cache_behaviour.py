@@ -1,0 +1,110 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Cache behaviour
+#
+# How much each method reuses, where and when: reuse rate per suite, task, frame and layer, the reuse mask over
+# the image, staleness distributions, and the FLOPs and measured latency saved per tower. Every method streams the
+# same shipped LIBERO frames; the vanilla run on those frames is the reference.
+
+# %% tags=["parameters"]
+preset = "small"          # model preset with random weights (ignored when checkpoint is set)
+checkpoint = ""           # OpenVLA-layout checkpoint directory or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
+unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
+seed = 0                  # weights seed of the random preset
+device = "cpu"            # "cuda" on a GPU machine
+dtype = "float32"         # "bfloat16" for openvla-7b on a GPU
+runs_dir = "data/runs"    # recorded datasets (one netCDF per method and episode); tables go to its parent
+figures_dir = "figures"
+methods = ["vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache"]
+suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
+episodes_per_suite = 0    # 0: every shipped episode of each suite
+frames = 5                # frames per episode from its start (0: whole episode)
+drift = False             # shadow recompute for Q/K/V drift (doubles the cost)
+
+# %%
+import numpy as np, pandas as pd, plotly.express as px, plotly.graph_objects as go
+from dcvla.studies import cache_behaviour, common
+config = common.StudyConfig.from_parameters(globals())
+base = common.base_policy(config)
+figures = []
+
+# %%
+runs = common.load_runs(common.record_runs("cache_behaviour", config, base=base))
+table = cache_behaviour.summary(runs)
+common.write_table(table, "cache_behaviour", config)
+table.round(3)
+
+# %% [markdown]
+# ## Reuse per suite, task and frame
+
+# %%
+per_run = pd.DataFrame([{"method": ds.attrs["method"], "suite": str(ds.suite.item()), "task": int(ds.task.item()),
+                         "mask reuse": float(ds.reuse.mean()), "LLM reuse": ds.dcvla.llm_reuse_rate()}
+                        for ds in runs])
+fig = px.bar(per_run.groupby(["suite", "method"], as_index=False).mean(numeric_only=True), x="suite", y="LLM reuse",
+             color="method", barmode="group", title="Share of vision tokens whose LLM K/V came from the cache")
+figures.append(common.save_figure(fig, "cache_behaviour_reuse_by_suite", config.figures_dir)); fig
+
+# %%
+per_frame = pd.DataFrame([{"method": ds.attrs["method"], "episode": str(ds.episode.item()), "frame": int(f),
+                           "reuse": float(ds.reuse.sel(frame=f).mean())} for ds in runs for f in ds.frame.values])
+px.line(per_frame, x="frame", y="reuse", color="method", line_dash="episode", title="Reuse mask share per frame")
+
+# %%
+by_layer = pd.concat([ds.dcvla.reuse_rate_by_layer().to_dataframe("reuse").reset_index().assign(method=ds.attrs["method"])
+                      for ds in runs]).groupby(["method", "tower", "layer"], as_index=False)["reuse"].mean()
+fig = px.line(by_layer.dropna(), x="layer", y="reuse", color="method", facet_col="tower", title="Reuse by layer")
+figures.append(common.save_figure(fig, "cache_behaviour_reuse_by_layer", config.figures_dir)); fig
+
+# %% [markdown]
+# ## The mask over the image
+
+# %%
+chosen = next(ds for ds in runs if ds.attrs["method"] == "dual_cache") if "dual_cache" in config.methods else runs[-1]
+frame = int(chosen.frame[~chosen.keyframe.values][0]) if (~chosen.keyframe).any() else 0
+episode = next(e for e in common.episodes(config) if e.name == str(chosen.episode.item()))
+image = common.episode_frames(episode, frame + 1)[frame]
+mask = chosen.reuse.sel(frame=frame).values.reshape(16, 16)
+fig = go.Figure([go.Image(z=image), go.Heatmap(z=np.where(mask, 1.0, np.nan), x=np.arange(16) * 14 + 7,
+                 y=np.arange(16) * 14 + 7, opacity=0.45, showscale=False, colorscale=[[0, "royalblue"], [1, "royalblue"]])])
+fig.update_layout(title=f"{chosen.attrs['method']}: reused patches (blue), {episode.name} frame {frame}", width=520, height=520)
+figures.append(common.save_figure(fig, "cache_behaviour_mask", config.figures_dir)); fig
+
+# %% [markdown]
+# ## Staleness, FLOPs and latency per tower
+
+# %%
+stale = pd.DataFrame([{"method": ds.attrs["method"], "staleness": int(v)} for ds in runs for v in ds.staleness.values.ravel()])
+px.histogram(stale, x="staleness", color="method", barmode="group", histnorm="probability",
+             title="Frames since each patch was last computed fresh")
+
+# %%
+vanilla = {str(ds.episode.item()): ds for ds in runs if ds.attrs["method"] == "vanilla"}
+saved = []
+for ds in runs:
+    ref = vanilla[str(ds.episode.item())]
+    for tower in ("dino", "siglip", "llm"):
+        saved.append({"method": ds.attrs["method"], "tower": tower,
+                      "FLOPs ratio": float(ref.flops.sel(tower=tower).sum() / ds.flops.sel(tower=tower).sum())})
+    for stage in ("dino", "siglip", "llm_prefill", "llm_decode"):
+        saved.append({"method": ds.attrs["method"], "tower": stage + " (measured)",
+                      "FLOPs ratio": float(ref.latency_ms.sel(stage=stage).sum() / ds.latency_ms.sel(stage=stage).sum())})
+saved = pd.DataFrame(saved).groupby(["method", "tower"], as_index=False).mean()
+fig = px.bar(saved, x="tower", y="FLOPs ratio", color="method", barmode="group",
+             title="Vanilla / method: FLOPs per tower and measured time per stage (same frames)")
+figures.append(common.save_figure(fig, "cache_behaviour_savings", config.figures_dir)); fig
+
+# %%
+print("\n".join(map(str, figures)))

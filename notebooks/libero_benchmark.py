@@ -1,0 +1,58 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # LIBERO benchmark
+#
+# Closed-loop success per method x suite x trial with the upstream OpenVLA protocol (`dcvla.libero.evaluate`).
+# Give a fine-tuned checkpoint (e.g. `openvla/openvla-7b-finetuned-libero-spatial`, `unnorm_key=libero_spatial`,
+# on a GPU) for meaningful numbers. On the embedded default it runs the small preset at smoke size: **random
+# weights give no meaningful success rate**; the run only shows the loop, the protocol and the result files work.
+
+# %% tags=["parameters"]
+preset = "small"          # model preset with random weights (ignored when checkpoint is set)
+checkpoint = ""           # OpenVLA-layout checkpoint directory or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
+unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
+seed = 0                  # weights seed of the random preset
+device = "cpu"            # "cuda" on a GPU machine
+dtype = "float32"         # "bfloat16" for openvla-7b on a GPU
+runs_dir = "data/runs"    # result files (runs_dir/libero_benchmark/METHOD/SUITE_taskNN.nc); tables go to its parent
+figures_dir = "figures"
+methods = ["vanilla", "dual_cache"]
+suites = ["libero_spatial"]
+tasks = [0]               # task ids per suite
+trials = 1                # init states 0..trials-1 (the protocol uses 50)
+max_steps = 10            # 0: the protocol's per-suite budget; smoke runs cut it short
+
+# %%
+import plotly.express as px
+from dcvla.studies import common, libero_benchmark
+config = libero_benchmark.BenchmarkConfig.from_parameters(globals())
+base = common.base_policy(config)
+figures = []
+
+# %%
+if not config.checkpoint:
+    print("No checkpoint: random weights of the", config.preset, "preset. Success rates here are NOT meaningful.")
+results = libero_benchmark.evaluate(config, base=base)
+table = libero_benchmark.success_table(results)
+common.write_table(table, "libero_benchmark", config)
+table
+
+# %%
+fig = px.bar(table, x="suite", y="success rate", color="method", barmode="group", facet_col="task",
+             title="Closed-loop success" + ("" if config.checkpoint else " (random weights: not meaningful)"))
+figures.append(common.save_figure(fig, "libero_benchmark", config.figures_dir)); fig
+
+# %%
+print("\n".join(map(str, figures)))
