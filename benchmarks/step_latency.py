@@ -46,7 +46,7 @@ def time_reference(policy: CachedPolicy, image: np.ndarray, instruction: str) ->
     patches = timed("projector", lambda: model.projector(torch.cat([dino, siglip], dim=2)))
     embeds = model.multimodal_embeddings(input_ids, patches)
     cache = model.new_kv_cache()
-    out = timed("llm_prefill", lambda: model.language_model(inputs_embeds=embeds, past_key_values=cache, logits_to_keep=1))
+    out = timed("llm_prefill", lambda: model.language_model(inputs_embeds=embeds, cache=cache, logits_to_keep=1))
     timed("llm_decode", lambda: model.decode_actions(out.logits[:, -1], cache))
     return ms
 

@@ -33,10 +33,10 @@ def test_stage_flops_match_torch_counter():
     assert _counted(lambda: model.projector(features)) == expected["projector"]
     embeds = model.multimodal_embeddings(input_ids, model.projector(features))
     cache = model.new_kv_cache()
-    prefill = _counted(lambda: model.language_model(inputs_embeds=embeds, past_key_values=cache, logits_to_keep=1))
+    prefill = _counted(lambda: model.language_model(inputs_embeds=embeds, cache=cache, logits_to_keep=1))
     assert prefill == expected["llm_prefill"]
     token = torch.tensor([[31900]])
-    decode = _counted(lambda: [model.language_model(input_ids=token, past_key_values=cache) for _ in range(TINY.action_dim - 1)])
+    decode = _counted(lambda: [model.language_model(input_ids=token, cache=cache) for _ in range(TINY.action_dim - 1)])
     assert decode == expected["llm_decode"]
 
 

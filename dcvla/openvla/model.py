@@ -192,7 +192,7 @@ class OpenVLA(nn.Module):
             token_ids [action_dim] and the logits that chose them [action_dim, vocab] (float32).
         """
         cache = self.new_kv_cache()
-        out = self.language_model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.language_model(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
         return self.decode_actions(out.logits[:, -1], cache)
 
     @torch.inference_mode()
@@ -201,7 +201,7 @@ class OpenVLA(nn.Module):
         logits = [first_logits.float()]
         tokens = [first_logits.argmax(-1)]  # [1]
         for _ in range(self.config.action_dim - 1):
-            out = self.language_model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            out = self.language_model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True)
             logits.append(out.logits[:, -1].float())
             tokens.append(out.logits[:, -1].argmax(-1))
         return torch.cat(tokens), torch.cat(logits)
