@@ -6,12 +6,18 @@
     dcvla studies [-p NAME VALUE]...                   the paper set on the embedded default, then a summary
 
 Executed notebooks are written next to their outputs: data/studies/STUDY.ipynb beside data/STUDY.nc.
+
+A -p NAME must be one the notebook's `parameters` cell defines, and its VALUE of the default's type; both are checked
+before anything runs. An exception inside a notebook is reported in one line (study, executed notebook, cell,
+exception); the executed notebook holds the full traceback. Errors exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .openvla import CacheConfig, CachedPolicy
+from .openvla.processing import build_prompt
 
 
 def shipped_frame() -> tuple[np.ndarray, str, str]:
@@ -32,19 +39,33 @@ def shipped_frame() -> tuple[np.ndarray, str, str]:
     return episode.frames[0], episode.instruction, f"{paths[0].name} frame 0"
 
 
+def read_image(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 [H, W, 3]; a missing or unreadable file raises naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--image {path} is not an image file PIL can read ({err})") from err
+
+
 def predict(args: argparse.Namespace) -> None:
     config = CacheConfig(method=args.method, unnorm_key=args.unnorm_key)
+    if args.image:  # the inputs first: a bad one fails before a model is built
+        if args.instruction is None:
+            raise ValueError(f"--image {args.image} needs --instruction (the shipped frame's instruction is not its)")
+        image, instruction, source = read_image(args.image), args.instruction, args.image
+    else:
+        image, instruction, source = shipped_frame()
+        instruction = instruction if args.instruction is None else args.instruction  # "" is an (empty) instruction
+    build_prompt(instruction)  # an empty instruction raises here
     if args.checkpoint:
         policy = CachedPolicy.from_pretrained(args.checkpoint, config, preset=args.preset)
     else:
         policy = CachedPolicy.from_preset(args.preset or "tiny", seed=args.seed, config=config)
-    if args.image:
-        from PIL import Image
-
-        image, instruction, source = np.asarray(Image.open(args.image).convert("RGB")), args.instruction, args.image
-    else:
-        image, instruction, source = shipped_frame()
-        instruction = args.instruction or instruction
     start = time.perf_counter()
     action = policy.step(image, instruction)
     ms = (time.perf_counter() - start) * 1e3
@@ -73,35 +94,119 @@ def available_studies() -> list[str]:
     return notebook_names(NOTEBOOKS)
 
 
+def shown(path: Path) -> Path:
+    """`path` relative to the repository when it is inside it (shorter in messages)."""
+    path = Path(path)
+    return path.relative_to(ROOT) if path.is_absolute() and path.is_relative_to(ROOT) else path
+
+
+class StudyError(RuntimeError):
+    """A study notebook raised: one line naming the study, the executed notebook, the cell and the exception."""
+
+
+def check_study(study: str) -> None:
+    studies = available_studies()
+    if study not in studies:
+        close = difflib.get_close_matches(study.removesuffix(".py").removesuffix(".ipynb"), studies, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(f"unknown study {study!r}; {hint}available: {', '.join(studies)}")
+
+
+def check_parameters(study: str, parameters: dict, defaults: dict | None = None) -> None:
+    """A ValueError when a parameter is not one the study notebook's `parameters` cell defines (naming the closest
+    names and all the known ones), or its value's type differs from the default's; nothing runs before this."""
+    from .notebooks import notebook_parameters, parameter_type_error
+
+    defaults = notebook_parameters(study, NOTEBOOKS) if defaults is None else defaults
+    source = shown(NOTEBOOKS / f"{study}.py")
+    unknown = [name for name in parameters if name not in defaults]
+    if unknown:
+        guesses = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, defaults, n=3, cutoff=0.6)
+            guesses.append(f"{name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        raise ValueError(f"{study}: unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(guesses)}: the "
+                         f"parameters cell of {source} defines {', '.join(defaults) or 'none'}")
+    for name, value in parameters.items():
+        wanted = parameter_type_error(value, defaults[name])
+        if wanted:
+            hint = f" (a list on the command line: -p {name} '{json.dumps([value])}')" if wanted == "a list" else ""
+            raise ValueError(f"{study}: parameter {name} must be {wanted}, got {value!r} ({type(value).__name__}); "
+                             f"its default in {source} is {defaults[name]!r}{hint}")
+
+
+def cli_parameters(pairs: list[tuple[str, str]], study: str) -> dict:
+    """-p NAME VALUE pairs for one study: each value as Python reads it (`parse_value`), except that a parameter
+    whose default is a str takes the text as typed (-p runs_dir 2024 is a directory, not a number); checked."""
+    from .notebooks import NotALiteral, notebook_parameters
+
+    defaults = notebook_parameters(study, NOTEBOOKS)
+    parameters = {}
+    for name, text in pairs:
+        default, value = defaults.get(name), parse_value(text)
+        as_typed = isinstance(default, str) and not isinstance(default, NotALiteral) and not isinstance(value, str)
+        parameters[name] = text if as_typed else value
+    check_parameters(study, parameters, defaults)
+    return parameters
+
+
 def run_study(study: str, parameters: dict) -> Path:
     """Build notebooks/<study>.ipynb from its source notebooks/<study>.py, then execute it with papermill (kernel
-    cwd: the repository root); returns the executed copy."""
+    cwd: the repository root); returns the executed copy.
+
+    Raises:
+        ValueError: an unknown study, or a parameter its notebook does not define or of another type than the
+            default's (checked before anything is built or run).
+        StudyError: the notebook raised; the message names the executed notebook (full traceback in it), the cell and
+            the exception.
+    """
     import papermill
 
     from .notebooks import build_notebook
 
-    if study not in available_studies():
-        raise ValueError(f"unknown study {study!r}; available: {', '.join(available_studies())}")
+    check_study(study)
+    check_parameters(study, parameters)
     source = build_notebook(study, NOTEBOOKS)
     runs_dir = Path(parameters.get("runs_dir", "data/runs"))
     out = (ROOT / runs_dir).parent / "studies" / f"{study}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[dcvla] {study}: {parameters or 'default parameters'} -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", flush=True)
-    papermill.execute_notebook(str(source), str(out), parameters=parameters, cwd=str(ROOT), progress_bar=True,
-                               kernel_name="python3")
+    print(f"[dcvla] {study}: {parameters or 'default parameters'} -> {shown(out)}", flush=True)
+    try:
+        papermill.execute_notebook(str(source), str(out), parameters=parameters, cwd=str(ROOT), progress_bar=True,
+                                   kernel_name="python3")
+    except papermill.PapermillExecutionError as err:
+        message = " ".join(str(err.evalue).split()) or "(no message)"
+        raise StudyError(f"{study} (notebook {shown(out)}, cell {err.exec_count}): {err.ename}: {message}\n"
+                         f"  the full traceback is in {shown(out)}, at In [{err.exec_count}]; the notebook's source is "
+                         f"{shown(NOTEBOOKS / f'{study}.py')}") from err
     return out
 
 
 def run(args: argparse.Namespace) -> None:
-    run_study(args.study, {name: parse_value(value) for name, value in args.param})
+    check_study(args.study)
+    run_study(args.study, cli_parameters(args.param, args.study))
 
 
 def studies(args: argparse.Namespace) -> None:
-    """The paper set, then the summary: method, reuse rate, FLOPs ratio, measured speedup, action drift."""
-    parameters = {name: parse_value(value) for name, value in args.param}
+    """The paper set, then the summary: method, reuse rate, FLOPs ratio, measured speedup, action drift.
+
+    Each -p goes to the studies whose notebook defines it; a name none of them defines, or a value of the wrong
+    type for one that does, fails before the first study runs."""
+    from .notebooks import notebook_parameters
+
+    defined = {study: notebook_parameters(study, NOTEBOOKS) for study in PAPER_SET}
+    known = list(dict.fromkeys(name for names in defined.values() for name in names))
+    unknown = [name for name, _ in args.param if name not in known]
+    if unknown:
+        close = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}
+        guesses = [f"{name!r}" + (f" (did you mean {' or '.join(close[name])}?)" if close[name] else "") for name in unknown]
+        raise ValueError(f"studies: unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(guesses)}: no notebook of "
+                         f"the paper set ({', '.join(PAPER_SET)}) defines it; their parameters: {', '.join(known)}")
+    per_study = {study: cli_parameters([(n, v) for n, v in args.param if n in defined[study]], study) for study in PAPER_SET}
+    parameters = {name: value for params in per_study.values() for name, value in params.items()}
     start = time.perf_counter()
     for study in PAPER_SET:
-        run_study(study, parameters)
+        run_study(study, per_study[study])
     from .io import read_dataset
 
     runs_dir = ROOT / Path(parameters.get("runs_dir", "data/runs"))
@@ -111,8 +216,7 @@ def studies(args: argparse.Namespace) -> None:
     print(table[columns].round(4).to_string())
     print_cliff_summary(runs_dir.parent / "stability_cliff.nc", parameters.get("preset", "small"))
     figures = ROOT / Path(parameters.get("figures_dir", "figures"))
-    print("\nFigures:\n" + "\n".join(f"  {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}"
-                                       for p in sorted(figures.glob("*.png"))))
+    print("\nFigures:\n" + "\n".join(f"  {shown(p)}" for p in sorted(figures.glob("*.png"))))
     print(f"\nDone in {time.perf_counter() - start:.0f} s")
 
 
@@ -159,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
-        print(f"dcvla: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, TypeError, StudyError) as err:
+        # a KeyError's str() is its argument's repr; the message reads better without the quotes
+        message = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str) else err
+        print(f"dcvla: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -70,10 +70,28 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, compress: bool = True
     return Path(path)
 
 
+class CorruptFileError(ValueError):
+    """A file that is there but cannot be read as what it should be (truncated, corrupt, another format); the
+    message names the file."""
+
+
 def read_dataset(path: str | os.PathLike) -> xr.Dataset:
-    """Load a dataset fully into memory (the file is closed on return)."""
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()
+    """Load a dataset fully into memory (the file is closed on return).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        CorruptFileError: the file is there but is not a readable netCDF/HDF5 dataset (a truncated copy, a crash of
+            another tool mid-write, another format); HDF5's own message names no file, this one does.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset file {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            return ds.load()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CorruptFileError(f"{path} is not a readable netCDF dataset (truncated or corrupt?): "
+                               f"{type(err).__name__}: {err}") from err
 
 
 def label_coords(ds: xr.Dataset) -> xr.Dataset:
@@ -131,11 +149,24 @@ class StreamWriter:
         self.n += 1
 
     def close(self, commit: bool) -> None:
+        """Close the file; with `commit` rename it onto `path`, else delete it.
+
+        Raises:
+            ValueError: `commit` with no frame appended: no file is written (an empty recording would pass for a
+                result), and the error names the path that was not written.
+        """
         self.file.close()
         if commit and self.n:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            try:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)
+                os.replace(self.tmp, self.path)
+            except BaseException:  # e.g. the path is a directory: leave no temporary file behind
+                self.tmp.unlink(missing_ok=True)
+                raise
+            return
+        self.tmp.unlink(missing_ok=True)
+        if commit:
+            raise ValueError(f"no frame was recorded, so {self.path} was not written (the policy took no step while "
+                             "the recorder was attached)")

@@ -4,12 +4,15 @@ A cross-frame cache keeps, per layer and token slot, the K and V (and, for Q reu
 the frame that computed them. A layer plan says which rows a layer carries and, for each, whether its Q and K/V
 are projected now or taken from the store. Rows a layer does not carry are neither projected nor updated:
 their K/V come from the store, and that skipped work is the saving.
+
+A plan keeps a host copy of its rows and masks beside the device tensors, so that a layer loop decides shapes
+(how many rows project K/V, which are stored) without reading the device, and its index tensors are made once
+per plan, not per layer: on a GPU every such read is a host-device synchronisation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
 from .flops import LayerWork
@@ -53,19 +56,130 @@ class KVStore:
         return frame - self.computed_at
 
 
-@dataclass
-class LayerPlan:
-    """Which rows one layer carries (token slots, sorted) and which of them project Q and K/V now."""
+def to_device(array: np.ndarray, device: torch.device | str | None) -> torch.Tensor:
+    """A host array as a tensor on `device`; to a GPU through pinned memory without blocking (a plain copy of
+    pageable memory would wait for every kernel queued before it)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
-    rows: torch.Tensor      # [row] long: token slots whose hidden states this layer computes
-    kv_fresh: torch.Tensor  # [row] bool: project K/V now (else take them from the store)
-    q_fresh: torch.Tensor   # [row] bool: project Q now (else take it from the store: Q reuse)
+
+class LayerPlan:
+    """Which rows one layer carries (token slots, sorted) and which of them project Q and K/V now.
+
+    Attributes:
+        rows: [row] long: token slots whose hidden states this layer computes.
+        kv_fresh: [row] bool: project K/V now (else take them from the store).
+        q_fresh: [row] bool: project Q now (else take it from the store: Q reuse).
+    The plan's host copy (`host`) and its index tensors (`kv_index`, ...) serve the layer loops. A plan built from
+    host arrays (`from_host`, `full`) has them without reading the device; one built from device tensors reads them
+    once, on first use.
+    """
+
+    def __init__(self, rows: torch.Tensor, kv_fresh: torch.Tensor, q_fresh: torch.Tensor,
+                 host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        self.rows, self.kv_fresh, self.q_fresh = rows, kv_fresh, q_fresh
+        self._host = host
+        self._index: dict[str, torch.Tensor | None] | None = None
+
+    def __repr__(self) -> str:
+        return f"LayerPlan(rows={self.rows.numel()}, kv_fresh={self.n_kv}, q_fresh={self.n_q})"
 
     @classmethod
     def full(cls, num_tokens: int, device: torch.device | None = None) -> "LayerPlan":
         rows = torch.arange(num_tokens, device=device)
         ones = torch.ones(num_tokens, dtype=torch.bool, device=device)
-        return cls(rows, ones, ones.clone())
+        host_ones = np.ones(num_tokens, dtype=bool)
+        return cls(rows, ones, ones.clone(), host=(np.arange(num_tokens), host_ones, host_ones))
+
+    @classmethod
+    def from_host(cls, rows: np.ndarray, kv_fresh: np.ndarray, q_fresh: np.ndarray,
+                  device: torch.device | str | None) -> "LayerPlan":
+        """A plan decided on the host: the rows, both masks and every index tensor reach `device` in one copy."""
+        rows = np.asarray(rows, dtype=np.int64)
+        kv_fresh, q_fresh = np.asarray(kv_fresh, dtype=bool), np.asarray(q_fresh, dtype=bool)
+        host = (rows, kv_fresh, q_fresh)
+        index = _host_indices(*host)
+        parts = [rows, kv_fresh, q_fresh, *(a for a in index.values() if a is not None)]
+        flat = to_device(np.concatenate([a.astype(np.int64) for a in parts]), device)  # [sum of lengths]
+        views = iter(torch.split(flat, [len(a) for a in parts]))
+        plan = cls(next(views), next(views).bool(), next(views).bool(), host=host)
+        plan._index = {name: None if a is None else next(views) for name, a in index.items()}
+        return plan
+
+    # ----------------------------------------------------------------------------------- host-side facts
+    @property
+    def host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, kv_fresh, q_fresh) as numpy arrays (read from the device once for a plan built there)."""
+        if self._host is None:
+            packed = torch.stack([self.rows.long(), self.kv_fresh.long(), self.q_fresh.long()]).cpu().numpy()
+            self._host = (packed[0], packed[1].astype(bool), packed[2].astype(bool))
+        return self._host
+
+    @property
+    def n_kv(self) -> int:
+        """Rows that project K/V now."""
+        return int(self.host[1].sum())
+
+    @property
+    def n_q(self) -> int:
+        """Rows that project Q now."""
+        return int(self.host[2].sum())
+
+    def count_below(self, slot: int, fresh_kv_only: bool = False) -> int:
+        """Rows (of the K/V-fresh rows, with `fresh_kv_only`) at token slots below `slot`."""
+        rows, kv_fresh, _ = self.host
+        return int(np.searchsorted(rows[kv_fresh] if fresh_kv_only else rows, slot))
+
+    # ------------------------------------------------------------------------------------ index tensors
+    def _indices(self) -> dict[str, torch.Tensor | None]:
+        if self._index is None:
+            device = self.rows.device
+            self._index = {name: None if a is None else to_device(a, device)
+                           for name, a in _host_indices(*self.host).items()}
+        return self._index
+
+    @property
+    def kv_index(self) -> torch.Tensor | None:
+        """[kv_row] long: positions in `rows` that project K/V (None: every row)."""
+        return self._indices()["kv_index"]
+
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        """[kv_row] long: token slots that project K/V, ascending."""
+        slots = self._indices()["kv_slots"]
+        return self.rows if slots is None else slots
+
+    @property
+    def q_index(self) -> torch.Tensor | None:
+        """[q_row] long: positions in `rows` that project Q (None: every row)."""
+        return self._indices()["q_index"]
+
+    @property
+    def q_cached_index(self) -> torch.Tensor | None:
+        """Positions in `rows` whose Q comes from the store (None: none)."""
+        return self._indices()["q_cached_index"]
+
+    @property
+    def q_cached_slots(self) -> torch.Tensor | None:
+        """Token slots whose Q comes from the store (None: none)."""
+        return self._indices()["q_cached_slots"]
 
     def work(self, num_keys: int) -> LayerWork:
-        return LayerWork(q_rows=int(self.rows.numel()), kv_rows=int(self.kv_fresh.sum()), keys=num_keys)
+        return LayerWork(q_rows=int(self.rows.numel()), kv_rows=self.n_kv, keys=num_keys)
+
+
+def _host_indices(rows: np.ndarray, kv_fresh: np.ndarray, q_fresh: np.ndarray) -> dict[str, np.ndarray | None]:
+    """The index arrays of a plan; None where a mask is all True (every row: no index needed)."""
+    kv_all, q_all = bool(kv_fresh.all()), bool(q_fresh.all())
+    return {
+        "kv_index": None if kv_all else np.flatnonzero(kv_fresh),
+        "kv_slots": None if kv_all else rows[kv_fresh],
+        "q_index": None if q_all else np.flatnonzero(q_fresh),
+        "q_cached_index": None if q_all else np.flatnonzero(~q_fresh),
+        "q_cached_slots": None if q_all else rows[~q_fresh],
+    }

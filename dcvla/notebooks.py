@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -36,6 +37,64 @@ def read_notebook(name: str, directory: str | Path = NOTEBOOKS):
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     return nb
+
+
+class NotALiteral(str):
+    """A parameter whose default is an expression (e.g. `os.environ.get(...)`), kept as its source text: its type is
+    not known before the notebook runs."""
+
+
+def notebook_parameters(name: str, directory: str | Path = NOTEBOOKS) -> dict[str, Any]:
+    """The names the `parameters` cell of `<directory>/<name>.py` assigns, in order, each with its default: the value
+    when the cell assigns a Python literal, else a `NotALiteral` holding the expression. Empty when the notebook has
+    no parameters cell. Read from the source, nothing executed (`dcvla run` checks -p names and types with it)."""
+    import ast
+
+    nb = read_notebook(name, directory)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    defaults: dict[str, Any] = {}
+    for cell in cells[:1]:  # papermill injects after the first tagged cell
+        for node in ast.parse(cell.source).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Name) and node.value is not None:
+                    try:
+                        defaults[target.id] = ast.literal_eval(node.value)
+                    except (ValueError, SyntaxError, TypeError):
+                        defaults[target.id] = NotALiteral(ast.unparse(node.value))
+    return defaults
+
+
+def parameter_type_error(value: Any, default: Any) -> str | None:
+    """Why `value` cannot replace a parameter whose default is `default` (None: it can), as the type wanted: an int
+    takes ints, a float ints and floats, a bool True or False, a str strings, a list a list (whose items fit the
+    default's items when those share one type), a dict a dict; an expression default (`NotALiteral`) or None takes
+    anything."""
+
+    def kind(v: Any, d: Any) -> str | None:  # the kind wanted, when v is not of it
+        if isinstance(d, bool):
+            return None if isinstance(v, bool) else "bool"
+        if isinstance(d, int):
+            return None if isinstance(v, int) and not isinstance(v, bool) else "int"
+        if isinstance(d, float):
+            return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "float"
+        if isinstance(d, str) and not isinstance(d, NotALiteral):
+            return None if isinstance(v, str) else "str"
+        if isinstance(d, dict):
+            return None if isinstance(v, dict) else "dict"
+        return None
+
+    words = {"bool": "True or False", "int": "an int", "float": "a number (int or float)", "str": "a str", "dict": "a dict"}
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            return "a list"
+        if default and len({type(d) for d in default}) == 1:
+            wanted = next((k for k in (kind(v, default[0]) for v in value) if k), None)
+            if wanted:
+                return f"a list of {wanted} items"
+        return None
+    wanted = kind(value, default)
+    return words[wanted] if wanted else None
 
 
 def build_notebook(name: str, directory: str | Path = NOTEBOOKS) -> Path:

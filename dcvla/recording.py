@@ -4,8 +4,9 @@ A recorder attaches itself to a policy as its observer for the duration of the `
 detached on exit, also after an exception. Per frame (a control step) it keeps the variable groups asked for
 (`what`), with the dimension names of its family's `Schema`. With `path=` the frames stream to a netCDF file as
 they come (nothing accumulates in memory) and the file appears, complete, only when the block exits cleanly: a
-crash leaves no result file behind. With `drift=True` a shadow pass of the same step with nothing reused gives
-the reference values; it doubles the cost.
+crash leaves no result file behind, and a clean exit with no frame recorded raises instead of writing nothing.
+`record_episode` resumes: it keeps a complete file and records an unreadable or incomplete one again. With
+`drift=True` a shadow pass of the same step with nothing reused gives the reference values; it doubles the cost.
 
 This module is the lifecycle every family shares; a family's recorder subclasses `Recorder` (what one step gives
 and how it is laid out) and registers itself for its policy type with `register_recorder`, so `recorder_for`
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import subprocess
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -100,6 +103,14 @@ class Recorder:
 
     def __init__(self, policy, what: Iterable[str] | None = None, drift: bool = False, path: str | Path | None = None,
                  labels: dict | None = None, control_hz: float = 20.0) -> None:
+        if isinstance(what, str):  # tuple("actions") would be its letters
+            raise ValueError(f"what must be a list of variable groups, got the str {what!r}; e.g. what=[{what!r}]")
+        if labels is not None and not isinstance(labels, dict):
+            raise ValueError(f"labels must be a dict of scalar labels (e.g. {{'suite': 'libero_10'}}), got {labels!r}")
+        if not (isinstance(control_hz, numbers.Real) and control_hz > 0):
+            raise ValueError(f"control_hz must be a positive number of steps per second, got {control_hz!r}")
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"path {path} is a directory; give the recording's file name (e.g. {Path(path) / 'run.nc'})")
         what = tuple(self.default_what if what is None else what)
         unknown = [w for w in what if w not in self.schema.groups]
         if unknown:
@@ -135,7 +146,7 @@ class Recorder:
         if self._kept_records is not None:
             self.policy.keep_records, self._kept_records = self._kept_records, None
         if self._writer is not None:
-            self._writer.close(commit=exc_type is None)
+            self._writer.close(commit=exc_type is None)  # a clean exit with no frame raises: no file is written
         return False
 
     def _attach(self) -> None:
@@ -204,22 +215,54 @@ def frames_to_dataset(frames: list[dict[str, np.ndarray]], attrs: dict, fixed_co
     return label_coords(xr.Dataset(data_vars, coords=coords, attrs=attrs))
 
 
+def recording_problem(path: Path, frames: int) -> str | None:
+    """Why the recording at `path` is not a complete recording of `frames` frames (None: it is), found cheaply:
+    the file opens as netCDF (HDF5 checks a truncated file's length on open), its `frame` index reads back, and
+    it holds `frames` frames, as its `frames_expected` attribute (written by `record_episode`) says too."""
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            if "frame" not in ds.variables:
+                return "it has no frame index (not a dcvla recording?)"
+            held = len(ds["frame"].values)  # reads the index: a file cut inside its data fails here
+            expected = ds.attrs.get("frames_expected")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"it cannot be read ({type(err).__name__}: {err})"
+    if expected is not None and int(expected) != held:
+        return f"it holds {held} of the {int(expected)} frames it was started with"
+    if held != frames:
+        return f"it holds {held} frames, not the {frames} asked for"
+    return None
+
+
 def record_episode(policy, frames: np.ndarray, instruction: str, path: str | Path, states: np.ndarray | None = None,
                    **kwargs) -> Path:
     """Record one episode to `path` (streamed, atomic) with the policy's registered recorder; a complete file
-    already there is kept (resume).
+    already there is kept (resume), an unreadable or incomplete one is recorded again, with a warning naming it.
 
     `states` [frame, state_dim]: the robot state per frame, for policies that take it (`uses_state`).
+
+    Raises:
+        ValueError: no frames (nothing would be written to `path`), or a state count that does not match.
     """
     path = Path(path)
-    if path.exists():
-        return path
+    if len(frames) == 0:
+        raise ValueError(f"record_episode: no frames to record, so {path} would not be written; pass at least one frame")
+    if path.is_file():  # (a directory there fails in the recorder, naming it)
+        problem = recording_problem(path, len(frames))
+        if problem is None:
+            return path
+        # A resumable study re-records a damaged run instead of stopping: the file holds nothing that the frames
+        # and the policy cannot recompute, and stopping would make the researcher delete it by hand to go on. The
+        # atomic write below replaces it; the warning says which file was redone and why.
+        warnings.warn(f"{path} is not a complete recording ({problem}); recording it again", RuntimeWarning, stacklevel=2)
     uses_state = getattr(policy, "uses_state", False)
     if uses_state and (states is None or len(states) != len(frames)):
         raise ValueError(f"{type(policy).__name__} needs one robot state per frame: got {len(frames)} frames and "
                          f"{'no' if states is None else len(states)} states")
     policy.reset()
-    with recorder_for(policy, path=path, **kwargs):
+    recorder = recorder_for(policy, path=path, **kwargs)
+    recorder.attrs["frames_expected"] = len(frames)  # what a resumed run checks the file against
+    with recorder:
         for i, frame in enumerate(frames):
             policy.step(frame, instruction, states[i]) if uses_state else policy.step(frame, instruction)
     return path

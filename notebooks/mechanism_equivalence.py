@@ -49,7 +49,7 @@ table
 
 # %%
 floor = 1e-9  # exact zeros drawn at a floor on the log axis
-tolerance = mechanism_equivalence.EQUIVALENCE_TOLERANCE
+tolerance = mechanism_equivalence.equivalence_tolerance(config.dtype)  # scales with the dtype
 outcome = np.where(table.verdict.str.startswith("holds"), "holds",
                    np.where(table.verdict.str.startswith("FAILS"), "FAILS", "measured (no equality expected)"))
 plot = table.assign(label=table.hypothesis + ": " + table.compared, outcome=outcome,

@@ -75,3 +75,26 @@ def test_project_qkv_projects_and_rotates_the_chosen_rows():
     torch.testing.assert_close(q0[0, :, 0], attn.q_proj(x[0, 0]).view(4, 8), rtol=0, atol=1e-6)
     torch.testing.assert_close(k0[0, :, 0], attn.k_proj(x[0, 0]).view(2, 8), rtol=0, atol=1e-6)
     assert not torch.allclose(k[0, :, 1], k0[0, :, 1])  # row 1 sits at position 3: rotated
+
+
+def test_rotate_is_transformers_rope_bit_for_bit():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from dcvla.attention import rotate
+
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    x, k = randn(1, 4, 5, 8), randn(1, 4, 5, 8)
+    cos, sin = LlamaRotaryEmbedding(cfg)(x, torch.tensor([[0, 3, 4, 7, 9]]))
+    q_ref, k_ref = apply_rotary_pos_emb(x, k, cos, sin)
+    assert torch.equal(rotate(x, cos, sin), q_ref) and torch.equal(rotate(k, cos, sin), k_ref)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attend_takes_probability_rows_as_a_slice(kv_heads):
+    q, k, v = randn(1, 4, 5, 8), randn(1, kv_heads, 7, 8), randn(1, kv_heads, 7, 8)
+    mask = torch.arange(7)[None, :] <= torch.arange(2, 7)[:, None]  # rows at positions 2..6, causal
+    out, by_index = attend(q, k, v, 0.3, mask, prob_rows=torch.tensor([3, 4]))
+    out_s, by_slice = attend(q, k, v, 0.3, mask, prob_rows=slice(3, None))
+    assert torch.equal(out, out_s) and torch.equal(by_index, by_slice)
+    torch.testing.assert_close(attend(q, k, v, 0.3, mask, prob_rows=slice(None))[1][:, 3:], by_index, rtol=0, atol=1e-6)

@@ -146,3 +146,82 @@ def test_hub_failure_names_the_id(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
     with pytest.raises(FileNotFoundError, match="could not fetch nobody/nothing from the hub: ConnectionError"):
         load_pretrained("nobody/nothing", preset="tiny")
+
+
+# ------------------------------------------------------------------------------- broken files, streaming load
+@pytest.mark.parametrize("content, problem", [
+    ('{"weight_map": {"a": ', "is not valid JSON"),
+    ('{"metadata": {}}', "has no 'weight_map'"),
+    ('{"weight_map": {}}', "has no 'weight_map'"),
+    ('[1, 2]', "has no 'weight_map'"),
+])
+def test_broken_index_is_named(fixture_copy, content, problem):
+    (fixture_copy / checkpoint.INDEX_FILE).write_text(content)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json {problem}"):
+        load_pretrained(fixture_copy, preset="tiny")
+
+
+@pytest.mark.parametrize("cut", [lambda data: data[: len(data) - 100], lambda data: data[:6], lambda data: b"\x00" * 64])
+def test_truncated_or_corrupt_shard_is_named(fixture_copy, cut):
+    shard = fixture_copy / "model-00002-of-00002.safetensors"
+    shard.write_bytes(cut(shard.read_bytes()))
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors is not a readable safetensors file "
+                                              r"\(truncated or corrupt\)"):
+        load_pretrained(fixture_copy, preset="tiny")
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors is not a readable"):
+        read_state_dict(fixture_copy)
+
+
+def test_a_key_in_two_shards_is_named(fixture_copy):
+    _rewrite_shard(fixture_copy, lambda sd: sd.__setitem__("language_model.model.norm.weight", torch.zeros(32)))
+    with pytest.raises(CheckpointError, match=r"key language_model\.model\.norm\.weight appears in two shards "
+                                              r"\(model-00001-of-00002\.safetensors and model-00002-of-00002"):
+        load_pretrained(fixture_copy, preset="tiny")
+
+
+def test_misfit_is_found_from_the_headers_alone(fixture_copy, monkeypatch):
+    """The strict check reads no tensor data: a misfit fails before any weight is read or allocated."""
+    _rewrite_shard(fixture_copy, lambda sd: sd.__setitem__("projector.fc2.bias", torch.zeros(31)))
+
+    def no_data(*args):
+        raise AssertionError("tensor data read before the key/shape check")
+
+    monkeypatch.setattr("dcvla.devices.read_tensor", no_data)
+    with pytest.raises(CheckpointError, match=r"projector\.fc2\.bias: checkpoint \(31,\)"):
+        load_pretrained(fixture_copy, preset="tiny")
+
+
+def test_streaming_load_matches_the_state_dict_path(parity_dir, monkeypatch):
+    """load_pretrained streams tensor by tensor (never the whole state dict) into a model allocated in the target
+    dtype; it gives what copying `read_state_dict` into a float32 model and casting gives, exactly."""
+    reference = random_model(TINY)
+    checkpoint.load_openvla_state_dict(reference, read_state_dict(parity_dir))
+    monkeypatch.setattr(checkpoint, "read_state_dict", lambda path: pytest.fail("load_pretrained read a whole state dict"))
+    for dtype in (torch.float32, torch.bfloat16, "bfloat16"):
+        loaded = load_pretrained(parity_dir, preset="tiny", dtype=dtype)
+        state = loaded.state_dict()
+        for key, value in reference.state_dict().items():
+            assert state[key].dtype == checkpoint.parse_dtype(dtype) and state[key].device.type == "cpu", key
+            assert torch.equal(state[key], value.to(state[key].dtype)), key
+    with pytest.raises(ValueError, match="dtype: 'fp8' is not a model dtype"):
+        load_pretrained(parity_dir, preset="tiny", dtype="fp8")
+
+
+def test_single_key_mapping():
+    """The per-tensor form of the mapping: the fused qkv goes to three targets, unused parts to none."""
+    dino = "vision_backbone.featurizer."
+    assert checkpoint.map_openvla_key(dino + "blocks.0.attn.qkv.weight", TINY) == [
+        (dino + f"blocks.0.attention.{p}_proj.weight", p) for p in "qkv"]
+    assert checkpoint.map_openvla_key(dino + f"blocks.{TINY.dino.depth - 1}.mlp.fc1.weight", TINY) is None
+    assert checkpoint.map_openvla_key(dino + "pos_embed", TINY) == [(dino + "embeddings.position_embeddings", "cls_slot")]
+    pos = torch.randn(1, 256, 32)
+    assert torch.equal(checkpoint.convert(pos, "cls_slot")[:, 1:], pos) and not checkpoint.convert(pos, "cls_slot")[:, 0].any()
+    assert checkpoint.map_openvla_key("projector.fc1.weight", TINY) == [("projector.fc1.weight", "")]
+
+
+def test_misshapen_fused_qkv_is_named_once_in_checkpoint_terms(fixture_copy):
+    key = "vision_backbone.featurizer.blocks.0.attn.qkv.weight"
+    _rewrite_shard(fixture_copy, lambda sd: sd.__setitem__(key, torch.zeros(95, 32)))
+    with pytest.raises(CheckpointError, match=r"1 shape mismatches: vision_backbone\.featurizer\.blocks\.0\.attn\.qkv"
+                                              r"\.weight: checkpoint \(95, 32\), model expects \(96, 32\)$"):
+        load_pretrained(fixture_copy, preset="tiny")

@@ -1,5 +1,6 @@
 """The per-episode K/V store and the per-layer row plan every family's cache shares."""
 
+import numpy as np
 import torch
 
 from dcvla.flops import LayerWork
@@ -46,3 +47,25 @@ def test_layer_plan_full_and_its_work():
     assert plan.work(5) == LayerWork(5, 5, 5)
     partial = LayerPlan(torch.tensor([0, 2, 3]), torch.tensor([True, False, True]), torch.tensor([True, True, True]))
     assert partial.work(9) == LayerWork(q_rows=3, kv_rows=2, keys=9)
+
+
+def test_a_plan_from_the_host_has_its_indices_without_reading_the_device():
+    rows = np.array([0, 2, 3, 5, 6])
+    kv_fresh = np.array([True, False, True, False, True])
+    q_fresh = kv_fresh.copy()
+    plan = LayerPlan.from_host(rows, kv_fresh, q_fresh, "cpu")
+    assert plan.rows.tolist() == rows.tolist() and plan.kv_fresh.tolist() == kv_fresh.tolist()
+    assert plan.n_kv == plan.n_q == 3 and plan.work(9) == LayerWork(q_rows=5, kv_rows=3, keys=9)
+    assert plan.kv_index.tolist() == [0, 2, 4] and plan.kv_slots.tolist() == [0, 3, 6]
+    assert plan.q_cached_index.tolist() == [1, 3] and plan.q_cached_slots.tolist() == [2, 5]
+    assert plan.count_below(4) == 3 and plan.count_below(4, fresh_kv_only=True) == 2
+
+
+def test_a_plan_built_on_the_device_reads_it_once_and_agrees():
+    rows, kv_fresh = torch.tensor([0, 2, 3]), torch.tensor([True, False, True])
+    plan = LayerPlan(rows, kv_fresh, torch.ones(3, dtype=torch.bool))
+    host = LayerPlan.from_host(rows.numpy(), kv_fresh.numpy(), np.ones(3, bool), "cpu")
+    assert plan.q_index is None and plan.q_cached_index is None and host.q_index is None  # every Q fresh
+    assert torch.equal(plan.kv_index, host.kv_index) and torch.equal(plan.kv_slots, host.kv_slots)
+    full = LayerPlan.full(4)
+    assert full.kv_index is None and full.kv_slots is full.rows and full.n_kv == 4

@@ -9,7 +9,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np
 import pytest
 
-from dcvla.io import read_dataset
+from dcvla.io import CorruptFileError, read_dataset
 from dcvla.libero import env as E
 from dcvla.libero import evaluate as V
 from dcvla.libero import protocol
@@ -144,3 +144,35 @@ def test_evaluation_records_failures_and_resumes(spatial_env, tmp_path):
         V.evaluate_task(RecordingPolicy(), method="m", trials=4, **dict(kw, max_steps=5))
     both = V.load_results(tmp_path)
     assert set(both.method.values) == {"m", "flaky"} and both.success.dims == ("method", "suite", "task", "trial")
+
+
+def test_loading_a_missing_or_foreign_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no episode file {tmp_path / 'missing.npz'}"):
+        load_episode(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="episodes in it: list_episodes"):
+        load_episode(tmp_path)
+    (tmp_path / "notes.npz").write_text("hello")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'notes.npz'} is not a dcvla episode .*not an \.npz \(zip\) archive"):
+        load_episode(tmp_path / "notes.npz")
+    np.savez(tmp_path / "other.npz", a=np.arange(3))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'other.npz'} is not a dcvla episode .*it has no format_version, "
+                                         r"meta, .* \(it has: a\)"):
+        load_episode(tmp_path / "other.npz")
+    data = bytearray(list_episodes()[0].read_bytes())
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'cut.npz'} is not a dcvla episode"):
+        load_episode(tmp_path / "cut.npz")
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the frames
+    (tmp_path / "flipped.npz").write_bytes(data)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'flipped.npz'}: the episode archive is damaged"):
+        load_episode(tmp_path / "flipped.npz")
+
+
+def test_a_corrupt_result_file_stops_the_resume_naming_it(tmp_path):
+    path = V.result_path(tmp_path, "m", "libero_spatial", 0)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x89HDF\r\n\x1a\n cut short")
+    with pytest.raises(CorruptFileError, match=rf"cannot resume m on libero_spatial/0: {path} is not a readable netCDF "
+                                               r"dataset .*move the file away"):
+        V.evaluate_task(RecordingPolicy(), "libero_spatial", 0, tmp_path, method="m", trials=1, progress=False)
+    assert path.read_bytes() == b"\x89HDF\r\n\x1a\n cut short"  # left as it was

@@ -71,3 +71,35 @@ def test_reference_action_takes_one_example(base):
         base.model.reference_action(torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 6, 224, 224))
     with pytest.raises(KeyError, match="unnorm_key 'bridge_orig' not found; available: random"):
         base.model.reference_action(*base.processor(IMAGE, "pick up the bowl"), unnorm_key="bridge_orig")
+
+
+def test_openvla_7b_is_the_published_architecture_on_meta():
+    """Built on the meta device (no memory): 7,498,158,752 parameters. The published openvla-7b has 7,541,237,184:
+    the same minus DINOv2's mask token and the cls slot of its position embedding (transformers-only, zero), plus
+    what dcvla never builds because its output is never used (each tower's last block, DINOv2's final norm,
+    SigLIP's norm and attention-pool head)."""
+    from dcvla.openvla.checkpoint import to_openvla_layout
+
+    cfg = get_preset("openvla-7b")
+    with torch.device("meta"):
+        model = OpenVLA(cfg)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    towers = model.vision_backbone
+    llama = model.language_model
+    assert (len(towers.featurizer.blocks), len(towers.fused_featurizer.blocks), len(llama.model.layers)) == (23, 26, 32)
+    assert llama.model.embed_tokens.weight.shape == llama.lm_head.weight.shape == (32064, 4096)
+    assert llama.model.layers[0].mlp.gate_proj.weight.shape == (11008, 4096)
+    assert towers.featurizer.embeddings.position_embeddings.shape == (1, 257, 1024)
+    assert towers.fused_featurizer.blocks[0].mlp.fc1.weight.shape == (4304, 1152)
+    assert model.projector.fc1.weight.shape == (8704, 2176) and model.projector.fc3.weight.shape == (4096, 4096)
+    assert count(model) == 7_498_158_752
+    d, s, m = cfg.dino.hidden_size, cfg.siglip.hidden_size, cfg.siglip.mlp_dim
+    # timm's AttentionPoolLatent: latent, q, kv, proj, norm, mlp (fc1, fc2)
+    attn_pool = s + (s * s + s) + (s * 2 * s + 2 * s) + (s * s + s) + 2 * s + (s * m + m) + (m * s + s)
+    never_built = count(towers.featurizer.blocks[0]) + 2 * d + count(towers.fused_featurizer.blocks[0]) + 2 * s + attn_pool
+    in_checkpoint = sum(t.numel() for t in to_openvla_layout(model).values())
+    assert in_checkpoint == count(model) - towers.featurizer.embeddings.mask_token.numel() - d  # no cls slot
+    assert in_checkpoint + never_built == 7_541_237_184

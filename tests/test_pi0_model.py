@@ -72,3 +72,37 @@ def test_libero_state_stats_are_the_shipped_episodes():
     np.testing.assert_allclose(LIBERO_STATE_STATS["mean"], mean, atol=1e-3)
     np.testing.assert_allclose(LIBERO_STATE_STATS["std"], std, atol=1e-3)
     assert min(LIBERO_STATE_STATS["std"]) >= STATE_STD_FLOOR
+
+
+def test_pi0_is_the_published_architecture_on_meta():
+    """Built on the meta device: 3,238,082,320 parameters. PaliGemma-3B-224 (SigLIP So400m/14 + projector + Gemma-2B
+    with the 257,152-token table) is 2,923,335,408 and openpi's Gemma-300M expert 311,464,960, as published; openpi's
+    pi0 totals 3,238,048,528 with its state projected to the expert's width (1024); dcvla puts the state token in
+    the prefix, so its state_proj maps to the LM's width (2048): 32 x 1024 + 1024 = 33,792 more."""
+    from dcvla.pi0.config import get_pi0_preset
+    from dcvla.pi0.model import Pi0Model
+
+    with torch.device("meta"):
+        model = Pi0Model(get_pi0_preset("pi0"))
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(model.vision) + count(model.projector) + count(model.language_model) == 2_923_335_408
+    assert count(model.expert) == 311_464_960
+    assert model.language_model.embed_tokens.weight.shape == (257152, 2048)
+    assert model.expert.layers[0].self_attn.k_proj.weight.shape == (256, 1024)  # one K/V head of 256
+    assert model.state_proj.weight.shape == (2048, 32)
+    assert count(model) == 3_238_048_528 + 33_792 == 3_238_082_320
+
+
+def test_text_tokens_are_scaled_by_sqrt_width_once(pi0):
+    """Gemma scales its token embeddings by sqrt(width) inside the embedding module; a second scaling would
+    make text tokens width times the table's rows."""
+    import math
+
+    model = pi0.model
+    ids = torch.tensor([[1, 5, 9]])
+    table = model.language_model.embed_tokens.weight[ids[0]]  # [text, width]
+    expected = table * torch.tensor(math.sqrt(model.config.lm.hidden_size), dtype=table.dtype)
+    assert torch.allclose(model.embed_text(ids)[0], expected, rtol=1e-6, atol=0)

@@ -233,6 +233,33 @@ def test_prompt_change_needs_a_reset(pi0, pi0_clip):
     assert pol.last.step == 0 and pol.last.gate is False
 
 
+def test_a_step_that_fails_mid_way_breaks_the_policy_until_reset(pi0, pi0_clip, monkeypatch):
+    """The expert fails after the prefix has refreshed the store (out of memory, say): the next step refuses, naming
+    reset(), rather than reuse a store that mixes two steps; after reset() the policy is a fresh one."""
+    frames, states, instruction = pi0_clip
+    # the gate opens on every step after the first; the text and state rows are recomputed, so the store is written
+    config = ReuseConfig(mode="vision_only", threshold=-1.0)
+    expected = [r.chunk for r in run(pi0.with_config(config), frames[:3], states[:3], instruction)]
+    pol = pi0.with_config(config)
+    pol.reset()
+    pol.step(frames[0], instruction, states[0])
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(pi0.model), "sample_actions", out_of_memory)
+        with pytest.raises(RuntimeError, match="injected"):
+            pol.step(frames[1], instruction, states[1])
+    assert (pol.store.computed_at == 1).any(), "the failed step had written the store"
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="previous step .* failed mid-way.*call reset"):
+            pol.step(frames[1], instruction, states[1])
+    assert pol.step_index == 1 and len(pol.records) == 1
+    got = [r.chunk for r in run(pol, frames[:3], states[:3], instruction)]  # run() resets first
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
 # -------------------------------------------------------------------------------------------- 6. errors
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"mode": "turbo"}, ValueError, "unknown mode 'turbo'"),

@@ -126,6 +126,48 @@ def test_reset_isolates_episodes(make_policy, spatial_episode):
     assert all(np.array_equal(a, b) for a, b in zip(fresh, again))
 
 
+def test_a_step_that_fails_mid_way_breaks_the_policy_until_reset(make_policy, spatial_episode, monkeypatch):
+    """The prefill fails after the towers have refreshed their stores (out of memory, say): the next step refuses,
+    naming reset(), rather than run on stores that mix two frames; after reset() the policy is a fresh one."""
+    import dcvla.openvla.policy as policy_module
+
+    frames, instruction = spatial_episode
+    expected, expected_predictions = run(make_policy(method="dual_cache"), frames[:3], instruction)
+    pol = make_policy(method="dual_cache")
+    pol.reset()
+    pol.step(frames[0], instruction)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(policy_module, "prefill", out_of_memory)
+        with pytest.raises(RuntimeError, match="injected"):
+            pol.step(frames[1], instruction)
+    assert (pol.tower_stores["dino"].computed_at == 1).any(), "the failed step had written the tower stores"
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="previous step .* failed mid-way.*call reset"):
+            pol.step(frames[1], instruction)
+    assert pol.frame == 1 and len(pol.records) == 1
+    actions, predictions = run(pol, frames[:3], instruction)  # run() resets first
+    assert all(np.array_equal(a, b) for a, b in zip(actions, expected))
+    for got, ref in zip(predictions, expected_predictions):
+        assert torch.equal(got.token_ids, ref.token_ids) and torch.equal(got.logits, ref.logits)
+
+
+def test_input_errors_do_not_break_the_policy(make_policy, spatial_episode):
+    """Inputs are checked before the step changes anything: a refused step leaves the policy usable."""
+    frames, instruction = spatial_episode
+    pol = make_policy(method="dual_cache")
+    pol.reset()
+    pol.step(frames[0], instruction)
+    with pytest.raises(ValueError, match="instruction is empty"):
+        pol.step(frames[1], "  ")
+    assert not pol.broken
+    pol.step(frames[1], instruction)
+    assert pol.frame == 2
+
+
 def test_only_the_stores_a_method_reads_exist(make_policy):
     for method, m in METHODS.items():
         pol = make_policy(method=method)

@@ -49,3 +49,34 @@ def test_prompt_tokens_start_with_bos_and_end_with_empty_piece(processor):
     assert ids[0] == processor.tokenizer.bos_token_id == 1
     assert ids[-1] == processor.empty_piece_id
     assert processor.tokenizer.decode(ids[1:-1]) == build_prompt("put the bowl on the plate")
+
+
+def test_an_instruction_past_the_position_limit_raises_saying_by_how_much(processor):
+    """[BOS] + 256 vision + prompt + 7 action tokens may fill max_position_embeddings exactly, not one more."""
+    instruction = "put the bowl on the plate"
+    ids = processor.encode_prompt(instruction)[0]
+    needed = len(ids) + TINY.num_patches + TINY.action_dim  # BOS is ids[0]
+    assert Processor(processor.tokenizer, TINY.with_llm(max_position_embeddings=needed)).encode_prompt(instruction).shape == ids[None].shape
+    with pytest.raises(ValueError, match=rf"instruction too long: the LLM would see {needed} tokens \(1 BOS \+ 256 vision \+ "
+                                         rf"{len(ids) - 1} prompt \+ 7 action tokens\), past its max_position_embeddings of "
+                                         rf"{needed - 1}; shorten the instruction by at least 1 tokens"):
+        Processor(processor.tokenizer, TINY.with_llm(max_position_embeddings=needed - 1)).encode_prompt(instruction)
+    with pytest.raises(ValueError, match="max_position_embeddings of 2048; shorten the instruction by at least"):
+        processor.encode_prompt("pick up the bowl " * 600)  # the tiny preset's real limit
+
+
+def test_a_pi0_instruction_past_the_gemma_limit_raises(pi0, monkeypatch):
+    """Pi0: image tokens + text + the state token, then the expert's action positions, within the Gemma's limit."""
+    cfg = pi0.model.config
+    ids = pi0.encode_prompt("put the bowl on the plate")[0]
+    needed = cfg.num_image_tokens + len(ids) + 1 + cfg.action_horizon
+    monkeypatch.setattr(pi0.model.language_model.config, "max_position_embeddings", needed)
+    assert pi0.encode_prompt("put the bowl on the plate").shape == ids[None].shape
+    monkeypatch.setattr(pi0.model.language_model.config, "max_position_embeddings", needed - 1)
+    with pytest.raises(ValueError, match=rf"the Gemma would see {needed} positions \({cfg.num_image_tokens} image \+ {len(ids)} "
+                                         rf"text \+ 1 state tokens, then {cfg.action_horizon} action positions\), past its "
+                                         rf"max_position_embeddings of {needed - 1}; shorten the instruction by at least 1 tokens"):
+        pi0.encode_prompt("put the bowl on the plate")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="max_position_embeddings of 8192"):
+        pi0.encode_prompt("pick up the bowl " * 2500)

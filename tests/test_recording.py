@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dcvla import recording
-from dcvla.io import open_recording
+from dcvla.io import CorruptFileError, StreamWriter, open_recording, read_dataset
 from dcvla.openvla import CachedPolicy, OpenVLARecorder
 from dcvla.recording import Recorder, Schema, distances, record_episode, recorder_for, register_recorder
 
@@ -173,6 +173,60 @@ def test_bad_requests_raise(toy):
         with recorder_for(toy) as rec:
             pass
         rec.to_dataset()
+
+
+def test_recorder_arguments_of_the_wrong_kind_are_named(toy, tmp_path):
+    with pytest.raises(ValueError, match=r"what must be a list of variable groups, got the str 'values'; e\.g\. what=\['values'\]"):
+        recorder_for(toy, what="values")  # not its letters
+    with pytest.raises(ValueError, match=r"labels must be a dict .* got \['libero_10'\]"):
+        recorder_for(toy, labels=["libero_10"])
+    with pytest.raises(ValueError, match="control_hz must be a positive number of steps per second, got 0"):
+        recorder_for(toy, control_hz=0)
+    with pytest.raises(ValueError, match=f"path {tmp_path} is a directory; give the recording's file name"):
+        record_episode(toy, FRAMES, "go", tmp_path)  # before any step, not after the whole episode
+
+
+def test_a_stream_that_cannot_be_renamed_into_place_leaves_no_temporary(tmp_path):
+    writer = StreamWriter(tmp_path / "run.nc", {}, {}, {}, lambda name: ())
+    writer.append({"frame": np.array(0), "value": np.array(1.0)})
+    (tmp_path / "run.nc").mkdir()  # something took the name meanwhile
+    with pytest.raises(IsADirectoryError):
+        writer.close(commit=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.nc"]
+
+
+# ------------------------------------------------------------------------------------ empty and damaged files
+def test_zero_frames_raise_naming_the_path_and_write_nothing(toy, tmp_path):
+    path = tmp_path / "toy.nc"
+    with pytest.raises(ValueError, match=f"no frames to record, so {path} would not be written"):
+        record_episode(toy, [], "go", path)
+    with pytest.raises(ValueError, match=f"no frame was recorded, so {path} was not written"):
+        with recorder_for(toy, path=path):  # streamed, and the policy never stepped
+            pass
+    assert list(tmp_path.iterdir()) == [] and toy.observer is None and toy.keep_records
+
+
+def test_a_truncated_or_short_recording_is_recorded_again_with_a_warning(toy, tmp_path):
+    path = record_episode(toy, FRAMES, "go", tmp_path / "toy.nc")
+    assert open_recording(path).attrs["frames_expected"] == 4
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.warns(RuntimeWarning, match=rf"{path} is not a complete recording \(it cannot be read .*truncated"):
+        record_episode(toy, FRAMES, "go", path)
+    assert open_recording(path).value[:, 0].values.tolist() == [2, 4, 6, 8]
+    path = record_episode(toy, FRAMES[:2], "go", tmp_path / "short.nc")
+    with pytest.warns(RuntimeWarning, match=rf"{path} is not a complete recording \(it holds 2 frames, not the 4 asked for"):
+        record_episode(toy, FRAMES, "go", path)
+    assert open_recording(path).sizes["frame"] == 4
+
+
+def test_an_unreadable_dataset_raises_naming_the_file(tmp_path):
+    (tmp_path / "table.nc").write_text("not netCDF")
+    with pytest.raises(CorruptFileError, match=f"{tmp_path / 'table.nc'} is not a readable netCDF dataset") as err:
+        read_dataset(tmp_path / "table.nc")
+    assert isinstance(err.value.__cause__, OSError)
+    with pytest.raises(FileNotFoundError, match=f"no dataset file {tmp_path / 'missing.nc'}"):
+        read_dataset(tmp_path / "missing.nc")
 
 
 # ---------------------------------------------------------------------------------------------- distances

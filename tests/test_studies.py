@@ -3,17 +3,21 @@ to end through `dcvla run` at tiny size, writing their datasets and figures."""
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import fields
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dcvla.cli import available_studies, main as cli, parse_value
 from dcvla.io import read_dataset
 from dcvla.notebooks import NOTEBOOKS, build_all, build_notebook, notebook_names
+from dcvla.openvla import CacheConfig
 from dcvla.studies.common import StudyConfig, find_cliff
 from dcvla.studies.libero_benchmark import BenchmarkConfig
 from dcvla.studies.stability_cliff import CliffConfig
@@ -22,7 +26,8 @@ TINY = ["-p", "preset", "tiny", "-p", "suites", '["libero_goal"]', "-p", "episod
 
 
 def run_study(name: str, tmp_path, *params: str) -> None:
-    args = ["run", name, *TINY, "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir", str(tmp_path / "figures"), *params]
+    tiny = TINY[:6] if name == "libero_benchmark" else TINY  # it runs tasks, not episodes: no episodes_per_suite
+    args = ["run", name, *tiny, "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir", str(tmp_path / "figures"), *params]
     assert cli(args) == 0
     assert (tmp_path / "studies" / f"{name}.ipynb").exists()  # the executed notebook, next to the outputs
 
@@ -119,6 +124,45 @@ def test_benchmark_config_is_checked():
         BenchmarkConfig(tasks=[])
     with pytest.raises(ValueError, match="trials must be >= 1"):
         BenchmarkConfig(trials=0)
+
+
+@pytest.mark.parametrize("config, fields_, message", [
+    (StudyConfig, {"frames": "5"}, "StudyConfig.frames must be an int, got '5' (str)"),
+    (StudyConfig, {"frames": 2.5}, "StudyConfig.frames must be an int, got 2.5"),
+    (StudyConfig, {"methods": "dual_cache"}, "StudyConfig.methods must be a list of str, got 'dual_cache'"),
+    (StudyConfig, {"drift": "yes"}, "StudyConfig.drift must be True or False"),
+    (StudyConfig, {"device": "cdua"}, "StudyConfig.device: 'cdua' is not a torch device"),
+    (StudyConfig, {"dtype": "flaot32"}, "StudyConfig.dtype: 'flaot32' is not a model dtype"),
+    (StudyConfig, {"preset": "nosuch"}, "StudyConfig.preset: unknown preset 'nosuch'; known presets: openvla-7b, small, tiny"),
+    (BenchmarkConfig, {"trials": "2"}, "BenchmarkConfig.trials must be an int"),
+    (BenchmarkConfig, {"tasks": 0}, "BenchmarkConfig.tasks must be a list of ints, got 0"),
+    (CliffConfig, {"thresholds": 0.9}, "CliffConfig.thresholds must be a list of numbers, got 0.9"),
+    (CliffConfig, {"steps": "3"}, "CliffConfig.steps must be an int"),
+    (CliffConfig, {"device": "cdua"}, "CliffConfig.device: 'cdua' is not a torch device"),
+    (CliffConfig, {"dtype": "half-ish"}, "CliffConfig.dtype: 'half-ish' is not a model dtype"),
+])
+def test_a_config_field_of_the_wrong_type_or_a_typo_is_named(config, fields_, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(**fields_)
+
+
+def test_config_checks_accept_what_fits():
+    config = StudyConfig(methods=("vanilla",), frames=np.int64(3))
+    assert config.methods == ["vanilla"] and config.frames == 3  # a tuple becomes a list, a numpy int is an int
+    assert StudyConfig(preset="nosuch", checkpoint="/some/checkpoint").preset == "nosuch"  # a checkpoint names the model
+    assert CliffConfig(thresholds=[-1, 0.5]).thresholds == [-1, 0.5]  # ints are numbers
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="StudyConfig.device: 'cuda', but torch sees no CUDA device"):
+            StudyConfig(device="cuda")
+
+
+def test_cache_config_names_a_field_of_the_wrong_type():
+    with pytest.raises(ValueError, match=re.escape("CacheConfig.prune_layers must be a list or tuple of LLM layer ids, got 3")):
+        CacheConfig(prune_layers=3)
+    with pytest.raises(ValueError, match="CacheConfig.faithful must be True or False, got 'yes'"):
+        CacheConfig(faithful="yes")
+    with pytest.raises(ValueError, match="CacheConfig.unnorm_key must be a dataset name"):
+        CacheConfig(unnorm_key=3)
 
 
 # ------------------------------------------------------------------------------------ notebooks from source

@@ -47,6 +47,15 @@ def test_tower_plan_rows_and_fresh_kv(towers):
         assert dropped.kv_fresh.all() and dropped.q_fresh.all()
 
 
+def test_tower_plan_from_a_host_array_is_the_same_plan(towers):
+    static = static_mask()
+    for tower, _, _ in towers:
+        for keep in (True, False):
+            a, b = tower_plan(tower, static, keep), tower_plan(tower, static.numpy(), keep, "cpu")
+            assert torch.equal(a.rows, b.rows) and torch.equal(a.kv_fresh, b.kv_fresh) and a.n_kv == b.n_kv
+            assert a.n_kv == tower.num_prefix_tokens + int((~static).sum())
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("keep_static_rows", [True, False])
 def test_reuse_of_the_same_frame_is_the_full_forward(towers, keep_static_rows):

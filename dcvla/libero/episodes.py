@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -112,20 +114,42 @@ def save_episode(ep: Episode, path: str | Path) -> Path:
     return path
 
 
+EPISODE_KEYS = ("format_version", "meta", "jpeg", "jpeg_offsets", "eef_pos", "eef_quat", "gripper_qpos", "actions", "done")
+
+
 def load_episode(path: str | Path) -> Episode:
     """Read an episode written by `save_episode` (any format_version up to the current one).
 
     Raises:
-        ValueError: the file is from a newer, unknown format version.
+        FileNotFoundError: no file at `path`.
+        ValueError: the file is not an episode (not an .npz, truncated, or an .npz without the episode arrays),
+            or is from a newer, unknown format version; the message names the file.
     """
-    with np.load(path, allow_pickle=False) as z:
-        version = int(z["format_version"])
-        if version > FORMAT_VERSION:
-            raise ValueError(f"{path}: episode format_version {version} is newer than supported ({FORMAT_VERSION})")
-        blob, off = z["jpeg"].tobytes(), z["jpeg_offsets"]
-        jpegs = [blob[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-        return Episode(jpegs=jpegs, eef_pos=z["eef_pos"], eef_quat=z["eef_quat"], gripper_qpos=z["gripper_qpos"],
-                       actions=z["actions"], done=z["done"], meta=json.loads(str(z["meta"])))
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; episodes in it: list_episodes({str(path)!r})" if path.is_dir() else ""
+        raise FileNotFoundError(f"no episode file {path}{hint}")
+    what = f"{path} is not a dcvla episode (an .npz written by save_episode)"
+    if not zipfile.is_zipfile(path):  # numpy would speak of pickled data, or return a bare .npy array
+        raise ValueError(f"{what}: it is not an .npz (zip) archive: truncated, or another format")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in EPISODE_KEYS if k not in z.files]
+            if missing:
+                raise ValueError(f"{what}: it has no {', '.join(missing)} (it has: {', '.join(z.files) or 'nothing'})")
+            version = int(z["format_version"])
+            if version > FORMAT_VERSION:
+                raise ValueError(f"{path}: episode format_version {version} is newer than supported ({FORMAT_VERSION})")
+            blob, off = z["jpeg"].tobytes(), z["jpeg_offsets"]
+            jpegs = [blob[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+            return Episode(jpegs=jpegs, eef_pos=z["eef_pos"], eef_quat=z["eef_quat"], gripper_qpos=z["gripper_qpos"],
+                           actions=z["actions"], done=z["done"], meta=json.loads(str(z["meta"])))
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{what}: {type(err).__name__}: {err}") from err  # e.g. an array stored as objects
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:  # a damaged archive
+        raise ValueError(f"{path}: the episode archive is damaged (truncated or corrupt): {type(err).__name__}: {err}") from err
 
 
 def episode_path(out_dir: str | Path, suite: str, task_id: int, init_index: int) -> Path:

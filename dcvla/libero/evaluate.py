@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import xarray as xr
 
-from dcvla.io import read_dataset, write_dataset
+from dcvla.io import CorruptFileError, read_dataset, write_dataset
 
 from . import protocol
 from .env import close_env, get_init_states, get_task, make_env
@@ -237,7 +237,7 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
     attrs = _result_attrs(policy, method, suite, info, budget, center_crop)
     path = result_path(run_dir, method, suite, info.task_id)
-    old = read_dataset(path) if path.exists() else None
+    old = _read_previous(path, f"{method} on {suite}/{info.task_id}")
     if old is not None:
         _check_compatible(old, attrs, path)
     done_trials = set() if old is None else {int(t) for t in old.trial.values}
@@ -252,6 +252,22 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     finally:
         if own:
             close_env(env)
+
+
+def _read_previous(path: Path, run: str) -> xr.Dataset | None:
+    """The result file a rerun resumes from (None: there is none). A damaged one stops the run, naming it, rather
+    than being overwritten: it holds finished trials, minutes of simulation each, that the user may want back."""
+    if not path.exists():
+        return None
+    try:
+        old = read_dataset(path)
+    except CorruptFileError as err:
+        raise CorruptFileError(f"cannot resume {run}: {err}; move the file away (or delete it) to run its trials "
+                               "again") from err
+    if "trial" not in old.dims:
+        raise CorruptFileError(f"cannot resume {run}: {path} has no trial dimension (not a dcvla LIBERO result file?); "
+                               "move it away to run the trials")
+    return old
 
 
 def _result_attrs(policy: Any, method: str, suite: str, info: Any, budget: int, center_crop: bool) -> dict:

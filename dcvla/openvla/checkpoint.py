@@ -6,6 +6,11 @@ splits the fused qkv into q/k/v, renames LayerScale, gives the DINOv2 cls slot a
 drops what the model never runs (the last block of each tower, DINOv2's final norm, SigLIP's norm and
 attention-pool head). Saving does the inverse, so a saved checkpoint is a valid OpenVLA-layout checkpoint.
 
+Loading is lean at 7B: the key and shape check reads the safetensors headers only; the model is built on the meta
+device, cast there and allocated once on the target device in the target dtype; then each shard's tensors are
+read one at a time (plain reads, no memory map) and copied into their parameters. Neither float32 weights nor the
+whole state dict ever exist in host memory.
+
 Only safetensors are read: pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) can run code when loaded.
 """
 
@@ -17,16 +22,14 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..devices import INDEX_FILE, CheckpointError, parse_dtype, place, read_headers, stream_tensors, write_shards
 from ..io import atomic_path
 from ..vision import ViTConfig
 from .config import OpenVLAConfig, get_preset
 from .model import OpenVLA
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-INDEX_FILE = "model.safetensors.index.json"
 DCVLA_CONFIG_FILE = "dcvla_config.json"
 STATS_FILE = "dataset_statistics.json"
 TOWER_PREFIX = {"dino": "vision_backbone.featurizer.", "siglip": "vision_backbone.fused_featurizer."}
@@ -62,59 +65,105 @@ _UNUSED_TOWER_KEYS = re.compile(r"^(norm\.|attn_pool\.|head\.|fc_norm\.)")
 _MODEL_ONLY_KEYS = {"vision_backbone.featurizer.embeddings.mask_token"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names every missing, unexpected or misshapen key."""
-
-
 # ----------------------------------------------------------------------------------------------- key mapping
-def _tower_from_openvla(cfg: ViTConfig, sd: dict[str, torch.Tensor], unused: list[str]) -> dict[str, tuple[str, torch.Tensor]]:
-    """timm-layout tower state dict -> {dcvla key (tower-relative): (source key, tensor)}."""
-    out: dict[str, tuple[str, torch.Tensor]] = {}
-    params, attn = _BLOCK_PARAMS[cfg.name], _ATTN[cfg.name]
-    for key, value in sd.items():
-        block = re.match(r"^blocks\.(\d+)\.(.+)$", key)
-        if block:
-            index, rest = int(block.group(1)), block.group(2)
-            if index >= cfg.num_layers_run:
-                unused.append(key)  # the last block: its output is never used
-            elif rest in ("attn.qkv.weight", "attn.qkv.bias"):
-                kind = rest.rsplit(".", 1)[1]
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"blocks.{index}.{attn}.{name}.{kind}"] = (key, part)
-            else:  # an unknown name passes through unchanged and is reported as unexpected
-                out[f"blocks.{index}.{params.get(rest, rest)}"] = (key, value)
-        elif key == "pos_embed":
-            if cfg.name == "dino":  # transformers' DINOv2 has a cls slot; timm's no_embed_class pos_embed does not
-                value = torch.cat([value.new_zeros(1, 1, value.shape[-1]), value], dim=1)
-                out["embeddings.position_embeddings"] = (key, value)
-            else:
-                out["embeddings.position_embedding.weight"] = (key, value.reshape(-1, value.shape[-1]))
-        elif key in _EMBED_PARAMS[cfg.name]:
-            out[_EMBED_PARAMS[cfg.name][key]] = (key, value)
-        elif _UNUSED_TOWER_KEYS.match(key):
-            unused.append(key)
-        else:
-            out[key] = (key, value)  # unknown: reported as unexpected
-    return out
+# A checkpoint tensor goes to one or more model tensors: (dcvla key, part), where part says how: "" as stored;
+# "q", "k", "v" a third of a fused qkv; "cls_slot" DINOv2's pos_embed after a zero cls slot; "rows" SigLIP's
+# [1, patches, width] pos_embed as the [patches, width] embedding table.
+Target = tuple[str, str]
+
+
+def _tower_targets(cfg: ViTConfig, local: str) -> list[Target] | None:
+    """timm tower key (tower-relative) -> its targets in dcvla's tower, or None for a part never run."""
+    block = re.match(r"^blocks\.(\d+)\.(.+)$", local)
+    if block:
+        index, rest = int(block.group(1)), block.group(2)
+        if index >= cfg.num_layers_run:
+            return None  # the last block: its output is never used
+        if rest in ("attn.qkv.weight", "attn.qkv.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            return [(f"blocks.{index}.{_ATTN[cfg.name]}.{p}_proj.{kind}", p) for p in "qkv"]
+        return [(f"blocks.{index}.{_BLOCK_PARAMS[cfg.name].get(rest, rest)}", "")]  # unknown: reported as unexpected
+    if local == "pos_embed":  # transformers' DINOv2 has a cls slot; timm's no_embed_class pos_embed does not
+        return [("embeddings.position_embeddings", "cls_slot")] if cfg.name == "dino" else [("embeddings.position_embedding.weight", "rows")]
+    if local in _EMBED_PARAMS[cfg.name]:
+        return [(_EMBED_PARAMS[cfg.name][local], "")]
+    return None if _UNUSED_TOWER_KEYS.match(local) else [(local, "")]
+
+
+def map_openvla_key(key: str, config: OpenVLAConfig) -> list[Target] | None:
+    """One OpenVLA-layout key -> [(dcvla key, part)], or None when the model never runs that part."""
+    for name, prefix in TOWER_PREFIX.items():
+        if key.startswith(prefix):
+            targets = _tower_targets(config.dino if name == "dino" else config.siglip, key[len(prefix):])
+            return None if targets is None else [(prefix + target, part) for target, part in targets]
+    return [(key, "")]
+
+
+def convert(value: torch.Tensor, part: str) -> torch.Tensor:
+    """A checkpoint tensor -> the model tensor `part` names (see `Target`)."""
+    if part in ("q", "k", "v"):
+        return value.chunk(3, dim=0)["qkv".index(part)]
+    if part == "cls_slot":
+        return torch.cat([value.new_zeros(1, 1, value.shape[-1]), value], dim=1)
+    if part == "rows":
+        return value.reshape(-1, value.shape[-1])
+    return value
+
+
+def stored_shape(model_shape: tuple[int, ...], part: str) -> tuple[int, ...]:
+    """The checkpoint shape that maps onto a model tensor of `model_shape` through `part` (`convert`'s inverse)."""
+    if part in ("q", "k", "v"):
+        return (3 * model_shape[0], *model_shape[1:])
+    if part == "cls_slot":
+        return (model_shape[0], model_shape[1] - 1, *model_shape[2:])
+    if part == "rows":
+        return (1, *model_shape)
+    return tuple(model_shape)
 
 
 def from_openvla_layout(state_dict: dict[str, torch.Tensor], config: OpenVLAConfig) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str]]:
     """OpenVLA-layout state dict -> ({dcvla key: (checkpoint key, tensor)}, checkpoint keys known to be unused)."""
-    mapped: dict[str, tuple[str, torch.Tensor]] = {}
+    routes, unused = _routes(state_dict, config)
+    return {t: (key, convert(state_dict[key], part)) for key, targets in routes.items() for t, part in targets}, unused
+
+
+def _routes(keys, config: OpenVLAConfig) -> tuple[dict[str, list[Target]], list[str]]:
+    routes: dict[str, list[Target]] = {}
     unused: list[str] = []
-    towers: dict[str, dict[str, torch.Tensor]] = {"dino": {}, "siglip": {}}
-    for key, value in state_dict.items():
-        tower = next((name for name, prefix in TOWER_PREFIX.items() if key.startswith(prefix)), None)
-        if tower:
-            towers[tower][key[len(TOWER_PREFIX[tower]):]] = value
+    for key in keys:
+        targets = map_openvla_key(key, config)
+        if targets is None:
+            unused.append(key)
         else:
-            mapped[key] = (key, value)
-    for name, cfg in (("dino", config.dino), ("siglip", config.siglip)):
-        local_unused: list[str] = []
-        for key, (source, value) in _tower_from_openvla(cfg, towers[name], local_unused).items():
-            mapped[TOWER_PREFIX[name] + key] = (TOWER_PREFIX[name] + source, value)
-        unused += [TOWER_PREFIX[name] + key for key in local_unused]
-    return mapped, unused
+            routes[key] = targets
+    return routes, unused
+
+
+def check_fit(model: OpenVLA, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, list[Target]], list[str]]:
+    """Check checkpoint keys and shapes {key: shape} against `model` (which may be on the meta device).
+
+    Returns:
+        (routes {checkpoint key: targets}, checkpoint keys present but unused by design).
+    Raises:
+        CheckpointError: naming every missing key, unexpected key and shape mismatch (in checkpoint names).
+    """
+    routes, unused = _routes(shapes, model.config)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    mapped = {target: key for key, targets in routes.items() for target, _ in targets}
+    missing = [key for key in expected if key not in mapped and key not in _MODEL_ONLY_KEYS]
+    unexpected = sorted({source for target, source in mapped.items() if target not in expected})
+    misshapen = sorted({  # one entry per checkpoint key, in checkpoint terms (a fused qkv as a whole)
+        f"{key}: checkpoint {tuple(shapes[key])}, model expects {stored_shape(expected[target], part)}"
+        for key, targets in routes.items() for target, part in targets
+        if target in expected and stored_shape(expected[target], part) != tuple(shapes[key])
+    })
+    problems = []
+    for label, names, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "), ("shape mismatches", misshapen, "; ")):
+        if names:
+            problems.append(f"{len(names)} {label}: {sep.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit preset {model.config.name!r}: " + " | ".join(problems))
+    return routes, unused
 
 
 def to_openvla_layout(model: OpenVLA) -> dict[str, torch.Tensor]:
@@ -157,6 +206,18 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index's `weight_map` lists; a CheckpointError naming the index when it is broken."""
+    try:
+        content = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{index} is not valid JSON ({err})") from err
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no 'weight_map' (a non-empty object: checkpoint key -> shard file name)")
+    return sorted(set(weight_map.values()))
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint: a single file, a directory's index shards, or model.safetensors."""
     path = Path(path)
@@ -170,8 +231,7 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"no checkpoint at {path}")
     index = path / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / name for name in _index_shards(index)]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are not in {path}: {', '.join(missing)}")
@@ -187,45 +247,25 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a (sharded) safetensors checkpoint, on the CPU in their stored dtype."""
-    state: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(path):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key in state:
-                    raise CheckpointError(f"key {key} appears in two shards (second: {file.name})")
-                state[key] = f.get_tensor(key)
-    return state
+    return dict(stream_tensors(read_headers(checkpoint_files(path))))
+
+
+def _copy_in(model: OpenVLA, tensors, routes: dict[str, list[Target]]) -> None:
+    params = model.state_dict()
+    with torch.no_grad():
+        for key, value in tensors:
+            for target, part in routes[key]:
+                params[target].copy_(convert(value, part))  # casts to the parameter's dtype and device
 
 
 def load_openvla_state_dict(model: OpenVLA, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Copy an OpenVLA-layout state dict into `model`, strictly.
+    """Copy an OpenVLA-layout state dict into `model`, strictly (see `check_fit`).
 
     Returns:
         The checkpoint keys that were present but are unused by design (last blocks, final norms, pool head).
-    Raises:
-        CheckpointError: naming every missing key, unexpected key and shape mismatch (in checkpoint names).
     """
-    mapped, unused = from_openvla_layout(state_dict, model.config)
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in mapped and key not in _MODEL_ONLY_KEYS]
-    unexpected = sorted(source for key, (source, _) in mapped.items() if key not in expected)
-    misshapen = sorted(
-        f"{source}: checkpoint {tuple(value.shape)}, model expects {tuple(expected[key].shape)}"
-        for key, (source, value) in mapped.items()
-        if key in expected and value.shape != expected[key].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-    if misshapen:
-        problems.append(f"{len(misshapen)} shape mismatches: {'; '.join(misshapen[:20])}")
-    if problems:
-        raise CheckpointError(f"checkpoint does not fit preset {model.config.name!r}: " + " | ".join(problems))
-    with torch.no_grad():
-        for key, (_, value) in mapped.items():
-            expected[key].copy_(value.to(expected[key].dtype))
+    routes, unused = check_fit(model, {key: tuple(value.shape) for key, value in state_dict.items()})
+    _copy_in(model, ((key, state_dict[key]) for key in routes), routes)
     return unused
 
 
@@ -270,16 +310,19 @@ def detect_preset(directory: Path) -> str:
 def load_pretrained(
     path_or_id: str | os.PathLike,
     preset: str | OpenVLAConfig | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> OpenVLA:
     """Build the model for `preset` and load an OpenVLA-layout safetensors checkpoint into it.
 
+    The keys and shapes are checked from the headers before any weight is allocated; the model is cast on the
+    meta device, allocated once on `device` in `dtype` and filled tensor by tensor (see the module docstring).
+
     Args:
         path_or_id: a checkpoint directory or .safetensors file, or a hub id (fetched only when online).
         preset: a preset name or config; None reads it from the checkpoint (dcvla_config.json or config.json).
-        dtype, device: where the weights end up (checkpoints are usually bfloat16 on disk).
+        dtype, device: where the weights end up (checkpoints are usually bfloat16 on disk); RoPE stays float32.
         attn_implementation: transformers attention backend.
     Returns:
         The model in eval mode, with `model.norm_stats` from dataset_statistics.json.
@@ -287,11 +330,14 @@ def load_pretrained(
     directory = resolve_checkpoint_dir(path_or_id)
     folder = directory if directory.is_dir() else directory.parent
     config = preset if isinstance(preset, OpenVLAConfig) else get_preset(preset or detect_preset(folder))
+    dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = OpenVLA(config, attn_implementation)
-    model = model.to_empty(device=device).to(dtype)
+    headers = read_headers(checkpoint_files(directory))
+    routes, _ = check_fit(model, {key: e.shape for entries in headers.values() for key, e in entries.items()})
+    model = model.to(dtype).to_empty(device=device)  # the only allocation of weights: target dtype and device
     _init_buffers(model)
-    load_openvla_state_dict(model, read_state_dict(directory))
+    _copy_in(model, stream_tensors(headers, routes), routes)
     model.norm_stats = read_norm_stats(folder)
     return model.eval()
 
@@ -299,49 +345,36 @@ def load_pretrained(
 def _init_buffers(model: OpenVLA) -> None:
     """Give a model built on the meta device the tensors no checkpoint carries.
 
-    `to_empty` leaves non-persistent buffers uninitialised: RoPE's inverse frequencies (rebuilt in float32, as
-    transformers keeps them) and SigLIP's position ids. DINOv2's unused mask token is zeroed, as at construction.
+    `to_empty` leaves non-persistent buffers uninitialised: RoPE's inverse frequencies (rebuilt in float32 by
+    `place`, as transformers keeps them) and SigLIP's position ids. DINOv2's unused mask token is zeroed.
     """
-    llama = model.language_model.model
-    device = llama.embed_tokens.weight.device
-    llama.rotary_emb = type(llama.rotary_emb)(llama.config).to(device)
+    place(model)
     with torch.no_grad():
         model.vision_backbone.featurizer.embeddings.mask_token.zero_()
-        siglip = model.vision_backbone.fused_featurizer.embeddings
-        siglip.position_ids.copy_(torch.arange(siglip.position_ids.shape[-1], device=device)[None])
+        ids = model.vision_backbone.fused_featurizer.embeddings.position_ids
+        ids.copy_(torch.arange(ids.shape[-1], device=ids.device)[None])
 
 
-def save_pretrained(model: OpenVLA, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """Write `model` as an OpenVLA-layout checkpoint: sharded safetensors + index, dataset statistics, preset.
-
-    Every file is written atomically. `dtype` (default bfloat16, as published) of None keeps the model's.
-    """
+def write_checkpoint(directory: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], make,
+                     norm_stats: dict, preset: str, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """An OpenVLA-layout checkpoint: shards + index (`dcvla.devices.write_shards`: `make(key)` is called one shard at
+    a time, so the 7B benchmark writes random weights without a model), dataset statistics, preset; all atomic."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-             for k, v in to_openvla_layout(model).items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, value in state.items():
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        with atomic_path(directory / name) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-        weight_map |= {key: name for key in shard}
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    files = {
-        INDEX_FILE: {"metadata": {"total_size": total}, "weight_map": weight_map},
-        STATS_FILE: model.norm_stats,
-        DCVLA_CONFIG_FILE: {"preset": model.config.name},
-    }
-    for name, content in files.items():
+    write_shards(directory, specs, make, max_shard_bytes)
+    for name, content in {STATS_FILE: norm_stats, DCVLA_CONFIG_FILE: {"preset": preset}}.items():
         with atomic_path(directory / name) as tmp:
             tmp.write_text(json.dumps(content, indent=2))
     return directory
+
+
+def save_pretrained(model: OpenVLA, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """Write `model` as an OpenVLA-layout checkpoint (see `write_checkpoint`).
+
+    `dtype` (default bfloat16, as published) of None keeps the model's.
+    """
+    state = to_openvla_layout(model)
+    cast = {key: dtype if dtype is not None and value.is_floating_point() else value.dtype for key, value in state.items()}
+    specs = {key: (tuple(value.shape), cast[key]) for key, value in state.items()}
+    return write_checkpoint(directory, specs, lambda key: state[key].detach().to("cpu", cast[key]), model.norm_stats,
+                            model.config.name, max_shard_bytes)

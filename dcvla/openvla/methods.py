@@ -17,6 +17,7 @@ its own selection. Rows whose outputs nothing reads are not computed unless `fai
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from .ttf_selector import SelectorConfig
@@ -84,6 +85,13 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"CacheConfig.method: unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        layers = self.prune_layers
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"CacheConfig.prune_layers must be a list or tuple of LLM layer ids, got {layers!r}")
+        if not isinstance(self.faithful, bool):
+            raise ValueError(f"CacheConfig.faithful must be True or False, got {self.faithful!r}")
+        if self.unnorm_key is not None and not isinstance(self.unnorm_key, str):
+            raise ValueError(f"CacheConfig.unnorm_key must be a dataset name (str) or None, got {self.unnorm_key!r}")
         self.selector_config()  # validate both selectors' fields, naming the one that is wrong
         self.vla_cache_config()
 

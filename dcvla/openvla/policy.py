@@ -4,6 +4,15 @@ instruction)` per frame. Vanilla is this policy with nothing reused and no store
 One frame runs in stages: the selection (which patches may reuse), the towers, the projector, the LLM prefill and
 the decode. `_forward` runs the stages for a given `Method`; a step runs it for its own method, and the shadow
 pass of drift recording runs the same stages as `vanilla`, with no store.
+
+A step reads the device as few times as it can (on a GPU each read waits for every kernel queued before it): the
+selector reads its pixel scores once, every reuse decision and row plan is made on the host from host-side masks
+and reaches the device in one copy per plan, and the bookkeeping reads the action tokens, the relevance and
+VLA-Cache's entropies together, once (`benchmarks/host_syncs.py` counts them).
+
+A step that raises after it has started to change the episode's state (a store half written, say, by an
+out-of-memory error in the prefill) leaves the policy broken: further steps raise until `reset()`, rather than
+run on stores that mix two frames.
 """
 
 from __future__ import annotations
@@ -15,17 +24,18 @@ import numpy as np
 import torch
 
 from ..images import resize_image, validate_image
-from ..kv_store import KVStore, LayerPlan
+from ..kv_store import KVStore, LayerPlan, to_device
 from ..streaming import EpisodeGuard, StageClock
 from ..tokenizer import load_tokenizer
 from . import flops as F
+from .actions import unnormalize_action
 from .checkpoint import load_pretrained, resolve_checkpoint_dir
 from .config import get_preset
 from .llm_cache import PrefillOutput, PrefillRequest, new_llm_store, prefill
 from .methods import METHODS, CacheConfig, Method
 from .model import ActionPrediction, OpenVLA, random_model
 from .processing import Processor
-from .ttf_selector import Selection, UnifiedTokenSelector, text_to_vision_relevance
+from .ttf_selector import Selection, UnifiedTokenSelector, text_relevance
 from .vit_cache import new_tower_store, run_tower, tower_plan
 from .vla_cache import vla_cache_layer_reuse, vla_cache_static_patches
 
@@ -57,8 +67,9 @@ class StepRecord:
 class Reuse:
     """One frame's reuse decision: the unified mask and VLA-Cache's per-layer schedule (None: not used)."""
 
-    static: torch.Tensor | None = None      # [patch] bool: the unified selector's reuse mask
-    llm_skip: torch.Tensor | None = None    # [layer, patch] bool: VLA-Cache's tokens skipping each layer
+    static: torch.Tensor | None = None      # [patch] bool on the device: the unified selector's reuse mask
+    static_host: np.ndarray | None = None   # [patch] bool: the same mask on the host (plans are made from it)
+    llm_skip: torch.Tensor | None = None    # [layer, patch] bool on the host: VLA-Cache's tokens skipping each layer
 
 
 @dataclass
@@ -68,7 +79,7 @@ class Forward:
     vit_work: dict[str, list[F.LayerWork]]
     projector_rows: int
     seq_len: int
-    llm_reuse: torch.Tensor     # [layer, patch] bool
+    llm_reuse: torch.Tensor     # [layer, patch] bool, on the host
     prefill: PrefillOutput
     token_ids: torch.Tensor     # [action_dim]
     logits: torch.Tensor        # [action_dim, vocab] float32
@@ -146,16 +157,32 @@ class CachedPolicy:
             if method.llm_store else None)  # BOS + vision slots
         self.fused_features: torch.Tensor | None = None  # TTF's cache of fused ViT output tokens
         self.last_fresh = torch.full((model.config.num_patches,), -1, dtype=torch.long)
+        self.bos_stored = False  # the LLM store holds BOS's K/V (written by the episode's first prefill)
         self.last: ActionPrediction | None = None
         self.records: list[StepRecord] = []
+        self.broken = False      # a step failed mid-way: the stores may mix two frames until this reset
 
     # ----------------------------------------------------------------------------------------------- one frame
     @torch.inference_mode()
     def step(self, image, instruction: str) -> np.ndarray:
-        """One frame -> the un-normalised 7-dim action; `self.last` keeps its tokens and logits."""
+        """One frame -> the un-normalised 7-dim action; `self.last` keeps its tokens and logits.
+
+        Inputs are checked before anything changes; an error after that (out of memory, an observer's) marks the
+        policy broken, and every later step raises until `reset()`.
+        """
+        if self.broken:
+            raise RuntimeError(f"the previous step of this {self.name} policy failed mid-way, so its caches may "
+                               "mix two frames; call reset() before the next step")
         image = validate_image(image)
         input_ids, pixel_values = self.processor(image, instruction)
         self.guard.check(image.shape, input_ids)
+        try:
+            return self._step(image, input_ids, pixel_values)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _step(self, image: np.ndarray, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> np.ndarray:
         pixel_values = pixel_values.to(self.model.device, self.model.dtype)
         clock = StageClock(self.model.device)
         with clock.stage("select"):
@@ -176,7 +203,8 @@ class CachedPolicy:
         selection, reuse, image224 = None, Reuse(), None
         if self.method.unified_selector:
             selection = self.selector.select(pixel_values, self.prev_relevance)
-            reuse.static = selection.reuse.to(self.model.device)
+            reuse.static_host = selection.reuse.numpy()
+            reuse.static = to_device(reuse.static_host, self.model.device)
         if self.method.llm == "vla_cache":
             image224 = resize_image(image, self.model.config.dino.image_size)
             if self.prev_image is not None and self.prev_entropy is not None:
@@ -193,7 +221,7 @@ class CachedPolicy:
             observer: receives every layer's Q/K/V as used (`on_layer`).
         """
         model = self.model
-        features, patches, vit_work = self._towers(method, pixel_values, reuse.static, clock, keep, observer)
+        features, patches, vit_work = self._towers(method, pixel_values, reuse.static_host, clock, keep, observer)
         if method.vit == "ttf":
             features = self._ttf_fuse(features, reuse.static)
         with clock.stage("projector"):
@@ -205,21 +233,23 @@ class CachedPolicy:
             entropy_layers=self.entropy_layers if keep else frozenset(), observer=observer)
         with clock.stage("llm_prefill"):
             out = prefill(model.language_model, embeds, seq_len, plans, request)
+        if request.store is not None:
+            self.bos_stored = True  # every plan carries BOS fresh until the store holds it
         with clock.stage("llm_decode"):
             token_ids, logits = model.decode_actions(out.logits, out.cache)
         return Forward(vit_work, int(projected.shape[1]), seq_len, llm_reuse, out, token_ids, logits)
 
-    def _towers(self, method: Method, pixel_values: torch.Tensor, static: torch.Tensor | None, clock: StageClock,
+    def _towers(self, method: Method, pixel_values: torch.Tensor, static: np.ndarray | None, clock: StageClock,
                 keep: bool, observer) -> tuple[torch.Tensor, torch.Tensor, dict[str, list[F.LayerWork]]]:
         """Both towers -> (features [1, computed patch, vision_dim], which patches, work per tower)."""
         # The static patches' rows are dropped when nothing reads them: the LLM takes those tokens from its store.
         keep_static_rows = method.llm != "kqv" or self.config.faithful
-        vit_static = static if method.vit == "kv" else None
+        vit_static = static if method.vit == "kv" else None  # on the host
         features, vit_work, patches = [], {}, None
         towers = self.model.vision_backbone.towers.items()
         for (name, tower), px in zip(towers, torch.split(pixel_values, [3, 3], dim=1)):
             with clock.stage(name):
-                plan = tower_plan(tower, vit_static, keep_static_rows)
+                plan = tower_plan(tower, vit_static, keep_static_rows, self.model.device)
                 store = self.tower_stores[name] if keep and method.vit_store else None
                 out = run_tower(tower, px, plan, store, self.frame, observer)
             features.append(out.features)
@@ -236,7 +266,7 @@ class CachedPolicy:
     def _llm_plans(self, method: Method, input_ids: torch.Tensor, projected: torch.Tensor, patches: torch.Tensor,
                    reuse: Reuse) -> tuple[list[LayerPlan], torch.Tensor, int, torch.Tensor]:
         """Layer plans, the first layer's input embeddings (rows in position order), sequence length, and
-        which vision tokens take K/V from the store at each layer ([layer, patch] bool)."""
+        which vision tokens take K/V from the store at each layer ([layer, patch] bool, on the host)."""
         model, cfg = self.model, self.model.config
         device = projected.device
         text = model.language_model.get_input_embeddings()(input_ids.to(device))  # [1, text, llm_hidden]
@@ -244,63 +274,86 @@ class CachedPolicy:
         if method.llm == "vla_cache":
             plans, llm_reuse = self._vla_cache_plans(seq_len, reuse.llm_skip, device)
         else:
-            plans, llm_reuse = self._mask_plans(method, seq_len, reuse.static, device)
+            plans, llm_reuse = self._mask_plans(method, seq_len, reuse.static_host, device)
         # input embeddings of the first layer's rows: BOS/text from the token table, vision from the projector
-        vision = torch.zeros(1, cfg.num_patches, text.shape[-1], dtype=text.dtype, device=device)
-        vision[:, patches] = projected.to(text.dtype)
-        embeds = torch.cat([text[:, :1], vision, text[:, 1:]], dim=1)[:, plans[0].rows]  # [1, row, llm_hidden]
+        if patches.numel() == cfg.num_patches:  # every patch, in order
+            vision = projected.to(text.dtype)
+        else:
+            vision = torch.zeros(1, cfg.num_patches, text.shape[-1], dtype=text.dtype, device=device)
+            vision[:, patches] = projected.to(text.dtype)
+        embeds = torch.cat([text[:, :1], vision, text[:, 1:]], dim=1)  # [1, seq, llm_hidden]
+        if plans[0].rows.numel() != seq_len:
+            embeds = embeds[:, plans[0].rows]  # [1, row, llm_hidden]
         return plans, embeds, seq_len, llm_reuse
 
     def _vla_cache_plans(self, seq_len: int, llm_skip: torch.Tensor | None,
                          device: torch.device) -> tuple[list[LayerPlan], torch.Tensor]:
-        """VLA-Cache: a layer's skipped vision rows are dropped (no Q, no K/V, no MLP); their K/V are the store's."""
+        """VLA-Cache: a layer's skipped vision rows are dropped (no Q, no K/V, no MLP); their K/V are the store's.
+        Made on the host from the host-side schedule; a layer whose rows are the previous layer's shares its plan."""
         layers, n_patches = self.model.config.llm.num_layers, self.model.config.num_patches
-        reuse = (llm_skip.to(device) if llm_skip is not None
-                 else torch.zeros(layers, n_patches, dtype=torch.bool, device=device))  # [layer, patch]
-        plans = []
+        skip = (llm_skip.numpy() if llm_skip is not None
+                else np.zeros((layers, n_patches), dtype=bool))  # [layer, patch]
+        plans: list[LayerPlan] = []
         for layer in range(layers):
-            keep = torch.ones(seq_len, dtype=torch.bool, device=device)
-            keep[1 : 1 + n_patches] = ~reuse[layer]
-            rows = keep.nonzero().squeeze(1)
-            ones = torch.ones_like(rows, dtype=torch.bool)
-            plans.append(LayerPlan(rows, ones, ones))
-        return plans, reuse
+            if layer and np.array_equal(skip[layer], skip[layer - 1]):
+                plans.append(plans[-1])
+                continue
+            keep = np.ones(seq_len, dtype=bool)
+            keep[1 : 1 + n_patches] = ~skip[layer]
+            rows = np.flatnonzero(keep)
+            ones = np.ones(len(rows), dtype=bool)
+            plans.append(LayerPlan.from_host(rows, ones, ones, device))
+        return plans, torch.from_numpy(skip)
 
-    def _mask_plans(self, method: Method, seq_len: int, static: torch.Tensor | None,
+    def _mask_plans(self, method: Method, seq_len: int, static: np.ndarray | None,
                     device: torch.device) -> tuple[list[LayerPlan], torch.Tensor]:
-        """The unified mask at every layer: static vision tokens' K/V (kv) or Q/K/V (kqv) from the store."""
+        """The unified mask at every layer: static vision tokens' K/V (kv) or Q/K/V (kqv) from the store. One plan,
+        made on the host from the selector's host-side mask, serves every layer."""
         layers, n_patches = self.model.config.llm.num_layers, self.model.config.num_patches
-        reuse = torch.zeros(layers, n_patches, dtype=torch.bool, device=device)  # [layer, patch]
-        slot_static = torch.zeros(seq_len, dtype=torch.bool, device=device)  # [seq]: K/V from the store
-        if method.llm in ("kqv", "kv") and static is not None and bool(static.any()):
+        reuse = np.zeros((layers, n_patches), dtype=bool)  # [layer, patch]
+        slot_static = np.zeros(seq_len, dtype=bool)  # [seq]: K/V from the store
+        if method.llm in ("kqv", "kv") and static is not None and static.any():
             reuse[:] = static
             slot_static[1 : 1 + n_patches] = static
-            slot_static[0] = self.llm_store.is_filled(0, torch.tensor([0], device=device))  # BOS never changes
+            slot_static[0] = self.bos_stored  # BOS never changes
         drop = method.llm == "kqv" and not self.config.faithful
-        rows = (~slot_static).nonzero().squeeze(1) if drop else torch.arange(seq_len, device=device)
+        rows = np.flatnonzero(~slot_static) if drop else np.arange(seq_len)
         kv_fresh = ~slot_static[rows]
-        q_fresh = kv_fresh.clone() if method.llm == "kqv" else torch.ones_like(kv_fresh)
-        return [LayerPlan(rows, kv_fresh, q_fresh)] * layers, reuse
+        q_fresh = kv_fresh.copy() if method.llm == "kqv" else np.ones_like(kv_fresh)
+        return [LayerPlan.from_host(rows, kv_fresh, q_fresh, device)] * layers, torch.from_numpy(reuse)
 
     def _bookkeep(self, out: Forward, selection: Selection | None, reuse: Reuse, image224: np.ndarray | None,
                   latency_ms: dict[str, float]) -> StepRecord:
-        """Keep what the next frame's selection needs; return the frame's record."""
+        """Keep what the next frame's selection needs; return the frame's record.
+
+        The action tokens, the selector's relevance and VLA-Cache's entropies are read from the device together:
+        the frame's one read after the forward."""
         model, frame = self.model, self.frame
-        relevance = None
+        n_layers = model.config.llm.num_layers
+        parts = [out.token_ids.double()]  # float64 holds the token ids and the float32 values exactly
         if self.method.needs_relevance:
-            text_positions = torch.arange(1 + model.config.num_patches, out.seq_len)
-            relevance = text_to_vision_relevance(out.prefill.text_probs[self.config.attention_layer_id], text_positions)
+            parts.append(text_relevance(out.prefill.text_probs[self.config.attention_layer_id]).double())
+        if out.prefill.entropy:
+            parts.append(torch.stack([out.prefill.entropy[layer] for layer in range(n_layers)]).double())
+        host = torch.cat(parts).cpu().numpy()
+        n_ids = out.token_ids.numel()
+        token_ids, rest = host[:n_ids].astype(np.int64), host[n_ids:]
+        relevance, n_patches = None, model.config.num_patches
+        if self.method.needs_relevance:
+            relevance, rest = torch.from_numpy(rest[:n_patches].astype(np.float32)), rest[n_patches:]
         self.prev_relevance, self.prev_image = relevance, image224
         if out.prefill.entropy:
-            self.prev_entropy = torch.stack([out.prefill.entropy[layer] for layer in range(model.config.llm.num_layers)])
-        stale = out.llm_reuse.any(0).cpu()  # [patch]
-        if reuse.static is not None:
-            stale |= reuse.static.cpu()
-        self.last_fresh[~stale] = frame
-        self.last = ActionPrediction(out.token_ids, out.logits, *model.decode_action(out.token_ids, self.unnorm_key))
+            self.prev_entropy = torch.from_numpy(rest[:n_layers].astype(np.float32))
+        stale = out.llm_reuse.numpy().any(0)  # [patch]
+        if reuse.static_host is not None:
+            stale = stale | reuse.static_host
+        self.last_fresh.numpy()[~stale] = frame
+        normalized = model.action_tokenizer.decode(token_ids)
+        action = unnormalize_action(normalized, model.action_stats(self.unnorm_key))
+        self.last = ActionPrediction(out.token_ids, out.logits, normalized, action)
         return StepRecord(
             frame=frame, selection=selection, vit_work=out.vit_work, llm_work=out.prefill.work,
-            llm_reuse=out.llm_reuse.cpu(), projector_rows=out.projector_rows, seq_len=out.seq_len,
+            llm_reuse=out.llm_reuse, projector_rows=out.projector_rows, seq_len=out.seq_len,
             flops=self._flops(out), latency_ms=latency_ms, relevance=relevance, staleness=frame - self.last_fresh,
             prediction=self.last, text_probs=out.prefill.text_probs,
         )

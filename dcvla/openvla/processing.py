@@ -41,6 +41,23 @@ def build_prompt(instruction: str) -> str:
     return PROMPT_TEMPLATE.format(instruction=instruction.strip().lower())
 
 
+def check_sequence_length(instruction: str, prompt_tokens: int, config: OpenVLAConfig) -> None:
+    """A ValueError when the Llama's sequence, [BOS] + vision tokens + the prompt's tokens (BOS excluded) + the
+    decoded action tokens, would pass its `max_position_embeddings`: the count, the limit, and by how much (in tokens,
+    and roughly in characters) to shorten the instruction."""
+    vision, actions, limit = config.num_patches, config.action_dim, config.llm.max_position_embeddings
+    total = 1 + vision + prompt_tokens + actions
+    if total <= limit:
+        return
+    over = total - limit
+    chars = -(-over * len(instruction) // max(prompt_tokens, 1))  # ceil, at this prompt's characters per token
+    raise ValueError(
+        f"instruction too long: the LLM would see {total} tokens (1 BOS + {vision} vision + {prompt_tokens} prompt + "
+        f"{actions} action tokens), past its max_position_embeddings of {limit}; shorten the instruction by at least "
+        f"{over} tokens (about {chars} of its {len(instruction)} characters)"
+    )
+
+
 class Processor:
     """Turns (image, instruction) into the model's `input_ids` and `pixel_values`.
 
@@ -57,12 +74,19 @@ class Processor:
             raise ValueError(f"tokenizer has no bare {EMPTY_PIECE!r} piece, which OpenVLA appends to every prompt")
 
     def encode_prompt(self, instruction: str) -> torch.Tensor:
-        """Instruction -> input_ids [1, text], BOS first and the bare "▁" last (added if missing)."""
-        ids = self.tokenizer(build_prompt(instruction)).input_ids
+        """Instruction -> input_ids [1, text], BOS first and the bare "▁" last (added if missing).
+
+        Raises:
+            ValueError: the LLM's sequence ([BOS] + vision tokens + prompt + the decoded action tokens) would pass
+                its `max_position_embeddings` (RoPE past the trained length gives actions, silently wrong).
+        """
+        prompt = build_prompt(instruction)
+        ids = self.tokenizer(prompt).input_ids
         if ids[0] != self.tokenizer.bos_token_id:
             raise ValueError("tokenizer did not prepend BOS; OpenVLA's sequence starts with it")
         if ids[-1] != self.empty_piece_id:
             ids = ids + [self.empty_piece_id]
+        check_sequence_length(instruction, len(ids) - 1, self.config)
         return torch.tensor([ids], dtype=torch.long)
 
     def __call__(self, image: np.ndarray | Image.Image, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,9 @@ exactly 2x, so TTF's published 0.03 equals ~0.0068 on [0, 1] pixels (1.7 grey le
 would give 0.015. `pixel_space="unit"` thresholds the [0, 1] grayscale difference instead.
 
 Patch j of the 16x16 grid (row-major, row = image y) is LLM sequence position j + 1.
+
+The selector reads the device once per frame (the pixel scores, with the count of non-finite pixels); the rest of
+its decision is made on the host, where the previous frame's relevance already is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +77,11 @@ class Selection:
     keyframe: bool
 
 
+def on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself if it is in host memory, else its copy there (a device read)."""
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
+
+
 def top_k_patches(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest-scoring patches; ties go to the lower index, as upstream's stable Python sort does.
 
@@ -80,12 +89,12 @@ def top_k_patches(scores: torch.Tensor, k: int) -> torch.Tensor:
         scores: [256] float relevance.
         k: how many to mark, 0..256.
     Returns:
-        [256] bool mask with exactly k True.
+        [256] bool mask (on the CPU) with exactly k True.
     """
     order = torch.sort(scores, descending=True, stable=True).indices  # [patch]
-    mask = torch.zeros(scores.shape[0], dtype=torch.bool)
-    mask[order[:k].cpu()] = True
-    return mask
+    mask = np.zeros(scores.shape[0], dtype=bool)
+    mask[on_host(order[:k]).numpy()] = True
+    return torch.from_numpy(mask)
 
 
 def check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor | None:
@@ -95,9 +104,10 @@ def check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor |
         raise TypeError(f"{name} must be a torch.Tensor [256] or None, got {type(relevance).__name__}")
     if relevance.shape != (NUM_PATCHES,):
         raise ValueError(f"{name} must have shape [{NUM_PATCHES}] (one value per patch); got {list(relevance.shape)}")
-    relevance = relevance.detach().float().cpu()
-    if not torch.isfinite(relevance).all():
-        raise ValueError(f"{name} has {int((~torch.isfinite(relevance)).sum())} NaN or infinite values")
+    relevance = on_host(relevance.detach().float())
+    bad = ~np.isfinite(relevance.numpy())
+    if bad.any():
+        raise ValueError(f"{name} has {int(bad.sum())} NaN or infinite values")
     return relevance
 
 
@@ -129,6 +139,23 @@ def text_to_vision_relevance(
     return mean[rows, 1 : NUM_PATCHES + 1].mean(dim=0).cpu()  # [patch]
 
 
+def text_relevance(text_probs: torch.Tensor, max_text_tokens: int = MAX_TEXT_TOKENS) -> torch.Tensor:
+    """`text_to_vision_relevance` of the text rows a prefill returns (`PrefillOutput.text_probs`), where they are:
+    the same values, computed on their device without reading it.
+
+    Args:
+        text_probs: [heads, text, seq] attention probabilities of the prompt rows, in position order from the first
+            prompt position (1 + 256) on.
+        max_text_tokens: cap on the text rows used (upstream: 35).
+    Returns:
+        [256] float32, on `text_probs`' device.
+    """
+    if text_probs.dim() != 3 or text_probs.shape[1] == 0 or text_probs.shape[-1] < NUM_PATCHES + 1:
+        raise ValueError(f"text_probs must be [heads, text > 0, seq > {NUM_PATCHES}]; got {list(text_probs.shape)}")
+    mean = text_probs.detach().float().mean(dim=0)  # [text, seq]
+    return mean[:max_text_tokens, 1 : NUM_PATCHES + 1].mean(dim=0)  # [patch]
+
+
 class UnifiedTokenSelector:
     """TTF-VLA's reuse decision for one episode stream; it keeps the previous frame's pixel values itself.
 
@@ -147,6 +174,7 @@ class UnifiedTokenSelector:
         """New episode: forget the previous frame, so the next frame is a keyframe."""
         self._prev: torch.Tensor | None = None
         self._frame = 0  # frames since reset; TTF never resets it at keyframes, so keyframes are 0, k, 2k, ...
+        self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}  # per device: made (copied) once
 
     def select(self, pixel_values: torch.Tensor, text_to_vision: torch.Tensor | None) -> Selection:
         """Decide which patches of this frame reuse cached values, then remember this frame.
@@ -161,10 +189,16 @@ class UnifiedTokenSelector:
             Selection with [256] CPU tensors.
         """
         cfg = self.config
-        current = self._check_pixels(pixel_values)  # [6, H, W]
-        relevance = check_relevance(text_to_vision, "text_to_vision")
+        current = self._check_pixels(pixel_values)  # [6, H, W] float32
         prev = None if self._prev is None else self._prev.to(current.device)
-        score = torch.zeros(NUM_PATCHES) if prev is None else self._pixel_score(prev, current)
+        # the frame's one read of the device: the count of non-finite pixels, then the scores
+        nonfinite = (~torch.isfinite(current)).sum().float()[None]  # exact: far fewer than 2**24 pixels
+        host = (nonfinite if prev is None else torch.cat([nonfinite, self._pixel_score(prev, current)])).cpu()
+        n_bad = int(host.numpy()[0])
+        if n_bad:
+            raise ValueError(f"pixel_values has {n_bad} NaN or infinite values")
+        relevance = check_relevance(text_to_vision, "text_to_vision")
+        score = torch.zeros(NUM_PATCHES) if prev is None else host[1:].clone()  # [patch]
         keyframe = prev is None or self._frame % cfg.keyframe_interval == 0
         none = torch.zeros(NUM_PATCHES, dtype=torch.bool)
         if keyframe:
@@ -189,21 +223,26 @@ class UnifiedTokenSelector:
                              f"got {list(pixel_values.shape)}")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be normalised floats, got dtype {pixel_values.dtype}")
-        current = pixel_values.detach()[0].to(torch.float32)  # [6, H, W]; TTF upcasts before the grayscale too
-        if not torch.isfinite(current).all():
-            raise ValueError(f"pixel_values has {int((~torch.isfinite(current)).sum())} NaN or infinite values")
-        return current.clone()
+        # TTF upcasts before the grayscale too; finiteness is checked with the scores (`select`: one device read)
+        return pixel_values.detach()[0].to(torch.float32).clone()  # [6, H, W]
+
+    def _constant(self, name: str, values: tuple[float, float, float], device: torch.device) -> torch.Tensor:
+        """[3, 1, 1] float32 per-channel constant on `device`, copied there once (not once per frame)."""
+        key = (name, device)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(values).view(3, 1, 1).to(device)
+        return self._constants[key]
 
     def _gray_diff(self, prev: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         # TTF's order of operations: grayscale each frame, then |difference|, then the 14x14 mean.
-        weights = torch.tensor(GRAY_WEIGHTS, device=current.device).view(3, 1, 1)
+        weights = self._constant("gray", GRAY_WEIGHTS, current.device)
         diff = ((prev * weights).sum(0) - (current * weights).sum(0)).abs()  # [H, W]
-        return F.avg_pool2d(diff[None, None], self.patch_size, self.patch_size).flatten().cpu()  # [patch]
+        return F.avg_pool2d(diff[None, None], self.patch_size, self.patch_size).flatten()  # [patch], on the device
 
     def _pixel_score(self, prev: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         if self.config.pixel_space == "unit":
-            mean = torch.tensor(SIGLIP_MEAN, device=current.device).view(3, 1, 1)
-            std = torch.tensor(SIGLIP_STD, device=current.device).view(3, 1, 1)
+            mean = self._constant("mean", SIGLIP_MEAN, current.device)
+            std = self._constant("std", SIGLIP_STD, current.device)
             return self._gray_diff(prev[3:] * std + mean, current[3:] * std + mean)  # [patch]
         # A patch TTF would recompute in either tower is recomputed in both.
         return torch.maximum(self._gray_diff(prev[:3], current[:3]), self._gray_diff(prev[3:], current[3:]))

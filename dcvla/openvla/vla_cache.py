@@ -4,6 +4,9 @@ per-layer share set by the previous frame's attention entropy.
 Follows siyuhsu/vla-cache (`src/openvla/experiments/robot/vla_cache_utils.py`, `openvla_utils.py`, and the forked
 `LlamaModel.forward` in `src/transformers/.../modeling_llama.py`). Patch j of the 16x16 grid (row-major, row =
 image y) is LLM sequence position j + 1.
+
+Everything here runs on the host (numpy for the data-dependent steps), from the raw frames and the previous
+frame's relevance and entropies, which the policy reads from the device once per frame.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .ttf_selector import NUM_PATCHES, check_float, check_int, check_relevance, top_k_patches
+from .ttf_selector import NUM_PATCHES, check_float, check_int, check_relevance, on_host, top_k_patches
 
 
 @dataclass(frozen=True)
@@ -93,15 +96,15 @@ def vla_cache_static_patches(
     config = config if config is not None else VLACacheConfig()
     similarity = patch_cosine_similarity(prev_image, image)  # [patch]
     relevance = check_relevance(prev_text_to_vision, "prev_text_to_vision")
-    static = torch.zeros(NUM_PATCHES, dtype=torch.bool)
     if relevance is None:
-        return static
-    order = torch.sort(similarity, descending=True, stable=True).indices  # [patch]
-    static[order[similarity[order] >= config.similarity_threshold][: config.top_k_static]] = True
-    return static & ~top_k_patches(relevance, config.attention_top_k_remove)
+        return torch.zeros(NUM_PATCHES, dtype=torch.bool)
+    order = torch.sort(similarity, descending=True, stable=True).indices.numpy()  # [patch]
+    static = np.zeros(NUM_PATCHES, dtype=bool)
+    static[order[similarity.numpy()[order] >= config.similarity_threshold][: config.top_k_static]] = True
+    return torch.from_numpy(static) & ~top_k_patches(relevance, config.attention_top_k_remove)
 
 
-def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
+def attention_entropy(attn: torch.Tensor, on_host: bool = True) -> torch.Tensor:
     """One layer's mean attention entropy, as VLA-Cache's get_layer_mask_schedule computes it.
 
     Heads are averaged, each row renormalised (+1e-10), row entropy -sum p log(p + 1e-10) in nats, then the mean
@@ -109,13 +112,15 @@ def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
 
     Args:
         attn: [1, heads, q, k] or [heads, q, k] prefill attention probabilities of one layer.
+        on_host: return it on the CPU (False: where `attn` is, for the caller to read with other values at once).
     Returns:
         0-dim float32 tensor.
     """
     probs = attn.detach().float()
     probs = (probs[0] if probs.dim() == 4 else probs).mean(dim=0)  # [q, k]
     probs = torch.nan_to_num(probs / (probs.sum(dim=-1, keepdim=True) + 1e-10), nan=0.0)
-    return -(probs * torch.log(probs + 1e-10)).sum(dim=-1).mean().cpu()
+    entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=-1).mean()
+    return entropy.cpu() if on_host else entropy
 
 
 def vla_cache_reuse_proportions(layer_entropy: torch.Tensor, config: VLACacheConfig | None = None) -> torch.Tensor:
@@ -131,13 +136,13 @@ def vla_cache_reuse_proportions(layer_entropy: torch.Tensor, config: VLACacheCon
         [num_layers] float32 in [0, 1].
     """
     config = config if config is not None else VLACacheConfig()
-    entropy = layer_entropy.detach().float().cpu()
-    if entropy.dim() != 1 or entropy.numel() == 0 or not torch.isfinite(entropy).all():
+    entropy = on_host(layer_entropy.detach().float())
+    if entropy.dim() != 1 or entropy.numel() == 0 or not np.isfinite(entropy.numpy()).all():
         raise ValueError(f"layer_entropy must be a finite [num_layers] vector; got shape {list(entropy.shape)}")
     share = 1.0 - (entropy - entropy.min()) / (entropy.max() - entropy.min() + 1e-10)  # [layer]
     if not config.apply_weighted_growth:
         return share
-    values = share.tolist()  # upstream smooths in Python floats, then returns float32
+    values = share.numpy().tolist()  # upstream smooths in Python floats, then returns float32
     for i in range(1, len(values)):
         if values[i] > values[i - 1]:
             values[i] = values[i - 1] + (values[i] - values[i - 1]) * config.growth_factor
@@ -167,11 +172,12 @@ def vla_cache_layer_reuse(
     num_layers = share.shape[0]
     if config.prune_layers[-1] >= num_layers:
         raise ValueError(f"VLACacheConfig.prune_layers {config.prune_layers} exceed the {num_layers} layers given")
-    order = reusable.cpu().nonzero().flatten()  # [n] ascending patch index, as upstream's sorted positions
-    out = torch.zeros(num_layers, NUM_PATCHES, dtype=torch.bool)
+    order = np.flatnonzero(on_host(reusable).numpy())  # [n] ascending patch index, as upstream's sorted positions
+    share = share.numpy()
+    out = np.zeros((num_layers, NUM_PATCHES), dtype=bool)
     dropped = 0
     for layer in range(num_layers):
         if len(order) and layer in config.prune_layers:
-            dropped = max(dropped, max(1, int(share[layer] * len(order))))  # float32 product, truncated
+            dropped = max(dropped, max(1, int(share[layer] * np.float32(len(order)))))  # float32 product, truncated
         out[layer, order[:dropped]] = True
-    return out
+    return torch.from_numpy(out)

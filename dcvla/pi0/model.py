@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import GemmaConfig, GemmaModel, SiglipVisionConfig, SiglipVisionModel
@@ -116,8 +117,9 @@ class Pi0Model(nn.Module):
         return self.projector(self.vision(pixel_values=pixel_values).last_hidden_state)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[1, text] -> [1, text, lm_width], scaled by sqrt(width) as Gemma's token embedding is."""
-        return self.language_model.embed_tokens(input_ids) * math.sqrt(self.config.lm.hidden_size)
+        """[1, text] -> [1, text, lm_width], scaled by sqrt(width): transformers' Gemma token embedding
+        (`GemmaTextScaledWordEmbedding`) applies that scale itself, so it is not applied again here."""
+        return self.language_model.embed_tokens(input_ids)
 
     def embed_state(self, state: torch.Tensor) -> torch.Tensor:
         """Normalised state [state_dim] -> the state token [1, 1, lm_width]."""
@@ -143,11 +145,10 @@ class Pi0Model(nn.Module):
         prefix_len = store.num_slots
         hidden = self.embed_suffix(noisy_actions, t)
         positions = torch.arange(prefix_len, prefix_len + hidden.shape[1], device=hidden.device)
-        rows = torch.arange(hidden.shape[1], device=hidden.device)
         for layer, block in enumerate(expert.layers):
             x = block.input_layernorm(hidden)
             cos, sin = expert.rotary_emb(x, positions[None])
-            q, k, v = project_qkv(block.self_attn, x, rows, rows, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            q, k, v = project_qkv(block.self_attn, x, None, None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             keys = torch.cat([store.keys[layer][None], k], dim=2)  # [1, kv_head, prefix + horizon, head_dim]
             values = torch.cat([store.values[layer][None], v], dim=2)
             attn, _ = attend(q, keys, values, block.self_attn.scaling, None)
@@ -157,12 +158,13 @@ class Pi0Model(nn.Module):
 
     @torch.inference_mode()
     def sample_actions(self, store: KVStore, noise: torch.Tensor) -> torch.Tensor:
-        """Euler integration of the velocity from t = 1 (noise [1, horizon, action_dim]) to t = 0."""
+        """Euler integration of the velocity from t = 1 (noise [1, horizon, action_dim]) to t = 0, in float32
+        whatever the model's dtype (the expert runs in it): ten bf16 accumulations would round the chunk each step."""
         steps = self.config.num_steps
         dt = -1.0 / steps
-        x = noise.to(self.dtype)
+        x = noise.float()
         for i in range(steps):
-            x = x + dt * self.velocity(store, x, 1.0 + i * dt)
+            x = x + dt * self.velocity(store, x.to(self.dtype), 1.0 + i * dt).float()
         return x
 
     # ------------------------------------------------------------------------------------------------- flops
@@ -219,28 +221,31 @@ def run_prefix(model: Pi0Model, inputs: PrefixInputs, plans: list[LayerPlan], st
     if store.num_slots != prefix_len:
         raise ValueError(f"the store holds {store.num_slots} prefix positions, this prefix has {prefix_len}")
     rows = plans[0].rows
-    hidden = inputs.embeddings()[:, rows]  # [1, row, width]
-    reused = torch.ones(cfg.num_layers, prefix_len, dtype=torch.bool)
+    hidden = inputs.embeddings()  # [1, prefix, width]
+    if rows.numel() != prefix_len:
+        hidden = hidden[:, rows]  # [1, row, width]
+    reused = np.ones((cfg.num_layers, prefix_len), dtype=bool)
     work = []
     for layer, (block, plan) in enumerate(zip(lm.layers, plans)):
-        if plan.rows.numel() != rows.numel():  # rows dropped from this layer on
-            hidden, rows = hidden[:, torch.isin(rows, plan.rows)], plan.rows
-        work.append(F.LayerWork(int(rows.numel()), int(rows.numel()), prefix_len if rows.numel() else 0))
-        reused[layer, rows.cpu()] = False
-        if rows.numel() == 0:
+        if plan.rows.numel() != rows.numel():  # rows dropped from this layer on (a subset of the previous rows)
+            hidden, rows = hidden[:, torch.searchsorted(rows, plan.rows)], plan.rows
+        n = rows.numel()
+        work.append(F.LayerWork(n, n, prefix_len if n else 0))
+        reused[layer, plan.host[0]] = False  # the plan's host copy: no read of the device
+        if n == 0:
             continue
-        if not bool(plan.kv_fresh.all()):
+        if plan.n_kv != n:
             raise ValueError("the Pi0 prefix projects K/V for every row it carries")
         x = block.input_layernorm(hidden)
         cos, sin = lm.rotary_emb(x, rows[None])
-        local = torch.arange(rows.numel(), device=rows.device)  # every carried row projects Q and K/V
-        q, k, v = project_qkv(block.self_attn, x, local, local, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        # every carried row projects Q and K/V
+        q, k, v = project_qkv(block.self_attn, x, None, None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         keys, values = gather_kv(store, layer, prefix_len, rows, k, v)  # bidirectional: every prefix position
         store.update(layer, rows, k[0], v[0], step)
         attn, _ = attend(q, keys, values, block.self_attn.scaling, None)
         hidden = hidden + block.self_attn.o_proj(attn)
         hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-    return PrefixOutput(work, reused)
+    return PrefixOutput(work, torch.from_numpy(reused))
 
 
 def random_pi0(config: Pi0Config | str, seed: int = 0, attn_implementation: str = "sdpa") -> Pi0Model:

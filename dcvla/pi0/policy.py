@@ -156,10 +156,12 @@ class Pi0Policy:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.last: Pi0StepRecord | None = None
         self.records: list[Pi0StepRecord] = []
+        self.broken = False  # a step failed mid-way: the store may mix two steps until this reset
 
     # ---------------------------------------------------------------------------------------------- inputs
     def encode_prompt(self, instruction: str) -> torch.Tensor:
-        """openpi's prompt: the instruction cleaned (underscores, newlines to spaces), BOS first, "\\n" last."""
+        """openpi's prompt: the instruction cleaned (underscores, newlines to spaces), BOS first, "\\n" last; a
+        ValueError when the prefix and the action positions would pass the Gemma's `max_position_embeddings`."""
         if not isinstance(instruction, str):
             raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
         cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
@@ -168,6 +170,18 @@ class Pi0Policy:
         ids = self.tokenizer(cleaned + "\n").input_ids
         if ids[0] != self.tokenizer.bos_token_id:
             ids = [self.tokenizer.bos_token_id, *ids]
+        # the prefix [image | text | state] and then the expert's action positions share one RoPE position range
+        cfg = self.model.config
+        limit = min(self.model.language_model.config.max_position_embeddings, self.model.expert.config.max_position_embeddings)
+        total = cfg.num_image_tokens + len(ids) + 1 + cfg.action_horizon
+        if total > limit:
+            over = total - limit
+            raise ValueError(
+                f"instruction too long: the Gemma would see {total} positions ({cfg.num_image_tokens} image + {len(ids)} "
+                f"text + 1 state tokens, then {cfg.action_horizon} action positions), past its max_position_embeddings "
+                f"of {limit}; shorten the instruction by at least {over} tokens (about "
+                f"{-(-over * len(instruction) // len(ids))} of its {len(instruction)} characters)"
+            )
         return torch.tensor([ids], dtype=torch.long)
 
     def normalize_state(self, state) -> torch.Tensor:
@@ -197,38 +211,48 @@ class Pi0Policy:
     # --------------------------------------------------------------------------------------------- one step
     @torch.inference_mode()
     def step(self, image, instruction: str, state) -> np.ndarray:
-        """One control step -> the un-normalised action chunk [horizon, 7]; `self.last` keeps the record."""
-        model, cfg = self.model, self.model.config
+        """One control step -> the un-normalised action chunk [horizon, 7]; `self.last` keeps the record.
+
+        Inputs are checked before anything changes; an error after that (out of memory in the expert, say, after the
+        prefix has refreshed the store) marks the policy broken, and every later step raises until `reset()`."""
+        if self.broken:
+            raise RuntimeError(f"the previous step of this {self.name} policy failed mid-way, so its K/V store may "
+                               "mix two steps; call reset() before the next step")
         input_ids = self.encode_prompt(instruction)
         state_n = self.normalize_state(state)
         image = validate_image(image)
         self.guard.check(image.shape, input_ids)
-        clock = StageClock(model.device)
-        with clock.stage("vision"):
-            inputs = PrefixInputs(model.embed_image(self._pixels(image)), model.embed_text(input_ids.to(model.device)),
-                                  model.embed_state(state_n.to(model.device)))
-        with clock.stage("gate"):
-            vision_sim, state_sim = _cosine(inputs.vision, self.ref_vision), _cosine(inputs.state, self.ref_state)
-            gate = self._gate(vision_sim, state_sim)
-            if self.store is None:
-                self.store = model.new_store(inputs.length)
-            span_reuse = self._span_reuse(gate)  # [span, layer]
-            plans = self._plans(inputs, span_reuse)
-        with clock.stage("prefix"):
-            out = run_prefix(model, inputs, plans, self.store, self.step_index)
-        with clock.stage("expert"):
-            noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=self.generator).to(model.device)
-            actions = model.sample_actions(self.store, noise)
-        if self.config.compare_to == "previous" or not gate:
-            self.ref_vision, self.ref_state = inputs.vision, inputs.state
-        record = Pi0StepRecord(
-            step=self.step_index, gate=gate, vision_similarity=vision_sim, state_similarity=state_sim,
-            span_reuse=span_reuse, staleness=self._staleness(inputs), reuse_fraction=float(out.reused.float().mean()),
-            chunk=self.unnormalize(actions), chunk_normalized=actions, noise=noise,
-            flops=model.stage_flops(out.work, inputs.length), latency_ms=clock.ms,
-        )
-        self._emit(record, inputs)
-        return record.chunk
+        try:  # from here on the step changes the episode's state: an error leaves the policy broken
+            model, cfg = self.model, self.model.config
+            clock = StageClock(model.device)
+            with clock.stage("vision"):
+                inputs = PrefixInputs(model.embed_image(self._pixels(image)), model.embed_text(input_ids.to(model.device)),
+                                      model.embed_state(state_n.to(model.device)))
+            with clock.stage("gate"):
+                vision_sim, state_sim = _cosine(inputs.vision, self.ref_vision), _cosine(inputs.state, self.ref_state)
+                gate = self._gate(vision_sim, state_sim)
+                if self.store is None:
+                    self.store = model.new_store(inputs.length)
+                span_reuse = self._span_reuse(gate)  # [span, layer]
+                plans = self._plans(inputs, span_reuse)
+            with clock.stage("prefix"):
+                out = run_prefix(model, inputs, plans, self.store, self.step_index)
+            with clock.stage("expert"):
+                noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=self.generator).to(model.device)
+                actions = model.sample_actions(self.store, noise)
+            if self.config.compare_to == "previous" or not gate:
+                self.ref_vision, self.ref_state = inputs.vision, inputs.state
+            record = Pi0StepRecord(
+                step=self.step_index, gate=gate, vision_similarity=vision_sim, state_similarity=state_sim,
+                span_reuse=span_reuse, staleness=self._staleness(inputs), reuse_fraction=float(out.reused.float().mean()),
+                chunk=self.unnormalize(actions), chunk_normalized=actions, noise=noise,
+                flops=model.stage_flops(out.work, inputs.length), latency_ms=clock.ms,
+            )
+            self._emit(record, inputs)
+            return record.chunk
+        except BaseException:
+            self.broken = True
+            raise
 
     def _emit(self, record: Pi0StepRecord, inputs: PrefixInputs) -> None:
         """Keep the record and hand it to the observer (with the prefix inputs its shadow pass needs)."""
@@ -259,17 +283,21 @@ class Pi0Policy:
         return reuse
 
     def _plans(self, inputs: PrefixInputs, span_reuse: torch.Tensor) -> list[LayerPlan]:
-        """Per layer, the prefix rows computed: all but the reused spans' (a layer's rows shrink monotonically)."""
-        device, spans = self.model.device, inputs.spans
-        plans = []
-        for layer in range(span_reuse.shape[1]):
-            keep = torch.ones(inputs.length, dtype=torch.bool, device=device)
+        """Per layer, the prefix rows computed: all but the reused spans' (a layer's rows shrink monotonically).
+        Made on the host; a layer whose rows are the previous layer's shares its plan (one copy to the device each)."""
+        spans, reuse = inputs.spans, span_reuse.numpy()  # [span, layer]
+        plans: list[LayerPlan] = []
+        for layer in range(reuse.shape[1]):
+            if layer and np.array_equal(reuse[:, layer], reuse[:, layer - 1]):
+                plans.append(plans[-1])
+                continue
+            keep = np.ones(inputs.length, dtype=bool)
             for i, span in enumerate(SPANS):
-                if span_reuse[i, layer]:
+                if reuse[i, layer]:
                     keep[spans[span]] = False
-            rows = keep.nonzero().squeeze(1)
-            ones = torch.ones_like(rows, dtype=torch.bool)
-            plans.append(LayerPlan(rows, ones, ones))
+            rows = np.flatnonzero(keep)
+            ones = np.ones(len(rows), dtype=bool)
+            plans.append(LayerPlan.from_host(rows, ones, ones, self.model.device))
         return plans
 
     def _staleness(self, inputs: PrefixInputs) -> torch.Tensor:

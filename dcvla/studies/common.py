@@ -9,22 +9,50 @@ own: `libero_benchmark.BenchmarkConfig`, `stability_cliff.CliffConfig`) plus the
 from __future__ import annotations
 
 import json
+import numbers
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
 
+from ..devices import parse_dtype, place
 from ..io import open_recording, write_dataset
 from ..libero.episodes import Episode, list_episodes, load_episode
 from ..libero.protocol import policy_input
 from ..openvla import METHODS, CacheConfig, CachedPolicy
+from ..openvla.config import get_preset
 from ..recording import record_episode
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 PAPER_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
+
+
+def conforms(value, hint) -> bool:
+    """`value` fits a config field's declared type: an int (not a bool) for int, any real number for float, True or
+    False for bool, a str for str, a list (or tuple) of such for list[...]; other hints accept anything."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (typing.Any,)
+        return isinstance(value, (list, tuple)) and all(conforms(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def describe(hint) -> str:
+    """A config field's type in words, for error messages."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (typing.Any,)
+        return "a list of " + {bool: "True/False", int: "ints", float: "numbers", str: "str"}.get(item, str(item))
+    return {bool: "True or False", int: "an int", float: "a number", str: "a str"}.get(hint, str(hint))
 
 
 class Parameters:
@@ -34,6 +62,38 @@ class Parameters:
     def from_parameters(cls, namespace: dict):
         """Build from a notebook's globals: every field found there."""
         return cls(**{f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
+
+    def check_types(self) -> None:
+        """A ValueError naming the first field whose value is not of its declared type (`conforms`): a string for
+        `frames` or a bare name for a list field would otherwise fail later, far from the cause, or be read letter
+        by letter. A tuple given for a list field becomes a list."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints.get(f.name)
+            if not conforms(value, hint):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be {describe(hint)}, got {value!r} "
+                                 f"({type(value).__name__})")
+            if typing.get_origin(hint) is list and isinstance(value, tuple):
+                setattr(self, f.name, list(value))
+
+
+def check_device(device: str, what: str) -> None:
+    """A ValueError naming `what` when `device` is not a torch device string, or names an accelerator this machine
+    does not have (found here rather than when the model is moved, after the episodes are loaded)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{what}: {device!r}, but torch sees no CUDA device on this machine; use 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{what}: {device!r}, but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{what}: {device!r}, but torch has no MPS device on this machine; use 'cpu'")
 
 
 def check_names(owner: str, values: list[str], known: tuple[str, ...] | dict, what: str) -> None:
@@ -54,6 +114,18 @@ class PolicyParameters(Parameters):
     device: str = "cpu"                  # "cuda" on a GPU machine
     dtype: str = "float32"               # "bfloat16" for openvla-7b on a GPU
 
+    def check_model(self) -> None:
+        """The preset (unless a checkpoint is given), the dtype and the device: a typo fails when the config is
+        built, naming the field, not when the model is built or moved."""
+        owner = type(self).__name__
+        if not self.checkpoint:
+            try:
+                get_preset(self.preset)
+            except ValueError as err:
+                raise ValueError(f"{owner}.preset: {err} (or give checkpoint=)") from None
+        parse_dtype(self.dtype, f"{owner}.dtype")
+        check_device(self.device, f"{owner}.device")
+
 
 @dataclass
 class StudyConfig(PolicyParameters):
@@ -68,6 +140,8 @@ class StudyConfig(PolicyParameters):
     figures_dir: str = "figures"
 
     def __post_init__(self) -> None:
+        self.check_types()
+        self.check_model()
         check_names("StudyConfig.methods", self.methods, METHODS, "known")
         check_names("StudyConfig.suites", self.suites, SUITES, "shipped suites")
         if self.frames < 0 or self.episodes_per_suite < 0:
@@ -77,14 +151,12 @@ class StudyConfig(PolicyParameters):
 def base_policy(config: PolicyParameters) -> CachedPolicy:
     """The vanilla policy whose model every method of a study shares (`with_config`): a checkpoint, or a random
     preset, on the configured device."""
-    dtype = getattr(torch, config.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"StudyConfig.dtype: {config.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    dtype = parse_dtype(config.dtype, "StudyConfig.dtype")
     if config.checkpoint:
         return CachedPolicy.from_pretrained(config.checkpoint, CacheConfig("vanilla", unnorm_key=config.unnorm_key or None),
                                             dtype=dtype, device=config.device)
     policy = CachedPolicy.from_preset(config.preset, seed=config.seed, config=CacheConfig("vanilla"))
-    policy.model.to(device=config.device, dtype=dtype)
+    place(policy.model, config.device, dtype)  # RoPE's inverse frequencies stay float32
     return policy
 
 

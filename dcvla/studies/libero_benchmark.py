@@ -29,6 +29,8 @@ class BenchmarkConfig(PolicyParameters):
     figures_dir: str = "figures"
 
     def __post_init__(self) -> None:
+        self.check_types()
+        self.check_model()
         check_names("BenchmarkConfig.methods", self.methods, METHODS, "known")
         check_names("BenchmarkConfig.suites", self.suites, SUITES, "suites")
         if not self.tasks or any(not isinstance(t, int) or t < 0 for t in self.tasks):

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
 
+from ..devices import parse_dtype, place
 from ..io import open_recording
 from ..libero.episodes import Episode
 from ..libero.protocol import policy_input
 from ..pi0 import PI0_PRESETS
 from ..pi0.policy import COMPARE_TO, MODES, Pi0Policy, ReuseConfig
 from ..recording import record_episode
-from .common import SUITES, Parameters, check_names, episodes, find_cliff
+from .common import SUITES, Parameters, check_device, check_names, episodes, find_cliff
 
 CLIFF_MODES = ("full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized")
 CLIFF_THRESHOLDS = (0.97, 0.98, 0.985, 0.99, 0.995)  # the report's
@@ -41,7 +41,10 @@ class CliffConfig(Parameters):
     figures_dir: str = "figures"
 
     def __post_init__(self) -> None:
+        self.check_types()
         self.pi0_preset()  # an unknown preset fails here, naming the known ones
+        parse_dtype(self.dtype, "CliffConfig.dtype")
+        check_device(self.device, "CliffConfig.device")
         check_names("CliffConfig.modes", self.modes, tuple(m for m in MODES if m != "none"), "known")
         check_names("CliffConfig.suites", self.suites, SUITES, "shipped suites")
         if not self.thresholds:
@@ -62,12 +65,10 @@ class CliffConfig(Parameters):
 
 def pi0_base(config: CliffConfig):
     """The no-reuse Pi0 policy (random weights of the configured preset) whose model every mode shares."""
-    dtype = getattr(torch, config.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"CliffConfig.dtype: {config.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    dtype = parse_dtype(config.dtype, "CliffConfig.dtype")
     policy = Pi0Policy.from_preset(config.pi0_preset(), seed=config.seed,
                                    config=ReuseConfig(mode="none", replan_steps=config.replan_steps))
-    policy.model.to(device=config.device, dtype=dtype)
+    place(policy.model, config.device, dtype)  # RoPE's inverse frequencies stay float32
     return policy
 
 

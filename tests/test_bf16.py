@@ -1,0 +1,99 @@
+"""The GPU path's dtype, run on the CPU: every OpenVLA method, every Pi0 mode and every study notebook at the
+tiny presets in bfloat16 (a GPU run differs in the kernels, not in these code paths)."""
+
+import numpy as np
+import pytest
+import torch
+
+from dcvla.devices import place
+from dcvla.libero.protocol import policy_input
+from dcvla.openvla import METHODS, CacheConfig, CachedPolicy
+from dcvla.pi0 import MODES, Pi0Policy, ReuseConfig
+from dcvla.studies.mechanism_equivalence import EQUIVALENCE_TOLERANCE, equivalence_tolerance
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def vanilla_bf16():
+    policy = CachedPolicy.from_preset("tiny", config=CacheConfig("vanilla"))
+    place(policy.model, dtype=BF16)
+    return policy
+
+
+@pytest.fixture(scope="module")
+def pi0_bf16():
+    policy = Pi0Policy.from_preset("pi0-tiny", seed=0, config=ReuseConfig(mode="none"))
+    place(policy.model, dtype=BF16)
+    return policy
+
+
+def test_the_equivalence_tolerance_scales_with_the_dtype():
+    assert equivalence_tolerance("float32") == EQUIVALENCE_TOLERANCE
+    # a few bfloat16 ulps of a logit of magnitude ~20, float16's eight times finer
+    assert equivalence_tolerance("bfloat16") == pytest.approx(4 * 2**-7 * 20)
+    assert equivalence_tolerance("float16") == pytest.approx(equivalence_tolerance("bfloat16") / 8)
+    with pytest.raises(ValueError, match="bfloat61"):
+        equivalence_tolerance("bfloat61")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_in_bfloat16_and_a_frozen_scene_is_the_reference(vanilla_bf16, spatial_episode, method):
+    frames, instruction = spatial_episode
+    frame = policy_input(frames[0])
+    ref = vanilla_bf16.model.reference_action(*vanilla_bf16.processor(frame, instruction))
+    policy = vanilla_bf16.with_config(CacheConfig(method, fusion="pixel", keyframe_interval=100))
+    policy.reset()
+    for _ in range(3):
+        action = policy.step(frame, instruction)
+    assert policy.model.dtype == BF16 and np.isfinite(action).all()
+    record = policy.records[-1]
+    if METHODS[method].unified_selector:
+        assert int(record.selection.reuse.sum()) == 256  # everything reused on the frozen scene
+    assert torch.equal(policy.last.token_ids, ref.token_ids), method
+    diff = float((policy.last.logits - ref.logits).abs().max())
+    assert diff <= equivalence_tolerance("bfloat16"), (method, diff)
+
+
+def test_a_changing_scene_in_bfloat16_records_finite_drift(vanilla_bf16, spatial_episode):
+    from dcvla.recording import recorder_for
+
+    frames, instruction = spatial_episode
+    policy = vanilla_bf16.with_config(CacheConfig("dual_cache"))
+    policy.reset()
+    with recorder_for(policy, drift=True) as rec:
+        for frame in frames[:4]:
+            policy.step(policy_input(frame), instruction)
+    ds = rec.to_dataset()
+    k = ds.k_drift.sel(tower="llm").values
+    assert np.isfinite(k[~np.isnan(k)]).all() and np.nanmax(k) > 0  # stale K/V on non-keyframes
+    assert np.isfinite(ds.logit_kl.values).all()
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_pi0_mode_runs_in_bfloat16_with_a_float32_flow(pi0_bf16, pi0_clip, mode):
+    frames, states, instruction = pi0_clip
+    policy = pi0_bf16.with_config(ReuseConfig(mode=mode, threshold=0.5))  # the gate opens after the first step
+    policy.reset()
+    chunks = [policy.step(f, instruction, s) for f, s in zip(frames[:3], states[:3])]
+    assert all(np.isfinite(c).all() for c in chunks)
+    assert policy.last.chunk_normalized.dtype == torch.float32  # integrated in float32 whatever the model dtype
+    assert policy.last.gate == (mode != "none")
+
+
+def test_the_bf16_flow_is_closer_to_float32_than_a_bf16_integration(pi0_bf16, pi0_clip):
+    """The Euler sum in float32: a chunk integrated in bfloat16 rounds at every one of the 10 steps."""
+    frames, states, instruction = pi0_clip
+    policy = pi0_bf16.with_config(ReuseConfig(mode="none"))
+    policy.reset()
+    policy.step(frames[0], instruction, states[0])
+    store, noise, model = policy.store, policy.last.noise, policy.model
+    dt = -1.0 / model.config.num_steps
+    x = noise.to(BF16)
+    for i in range(model.config.num_steps):  # the rounding a bf16 integration would add
+        x = x + dt * model.velocity(store, x, 1.0 + i * dt)
+    exact = noise.double()
+    for i in range(model.config.num_steps):
+        exact = exact + dt * model.velocity(store, exact.to(BF16), 1.0 + i * dt).double()
+    ours = policy.last.chunk_normalized
+    assert (ours.double() - exact).abs().max() < (x.double() - exact).abs().max()

@@ -1,0 +1,126 @@
+"""The command line on bad input: `dcvla run`/`dcvla studies` check -p names and types against the notebook's
+parameters cell before anything runs, an exception inside a study is one `dcvla: error:` line, `dcvla predict` names
+the input at fault. Every error exits with status 2. Only the notebook-exception test executes a notebook."""
+
+import numpy as np
+import papermill
+import pytest
+
+from dcvla import notebooks
+from dcvla.cli import PAPER_SET, available_studies, cli_parameters, main as cli
+from dcvla.notebooks import notebook_parameters
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fails the test if a notebook were built or executed; returns the parameters papermill would have got."""
+    calls = []
+
+    def execute(source, out, parameters=None, **kw):
+        calls.append(parameters)
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(notebooks, "build_notebook", lambda name, directory=None: f"{name}.ipynb")
+    return calls
+
+
+def error_of(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dcvla: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_an_unknown_parameter_fails_before_anything_runs(nothing_runs, capsys):
+    assert cli(["run", "cache_behaviour", "-p", "framez", "3"]) == 2
+    line = error_of(capsys)
+    assert "cache_behaviour: unknown parameter 'framez' (did you mean frames?)" in line
+    assert "notebooks/cache_behaviour.py" in line and "preset, checkpoint" in line and "drift" in line
+    assert cli(["run", "cache_behaviour", "-p", "framez", "3", "-p", "methds", "[]"]) == 2
+    assert "'framez' (did you mean frames?), 'methds' (did you mean methods?)" in error_of(capsys)
+    assert nothing_runs == []
+
+
+@pytest.mark.parametrize("name, value, wanted", [
+    ("frames", "abc", "frames must be an int, got 'abc' (str); its default in notebooks/cache_behaviour.py is 5"),
+    ("frames", "2.5", "frames must be an int, got 2.5"),
+    ("drift", "1", "drift must be True or False, got 1"),
+    ("suites", "libero_10", """suites must be a list, got 'libero_10' (str)"""),
+    ("methods", "[1]", "methods must be a list of str items, got [1]"),
+])
+def test_a_value_of_another_type_than_the_default_fails(nothing_runs, capsys, name, value, wanted):
+    assert cli(["run", "cache_behaviour", "-p", name, value]) == 2
+    line = error_of(capsys)
+    assert line.startswith("dcvla: error: cache_behaviour: parameter ") and wanted in line
+    if name == "suites":
+        assert """-p suites '["libero_10"]'""" in line
+    assert nothing_runs == []
+
+
+def test_values_that_fit_are_passed_as_typed(nothing_runs, tmp_path):
+    runs = str(tmp_path / "runs")
+    assert cli(["run", "stability_cliff", "-p", "thresholds", "[-1, 0.95]", "-p", "steps", "3", "-p", "runs_dir", runs,
+                "-p", "compare_to", "anchor", "-p", "preset", '"tiny"']) == 0
+    assert cli(["run", "cache_behaviour", "-p", "unnorm_key", "2024", "-p", "runs_dir", runs]) == 0
+    assert nothing_runs == [{"thresholds": [-1, 0.95], "steps": 3, "runs_dir": runs, "compare_to": "anchor", "preset": "tiny"},
+                            {"unnorm_key": "2024", "runs_dir": runs}]  # a str parameter takes the text as typed
+
+
+@pytest.mark.parametrize("study", sorted(set(available_studies())))
+def test_every_default_passes_its_own_check(study):
+    """Each notebook's defaults, typed back on the command line, are accepted unchanged: the rules fit them all."""
+    defaults = notebook_parameters(study)
+    assert defaults, f"{study} has no parameters cell"
+    typed = [(name, d if isinstance(d, str) else repr(d)) for name, d in defaults.items()]
+    assert cli_parameters(typed, study) == defaults
+
+
+def test_studies_checks_every_parameter_before_the_first_study(nothing_runs, capsys):
+    assert cli(["studies", "-p", "framez", "3"]) == 2
+    line = error_of(capsys)
+    assert "studies: unknown parameter 'framez' (did you mean frames?)" in line and "stability_cliff" in line
+    assert cli(["studies", "-p", "preset", "tiny", "-p", "steps", "x"]) == 2  # steps: stability_cliff's, the last study
+    assert "stability_cliff: parameter steps must be an int, got 'x'" in error_of(capsys)
+    assert nothing_runs == []
+    assert set(PAPER_SET) <= set(available_studies())
+
+
+def test_an_unknown_study_suggests_the_closest(capsys):
+    assert cli(["run", "cache_behaviour.py"]) == 2
+    assert "unknown study 'cache_behaviour.py'; did you mean cache_behaviour?" in error_of(capsys)
+
+
+def test_an_exception_in_a_study_is_one_line_naming_notebook_cell_and_error(tmp_path, capsys):
+    args = ["run", "cache_behaviour", "-p", "preset", "tiny", "-p", "methods", '["no_such_method"]',
+            "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir", str(tmp_path / "figures")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    executed = tmp_path / "studies" / "cache_behaviour.ipynb"
+    line = next(line for line in err.splitlines() if line.startswith("dcvla: error: "))
+    assert line.startswith(f"dcvla: error: cache_behaviour (notebook {executed}, cell ")
+    assert line.endswith("): ValueError: StudyConfig.methods: unknown ['no_such_method']; known: " + line.split("known: ")[-1])
+    assert f"the full traceback is in {executed}" in err and "Traceback" not in err and "PapermillExecutionError" not in err
+    assert executed.exists() and "no_such_method" in executed.read_text()
+
+
+# --------------------------------------------------------------------------------------------------- predict
+def test_predict_names_a_bad_image(tmp_path, capsys):
+    assert cli(["predict", "--image", str(tmp_path / "missing.png"), "--instruction", "go"]) == 2
+    assert error_of(capsys) == f"dcvla: error: --image {tmp_path / 'missing.png'}: no such file"
+    (tmp_path / "notes.png").write_text("not an image")
+    assert cli(["predict", "--image", str(tmp_path / "notes.png"), "--instruction", "go"]) == 2
+    assert f"--image {tmp_path / 'notes.png'} is not an image file PIL can read" in error_of(capsys)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "frame.png")
+    assert cli(["predict", "--image", str(tmp_path / "frame.png")]) == 2
+    assert "needs --instruction" in error_of(capsys)
+
+
+def test_predict_rejects_an_empty_or_too_long_instruction_and_an_unknown_unnorm_key(capsys):
+    assert cli(["predict", "--instruction", ""]) == 2  # not silently replaced by the shipped episode's
+    assert error_of(capsys) == "dcvla: error: instruction is empty; the policy needs a task description"
+    assert cli(["predict", "--instruction", "pick up the bowl " * 600]) == 2
+    assert "instruction too long" in error_of(capsys)
+    assert cli(["predict", "--unnorm-key", "nosuch"]) == 2
+    assert error_of(capsys) == "dcvla: error: unnorm_key 'nosuch' not found; available: random"  # not a KeyError's repr
