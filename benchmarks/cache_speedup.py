@@ -13,20 +13,28 @@ Per method it reports:
   time) / (vanilla FLOPs / method FLOPs), median over frames. Methods interleave per frame, so a frame's pair ran
   under the same machine load; this is the number least disturbed by other work on a shared machine.
 
+On a GPU (`--device cuda --dtype bfloat16`) every step is timed between two device synchronisations, as the
+policy's stage clock times each stage.
+
     python benchmarks/cache_speedup.py --preset small --frames 9
+    python benchmarks/cache_speedup.py --preset openvla-7b --device cuda --dtype bfloat16 --frames 9
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from dcvla.libero.episodes import list_episodes, load_episode
-from dcvla.openvla import CacheConfig, CachedPolicy
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import DTYPES, first_frames, place_model, timer  # noqa: E402
+
+from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
+from dcvla.openvla import CacheConfig, CachedPolicy  # noqa: E402
 
 DEFAULT_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
 LLM_STAGES = ("llm_prefill", "llm_decode")
@@ -36,27 +44,29 @@ GROUPS = {  # stage groups reported separately: decode is memory-bound and the s
 }
 
 
-def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[str] | None) -> dict:
+def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[str] | None, device: str = "cpu",
+        dtype: torch.dtype = torch.float32, max_episodes: int | None = None) -> dict:
     base = CachedPolicy.from_preset(preset, seed=0, config=CacheConfig("vanilla"))
+    place_model(base.model, device, dtype)
     policies = {m: base.with_config(CacheConfig(method=m)) for m in methods}
     stats: dict[str, dict[str, list]] = {m: defaultdict(list) for m in methods}
     episodes = [p for p in list_episodes() if suites is None or any(p.name.startswith(s + "_task") for s in suites)]
+    episodes = episodes[:max_episodes]
     turn = 0
     for path in episodes:
         episode = load_episode(path)
-        frames = episode.frames[:frames_per_episode]
+        frames = first_frames(episode, frames_per_episode)
         for policy in policies.values():
             policy.reset()
         for frame in frames:
             order = methods[turn % len(methods):] + methods[: turn % len(methods)]
             turn += 1
             for method in order:
-                policy = policies[method]
-                start = time.perf_counter()
-                policy.step(frame, episode.instruction)
-                ms = (time.perf_counter() - start) * 1e3
+                policy, timed = policies[method], {}
+                with timer(device, timed):
+                    policy.step(frame, episode.instruction)
                 record, s = policy.records[-1], stats[method]
-                s["ms"].append(ms)
+                s["ms"].append(timed["ms"])
                 s["llm_ms"].append(sum(record.latency_ms[k] for k in LLM_STAGES))
                 s["flops"].append(sum(record.flops.values()))
                 s["llm_flops"].append(sum(record.flops[k] for k in LLM_STAGES))
@@ -94,17 +104,21 @@ def summarise(stats: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--frames", type=int, default=9, help="frames per shipped episode (from its start)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--suites", nargs="+", help="limit to these suites (default: every shipped episode)")
-    args = parser.parse_args()
+    parser.add_argument("--episodes", type=int, help="at most this many of the chosen episodes (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    args = parser.parse_args(argv)
     methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, "
-          f"{args.frames} frames per episode, methods interleaved per frame")
-    rows = summarise(run(args.preset, methods, args.frames, args.suites))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, {args.device} "
+          f"{args.dtype}, {args.frames} frames per episode, methods interleaved per frame")
+    stats = run(args.preset, methods, args.frames, args.suites, args.device, DTYPES[args.dtype], args.episodes)
+    rows = summarise(stats)
     print("\n| method | LLM reuse | ViT reuse | GFLOP/frame | median ms | FLOPs ratio | measured (total) | of ideal "
           "| measured (median) | of ideal (paired) | LLM median ms | LLM FLOPs ratio | LLM measured (total) | LLM of ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -118,6 +132,7 @@ def main() -> None:
     for r in rows:
         cells = [f"{f:.2f}x / {m:.2f}x / {m / f:.2f} ({ms:.0f} ms, {gf:.1f} GF)" for f, m, ms, gf in r["groups"].values()]
         print(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return rows
 
 
 if __name__ == "__main__":

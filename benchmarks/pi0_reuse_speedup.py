@@ -7,6 +7,8 @@ inferences whose gate opened, the FLOPs ratio (no-reuse FLOPs / mode FLOPs, the 
 times, Hz (inferences per second, median latency), the paired estimate (per inference, measured ratio / FLOPs
 ratio, median over the inferences that reused) and the per-stage times.
 
+On a GPU (`--device cuda --dtype bfloat16`) every inference is timed between two device synchronisations.
+
     python benchmarks/pi0_reuse_speedup.py --preset pi0-small --threshold 0.985 --steps 8
 """
 
@@ -14,23 +16,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from dcvla.libero.episodes import list_episodes, load_episode
-from dcvla.pi0 import MODES, Pi0Policy, ReuseConfig
-from dcvla.pi0.record import PI0_STAGES
-from dcvla.studies.stability_cliff import pi0_episode_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import DTYPES, place_model, timer  # noqa: E402
+
+from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
+from dcvla.pi0 import MODES, Pi0Policy, ReuseConfig  # noqa: E402
+from dcvla.pi0.record import PI0_STAGES  # noqa: E402
+from dcvla.studies.stability_cliff import pi0_episode_inputs  # noqa: E402
 
 
-def run(preset: str, modes: list[str], threshold: float, steps: int, replan_steps: int) -> dict:
+def run(preset: str, modes: list[str], threshold: float, steps: int, replan_steps: int, device: str = "cpu",
+        dtype: torch.dtype = torch.float32, max_episodes: int | None = None) -> dict:
     base = Pi0Policy.from_preset(preset, seed=0, config=ReuseConfig(mode="none"))
+    place_model(base.model, device, dtype)
     policies = {m: base.with_config(ReuseConfig(mode=m, threshold=threshold, replan_steps=replan_steps)) for m in modes}
     stats: dict[str, dict[str, list]] = {m: defaultdict(list) for m in modes}
     turn = 0
-    for path in list_episodes():
+    for path in list_episodes()[:max_episodes]:
         episode = load_episode(path)
         frames, states = pi0_episode_inputs(episode, steps, replan_steps)
         for policy in policies.values():
@@ -39,11 +47,11 @@ def run(preset: str, modes: list[str], threshold: float, steps: int, replan_step
             order = modes[turn % len(modes):] + modes[: turn % len(modes)]
             turn += 1
             for mode in order:
-                policy = policies[mode]
-                start = time.perf_counter()
-                policy.step(frame, episode.instruction, state)
+                policy, timed = policies[mode], {}
+                with timer(device, timed):
+                    policy.step(frame, episode.instruction, state)
                 s, record = stats[mode], policy.last
-                s["ms"].append((time.perf_counter() - start) * 1e3)
+                s["ms"].append(timed["ms"])
                 s["flops"].append(sum(record.flops.values()))
                 s["reused"].append(record.gate)
                 for stage in PI0_STAGES:
@@ -52,18 +60,22 @@ def run(preset: str, modes: list[str], threshold: float, steps: int, replan_step
     return stats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pi0-small")
     parser.add_argument("--threshold", type=float, default=0.985)
     parser.add_argument("--steps", type=int, default=8, help="inferences per shipped episode")
     parser.add_argument("--replan-steps", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "none"])
-    args = parser.parse_args()
+    parser.add_argument("--episodes", type=int, help="at most this many shipped episodes (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    args = parser.parse_args(argv)
     modes = ["none"] + [m for m in args.modes if m != "none"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, threshold "
-          f"{args.threshold}, {args.steps} inferences per episode every {args.replan_steps} frames, modes interleaved")
-    stats = run(args.preset, modes, args.threshold, args.steps, args.replan_steps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, {args.device} {args.dtype}, "
+          f"threshold {args.threshold}, {args.steps} inferences per episode every {args.replan_steps} frames, modes interleaved")
+    stats = run(args.preset, modes, args.threshold, args.steps, args.replan_steps, args.device, DTYPES[args.dtype],
+                args.episodes)
     ref = stats["none"]
     print("\n| mode | reuse rate | GFLOP/inference | FLOPs ratio | measured (total) | of ideal | paired (reused) "
           "| median ms | Hz | " + " | ".join(f"{s} ms" for s in PI0_STAGES) + " |")
@@ -77,6 +89,7 @@ def main() -> None:
         stages = " | ".join(f"{statistics.median(s[f'{stage}_ms']):.1f}" for stage in PI0_STAGES)
         print(f"| {mode} | {statistics.mean(s['reused']):.1%} | {statistics.mean(s['flops']) / 1e9:.2f} | {flops_ratio:.2f}x "
               f"| {measured:.2f}x | {measured / flops_ratio:.2f} | {paired} | {median_ms:.0f} | {1e3 / median_ms:.1f} | {stages} |")
+    return stats
 
 
 if __name__ == "__main__":

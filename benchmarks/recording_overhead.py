@@ -8,6 +8,8 @@ Three policies share one model and step the same frames, interleaved per frame i
 Bytes per frame are measured on disk (compressed netCDF) for the preset run, with and without drift, and
 computed from the schema's shapes (uncompressed) for the published openvla-7b dims.
 
+On a GPU (`--device cuda --dtype bfloat16`) every step is timed between two device synchronisations.
+
     python benchmarks/recording_overhead.py --preset small --frames 12
 """
 
@@ -15,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from dcvla.libero.episodes import list_episodes, load_episode
-from dcvla.openvla import CacheConfig, CachedPolicy, get_preset
-from dcvla.openvla.record import DEFAULT_WHAT, DRIFT_VARIABLES, SCHEMA
-from dcvla.recording import record_episode, recorder_for
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import DTYPES, first_frames, place_model, timer  # noqa: E402
+
+from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
+from dcvla.openvla import CacheConfig, CachedPolicy, get_preset  # noqa: E402
+from dcvla.openvla.record import DEFAULT_WHAT, DRIFT_VARIABLES, SCHEMA  # noqa: E402
+from dcvla.recording import record_episode, recorder_for  # noqa: E402
 
 ITEM_BYTES = {"reuse": 1, "pixel_dynamic": 1, "attn_relevant": 1, "keyframe": 1, "reuse_by_layer": 1, "staleness": 4,
               "text_to_vision": 2, "action": 4, "action_tokens": 4, "action_logits": 4, "flops": 8, "latency_ms": 4, "q_drift": 2,
@@ -42,15 +47,18 @@ def bytes_per_frame(preset: str, drift: bool) -> int:
     return sum(ITEM_BYTES[n] * int(np.prod([sizes[d] for d in SCHEMA.dims_of(n)])) for n in names)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--method", default="dual_cache")
     parser.add_argument("--frames", type=int, default=12)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    args = parser.parse_args(argv)
     episode = load_episode(list_episodes(suite="libero_spatial")[0])
-    frames = episode.frames[: args.frames]
+    frames = first_frames(episode, args.frames)
     base = CachedPolicy.from_preset(args.preset, config=CacheConfig("vanilla"))
+    place_model(base.model, args.device, DTYPES[args.dtype])
     policies = {name: base.with_config(CacheConfig(method=args.method)) for name in ("plain", "detached", "recording")}
     with recorder_for(policies["detached"]):
         policies["detached"].step(frames[0], episode.instruction)
@@ -62,13 +70,15 @@ def main() -> None:
     try:
         for i, frame in enumerate(frames):
             for name in names[i % 3:] + names[: i % 3]:
-                start = time.perf_counter()
-                policies[name].step(frame, episode.instruction)
-                ms[name].append((time.perf_counter() - start) * 1e3)
+                timed = {}
+                with timer(args.device, timed):
+                    policies[name].step(frame, episode.instruction)
+                ms[name].append(timed["ms"])
     finally:
         recorder.__exit__(None, None, None)
     plain = statistics.median(ms["plain"])
-    print(f"preset {args.preset}, method {args.method}, {len(frames)} frames of {episode.name}, interleaved")
+    print(f"preset {args.preset}, {args.device} {args.dtype}, method {args.method}, {len(frames)} frames of {episode.name}, "
+          "interleaved")
     print("| policy | median step ms | vs plain |\n|---|---|---|")
     for name, values in ms.items():
         print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / plain - 1:+.1%} |")
@@ -82,6 +92,7 @@ def main() -> None:
     print(f"| {args.preset}, on disk (compressed netCDF) | {disk[False]:,.0f} | {disk[True]:,.0f} |")
     for preset in (args.preset, "openvla-7b"):
         print(f"| {preset}, from shapes (uncompressed) | {bytes_per_frame(preset, False):,} | {bytes_per_frame(preset, True):,} |")
+    return ms
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""The benchmark scripts run with `--device` / `--dtype`: each one's `main(argv)` at a tiny preset in bfloat16 on the
+CPU, with the fewest frames and repeats (no timing is checked: machines here are shared)."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def script(name: str):
+    return importlib.import_module(name)
+
+
+def test_place_model_moves_to_the_dtype():
+    from dcvla.openvla import random_model
+    from dcvla.openvla.config import get_preset
+
+    model = script("_setup").place_model(random_model(get_preset("tiny")), "cpu", torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+
+
+def test_host_syncs_in_bfloat16():
+    results = script("host_syncs").main(["--preset", "tiny", "--dtype", "bfloat16", "--methods", "dual_cache"])
+    assert results["dual_cache"]["total"] <= script("host_syncs").LIMIT
+
+
+def test_cache_speedup_in_bfloat16(capsys):
+    rows = script("cache_speedup").main(["--preset", "tiny", "--dtype", "bfloat16", "--frames", "2", "--episodes", "1",
+                                         "--methods", "vanilla", "dual_cache"])
+    assert [r["method"] for r in rows] == ["vanilla", "dual_cache"]
+    assert "bfloat16" in capsys.readouterr().out
+
+
+def test_step_latency_in_bfloat16():
+    runs = script("step_latency").main(["--preset", "tiny", "--dtype", "bfloat16", "--repeats", "1", "--warmup", "0",
+                                        "--methods", "dual_cache"])["tiny"]
+    assert set(runs) == {"reference (HF forward)", "dual_cache"}
+    assert all(len(r) == 1 and r[0]["llm_prefill"] > 0 for r in runs.values())
+
+
+def test_pi0_reuse_speedup_in_bfloat16():
+    stats = script("pi0_reuse_speedup").main(["--preset", "pi0-tiny", "--dtype", "bfloat16", "--steps", "2",
+                                              "--episodes", "1", "--modes", "full"])
+    assert set(stats) == {"none", "full"} and len(stats["full"]["ms"]) == 2
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_recording_overhead_in_bfloat16():
+    ms = script("recording_overhead").main(["--preset", "tiny", "--dtype", "bfloat16", "--frames", "2"])
+    assert set(ms) == {"plain", "detached", "recording"} and all(len(v) == 2 for v in ms.values())
