@@ -4,7 +4,7 @@ Every method streams the same frames of the same episodes in one process. For ea
 after another, in an order that rotates from frame to frame, so machine noise falls on all of them alike.
 Per method it reports:
 - reuse: the share of vision tokens whose LLM K/V came from the cache (averaged over layers and frames), and the
-  share of ViT patches reused (the unified selector's mask, for methods that reuse inside the towers);
+  share of ViT patches reused per tower (DINOv2 / SigLIP: TTF's own mask per tower; the K/V cache's unified mask);
 - FLOPs ratio: vanilla FLOPs / method FLOPs over the same frames (the ideal speedup), end to end and LLM only;
 - measured ratio: median vanilla latency / median method latency, end to end and LLM only (prefill + decode),
   and the ratio of total times over the same frames (comparable to the FLOPs ratio, which is also a total:
@@ -74,10 +74,19 @@ def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[s
                 for group, stages in GROUPS.items():
                     s[f"{group}_ms"].append(sum(record.latency_ms.get(k, 0.0) for k in stages))
                     s[f"{group}_flops"].append(sum(record.flops.get(k, 0) for k in stages))
-                vit_reuse = record.selection.reuse.float().mean().item() if policy.method.vit != "full" and record.selection else 0.0
-                s["vit_reuse"].append(vit_reuse)
+                s["vit_reuse"].append(vit_reuse(policy, record))
         print(f"  {episode.name}: {len(frames)} frames x {len(methods)} methods", flush=True)
     return stats
+
+
+def vit_reuse(policy: CachedPolicy, record) -> tuple[float, float]:
+    """Share of patches each tower (DINOv2, SigLIP) took from its cache: TTF's own mask per tower, the K/V cache's
+    one unified mask for both."""
+    if policy.method.vit == "ttf" and record.selection is not None:
+        return tuple(record.selection.tower_reuse.float().mean(1).tolist())
+    if policy.method.vit == "kv" and record.selection is not None:
+        return (record.selection.reuse.float().mean().item(),) * 2
+    return 0.0, 0.0
 
 
 def summarise(stats: dict) -> list[dict]:
@@ -91,7 +100,7 @@ def summarise(stats: dict) -> list[dict]:
         measured = sum(ref["ms"]) / sum(s["ms"])
         llm_measured = sum(ref["llm_ms"]) / sum(s["llm_ms"])
         rows.append(dict(
-            method=method, llm_reuse=statistics.mean(s["llm_reuse"]), vit_reuse=statistics.mean(s["vit_reuse"]),
+            method=method, llm_reuse=statistics.mean(s["llm_reuse"]), vit_reuse=tuple(map(statistics.mean, zip(*s["vit_reuse"]))),
             median_ratio=median_ratio, paired=paired,
             flops_ratio=flops_ratio, measured=measured, of_ideal=measured / flops_ratio,
             llm_flops_ratio=llm_flops_ratio, llm_measured=llm_measured, llm_of_ideal=llm_measured / llm_flops_ratio,
@@ -119,11 +128,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.dtype}, {args.frames} frames per episode, methods interleaved per frame")
     stats = run(args.preset, methods, args.frames, args.suites, args.device, DTYPES[args.dtype], args.episodes)
     rows = summarise(stats)
-    print("\n| method | LLM reuse | ViT reuse | GFLOP/frame | median ms | FLOPs ratio | measured (total) | of ideal "
+    print("\n| method | LLM reuse | ViT reuse (DINOv2 / SigLIP) | GFLOP/frame | median ms | FLOPs ratio | measured (total) | of ideal "
           "| measured (median) | of ideal (paired) | LLM median ms | LLM FLOPs ratio | LLM measured (total) | LLM of ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['llm_reuse']:.1%} | {r['vit_reuse']:.1%} | {r['gflops']:.1f} | {r['median_ms']:.0f} "
+        print(f"| {r['method']} | {r['llm_reuse']:.1%} | {r['vit_reuse'][0]:.1%} / {r['vit_reuse'][1]:.1%} | {r['gflops']:.1f} | {r['median_ms']:.0f} "
               f"| {r['flops_ratio']:.2f}x | {r['measured']:.2f}x | {r['of_ideal']:.2f} | {r['median_ratio']:.2f}x | {r['paired']:.2f} "
               f"| {r['llm_median_ms']:.0f} "
               f"| {r['llm_flops_ratio']:.2f}x | {r['llm_measured']:.2f}x | {r['llm_of_ideal']:.2f} |")

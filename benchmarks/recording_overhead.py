@@ -31,7 +31,7 @@ from dcvla.openvla import CacheConfig, CachedPolicy, get_preset  # noqa: E402
 from dcvla.openvla.record import DEFAULT_WHAT, DRIFT_VARIABLES, SCHEMA  # noqa: E402
 from dcvla.recording import record_episode, recorder_for  # noqa: E402
 
-ITEM_BYTES = {"reuse": 1, "pixel_dynamic": 1, "attn_relevant": 1, "keyframe": 1, "reuse_by_layer": 1, "staleness": 4,
+ITEM_BYTES = {"reuse": 1, "tower_reuse": 1, "pixel_dynamic": 1, "attn_relevant": 1, "keyframe": 1, "reuse_by_layer": 1, "staleness": 4,
               "text_to_vision": 2, "action": 4, "action_tokens": 4, "action_logits": 4, "flops": 8, "latency_ms": 4, "q_drift": 2,
               "k_drift": 2, "v_drift": 2, "action_ref": 4, "logit_kl": 4}
 

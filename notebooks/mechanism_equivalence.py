@@ -17,9 +17,10 @@
 # Tests the design's hypotheses on shipped LIBERO frames instead of assuming them. H0: with nothing reused every
 # method equals vanilla. H1/H2: once a static token's K/V come from the cache at every layer, its own Q and output
 # rows (LLM and ViT) influence nothing, so Q reuse, Q recompute and dropping the rows agree. H3: how far
-# `dual_cache` is from the ViT-fresh variant with the same mask and from TTF + VLA-Cache. H4: does consistent reuse
-# drift less than stale vision fed to a fresh LLM? Verdicts are computed from the numbers (tolerance 1e-4 on the
-# action-token logits, fp32).
+# `dual_cache` is from the ViT-fresh variant with the same mask and from TTF + VLA-Cache as published (TTF's own
+# mask per tower, VLA-Cache's selection and schedule; the dual cache: one mask for both towers and the LLM).
+# H4: does consistent reuse drift less than stale vision fed to a fresh LLM? Verdicts are computed from the numbers
+# (tolerance on the action-token logits: 1e-4 in fp32, a few ulps of the logits in a 16-bit dtype).
 
 # %% tags=["parameters"]
 preset = "small"          # model preset with random weights (ignored when checkpoint is set)

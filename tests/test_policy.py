@@ -269,3 +269,26 @@ def test_from_pretrained_uses_checkpoint_stats(parity_dir):
     assert action.shape == (7,)
     ref = policy.model.reference_action(*policy.processor(IMAGE, "put the bowl on the plate"), "libero_spatial")
     assert np.array_equal(action, ref.action)
+
+
+def test_ttf_fuses_each_tower_with_its_own_mask(make_policy):
+    """TTF keeps one mask per tower: a blue change of 24 grey levels moves DINOv2's normalised grayscale by
+    0.114 / 0.225 * 24 / 255 = 0.048 and SigLIP's by 0.114 * 2 * 24 / 255 = 0.021, so at the 0.03 threshold the
+    patch is dynamic for DINOv2 only: DINOv2 recomputes its output token, SigLIP keeps the cached one."""
+    pol = make_policy(method="ttf", fusion="pixel", keyframe_interval=100)
+    patch, (r, c) = 3 * 16 + 5, (3, 5)
+    changed = IMAGE.copy()
+    blue = changed[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14, 2].astype(int)
+    changed[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14, 2] = np.where(blue <= 231, blue + 24, blue - 24)
+    pol.reset()
+    pol.step(IMAGE, "pick it up")
+    before = pol.fused_features.clone()
+    pol.step(changed, "pick it up")
+    sel, after, dino = pol.records[-1].selection, pol.fused_features, pol.model.config.dino.hidden_size
+    assert sel.tower_dynamic[:, patch].tolist() == [True, False] and sel.tower_dynamic.sum() == 1
+    assert not sel.reuse[patch] and sel.tower_reuse[:, patch].tolist() == [False, True]
+    assert not torch.equal(after[0, patch, :dino], before[0, patch, :dino])  # DINOv2: fresh
+    assert torch.equal(after[0, patch, dino:], before[0, patch, dino:])      # SigLIP: its cached token
+    others = torch.arange(256) != patch
+    assert torch.equal(after[0, others], before[0, others])  # static in both towers: cached
+

@@ -59,9 +59,9 @@ def test_static_patches_keep_the_130_most_similar_then_drop_the_attended():
     expected = {j for j in range(256) if j % 5 < 2 or (j % 5 == 2 and j <= 132)}
     static = vla_cache_static_patches(prev, cur, torch.zeros(256), VLACacheConfig(attention_top_k_remove=0))
     assert set(static.nonzero().flatten().tolist()) == expected
-    relevance = -torch.arange(256.0)  # previous frame attended patches 0..99 most
-    reusable = vla_cache_static_patches(prev, cur, relevance)  # default: remove the top 100
-    assert set(reusable.nonzero().flatten().tolist()) == {j for j in expected if j >= 100}
+    relevance = -torch.arange(256.0)  # previous frame attended patches 0..119 most
+    reusable = vla_cache_static_patches(prev, cur, relevance)  # default: remove the top 120, as upstream's OpenVLA path
+    assert set(reusable.nonzero().flatten().tolist()) == {j for j in expected if j >= 120}
     assert not vla_cache_static_patches(prev, cur, None).any()  # no previous prefill: no reuse
     with pytest.raises(ValueError, match=r"image must be an RGB image \[224, 224, 3\]"):
         vla_cache_static_patches(prev, cur[:100], relevance)

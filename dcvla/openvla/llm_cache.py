@@ -56,6 +56,7 @@ class PrefillRequest:
     text_start: int                                       # first prompt position (1 + number of vision tokens)
     prob_layers: frozenset[int] = frozenset()             # layers whose text-row attention probabilities to return
     entropy_layers: frozenset[int] = frozenset()          # layers whose mean attention entropy to return (VLA-Cache)
+    entropy_dtype: torch.dtype = torch.float32            # the dtype the entropy is computed in (upstream: the model's)
     observer: object | None = None                        # `on_layer("llm", layer, rows, q, keys, values)` receiver
 
 
@@ -153,7 +154,7 @@ def _prob_rows(layer: int, plan: LayerPlan, request: PrefillRequest) -> slice | 
 def _capture(layer: int, plan: LayerPlan, probs: torch.Tensor | None, request: PrefillRequest,
              out: PrefillOutput) -> None:
     if layer in request.entropy_layers:
-        out.entropy[layer] = attention_entropy(probs, on_host=False)
+        out.entropy[layer] = attention_entropy(probs, on_host=False, dtype=request.entropy_dtype)
         probs = probs[:, plan.count_below(request.text_start):].contiguous()
     if layer in request.prob_layers:
         out.text_probs[layer] = probs  # [head, text, seq]

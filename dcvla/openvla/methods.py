@@ -4,15 +4,18 @@
 |------------------|-----------------------------------------|----------------------------------------------|
 | vanilla          | full                                    | full                                         |
 | vla_cache        | full                                    | VLA-Cache: static K/V from layer 2 on, rows dropped |
-| ttf              | full, static OUTPUT tokens fused        | full                                         |
+| ttf              | full, static OUTPUT tokens fused (TTF's mask per tower) | full                         |
 | ttf_vla_cache    | as ttf                                  | as vla_cache                                 |
 | dual_cache       | static patches: K/V cached, Q fresh     | static tokens: Q, K, V cached                |
 | vit_kv_only      | as dual_cache                           | full                                         |
 | llm_kqv_only     | full                                    | as dual_cache                                |
 | dual_cache_llm_kv| as dual_cache                           | static tokens: K/V cached, Q recomputed      |
 
-The unified selector (`ttf_selector`) gives one mask for ttf, dual_cache and the ablations; VLA-Cache has
-its own selection. Rows whose outputs nothing reads are not computed unless `faithful=True`.
+The unified selector (`ttf_selector`) gives one mask for dual_cache and the ablations (every tower and the LLM);
+ttf and ttf_vla_cache fuse each tower's outputs with that tower's own mask, as TTF does. VLA-Cache has its own
+selection, with upstream's constants (`vla_cache.UPSTREAM_CONSTANTS`). Rows whose outputs nothing reads are not
+computed unless `faithful=True`, which also computes VLA-Cache's entropy schedule in the model's dtype, as upstream
+does (bfloat16 in its runs), instead of float32.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numbers
 from dataclasses import dataclass
 
 from .ttf_selector import SelectorConfig
-from .vla_cache import VLACacheConfig
+from .vla_cache import UPSTREAM_CONSTANTS, VLACacheConfig
 
 
 @dataclass(frozen=True)
@@ -75,11 +78,12 @@ class CacheConfig:
     fusion: str = "hybrid"               # "hybrid" | "pixel" | "attention"
     # VLA-Cache (vla_cache, ttf_vla_cache): its own selection and layer schedule, as upstream
     similarity_threshold: float = 0.996  # per-patch cosine similarity of raw pixels to count as static
-    top_k_static: int = 130              # at most this many static patches, most similar first
-    attention_top_k_remove: int = 100    # the most text-attended patches are never reused
+    top_k_static: int = UPSTREAM_CONSTANTS["openvla"][0]            # at most this many static patches, most similar first
+    attention_top_k_remove: int = UPSTREAM_CONSTANTS["openvla"][1]  # the most text-attended patches are never reused
     prune_layers: tuple[int, ...] = (2, 6, 9, 11)  # layers where reuse starts or grows
     # execution
-    faithful: bool = False               # compute rows nothing reads, as a literal reading of the method does
+    faithful: bool = False               # compute rows nothing reads, as a literal reading of the method does;
+                                         # VLA-Cache's entropy schedule in the model's dtype, as upstream
     unnorm_key: str | None = None        # dataset statistics for actions (None: the model's only entry)
 
     def __post_init__(self) -> None:

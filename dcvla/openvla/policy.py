@@ -65,10 +65,12 @@ class StepRecord:
 
 @dataclass
 class Reuse:
-    """One frame's reuse decision: the unified mask and VLA-Cache's per-layer schedule (None: not used)."""
+    """One frame's reuse decision: the unified mask, TTF's per-tower masks and VLA-Cache's per-layer schedule
+    (None: not used)."""
 
     static: torch.Tensor | None = None      # [patch] bool on the device: the unified selector's reuse mask
     static_host: np.ndarray | None = None   # [patch] bool: the same mask on the host (plans are made from it)
+    tower_static: torch.Tensor | None = None  # [2, patch] bool on the device: TTF's mask per tower (DINOv2, SigLIP)
     llm_skip: torch.Tensor | None = None    # [layer, patch] bool on the host: VLA-Cache's tokens skipping each layer
 
 
@@ -110,6 +112,8 @@ class CachedPolicy:
         self.prob_layers = frozenset({config.attention_layer_id}) if self.method.needs_relevance else frozenset()
         # VLA-Cache's layer schedule needs every layer's attention entropy from the previous frame.
         self.entropy_layers = frozenset(range(depth)) if self.method.llm == "vla_cache" else frozenset()
+        # upstream computes that entropy in the attention's dtype (the model's); dcvla in float32 unless faithful
+        self.entropy_dtype = model.dtype if self.config.faithful else torch.float32
         self.guard = EpisodeGuard(self.name)
         self.observer = None                      # a Recorder attaches itself here while it records
         self.observed_prob_layers: frozenset[int] = frozenset()  # extra layers whose text attention it wants
@@ -205,6 +209,8 @@ class CachedPolicy:
             selection = self.selector.select(pixel_values, self.prev_relevance)
             reuse.static_host = selection.reuse.numpy()
             reuse.static = to_device(reuse.static_host, self.model.device)
+            if self.method.vit == "ttf":  # TTF keeps one mask per tower
+                reuse.tower_static = to_device(selection.tower_reuse.numpy(), self.model.device)
         if self.method.llm == "vla_cache":
             image224 = resize_image(image, self.model.config.dino.image_size)
             if self.prev_image is not None and self.prev_entropy is not None:
@@ -223,14 +229,15 @@ class CachedPolicy:
         model = self.model
         features, patches, vit_work = self._towers(method, pixel_values, reuse.static_host, clock, keep, observer)
         if method.vit == "ttf":
-            features = self._ttf_fuse(features, reuse.static)
+            features = self._ttf_fuse(features, reuse.tower_static)
         with clock.stage("projector"):
             projected = model.projector(features)  # [1, computed patch, llm_hidden]
         plans, embeds, seq_len, llm_reuse = self._llm_plans(method, input_ids, projected, patches, reuse)
         request = PrefillRequest(
             self.llm_store if keep else None, self.frame, text_start=1 + model.config.num_patches,
             prob_layers=(self.prob_layers | self.observed_prob_layers) if keep else frozenset(),
-            entropy_layers=self.entropy_layers if keep else frozenset(), observer=observer)
+            entropy_layers=self.entropy_layers if keep else frozenset(), entropy_dtype=self.entropy_dtype,
+            observer=observer)
         with clock.stage("llm_prefill"):
             out = prefill(model.language_model, embeds, seq_len, plans, request)
         if request.store is not None:
@@ -256,10 +263,13 @@ class CachedPolicy:
             patches, vit_work[name] = out.patches, out.work
         return torch.cat(features, dim=2), patches, vit_work
 
-    def _ttf_fuse(self, features: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor:
-        """TTF: static patches' output tokens replaced by the cached fused tokens; the cache holds the fused."""
-        if static is not None and self.fused_features is not None:
-            features = torch.where(static[None, :, None], self.fused_features, features)
+    def _ttf_fuse(self, features: torch.Tensor, tower_static: torch.Tensor | None) -> torch.Tensor:
+        """TTF: each tower's static patches' output tokens replaced by its cached fused tokens (per-tower masks,
+        as TTF's `PrismaticVisionBackbone.forward` fuses them); the cache holds the fused tokens."""
+        if tower_static is not None and self.fused_features is not None:
+            widths = (self.model.config.dino.hidden_size, self.model.config.siglip.hidden_size)
+            static = torch.cat([m[:, None].expand(-1, w) for m, w in zip(tower_static, widths)], dim=1)  # [patch, dim]
+            features = torch.where(static[None], self.fused_features, features)
         self.fused_features = features.clone()
         return features
 
@@ -343,7 +353,7 @@ class CachedPolicy:
             relevance, rest = torch.from_numpy(rest[:n_patches].astype(np.float32)), rest[n_patches:]
         self.prev_relevance, self.prev_image = relevance, image224
         if out.prefill.entropy:
-            self.prev_entropy = torch.from_numpy(rest[:n_layers].astype(np.float32))
+            self.prev_entropy = torch.from_numpy(rest[:n_layers].astype(np.float32)).to(self.entropy_dtype)  # exact
         stale = out.llm_reuse.numpy().any(0)  # [patch]
         if reuse.static_host is not None:
             stale = stale | reuse.static_host

@@ -23,7 +23,10 @@ TOWERS = ("dino", "siglip", "llm")
 STAGES = ("select", "dino", "siglip", "projector", "llm_prefill", "llm_decode")
 SCHEMA = Schema(
     variables={  # variable -> dims after "frame"
-        "reuse": ("patch",),                          # the selector's mask (vla_cache: reused at any layer)
+        "reuse": ("patch",),                          # the unified mask (ttf: reused by both towers; vla_cache:
+                                                      # reused at any layer)
+        "tower_reuse": ("tower", "patch"),            # per tower, the patches whose values came from the cache
+                                                      # (ttf: fused output tokens, per-tower masks; kv: K/V; llm: any layer)
         "pixel_dynamic": ("patch",),
         "attn_relevant": ("patch",),
         "keyframe": (),
@@ -42,7 +45,7 @@ SCHEMA = Schema(
         "logit_kl": (),
     },
     groups={
-        "masks": ("reuse", "pixel_dynamic", "attn_relevant", "keyframe", "reuse_by_layer"),
+        "masks": ("reuse", "tower_reuse", "pixel_dynamic", "attn_relevant", "keyframe", "reuse_by_layer"),
         "staleness": ("staleness",),
         "text_to_vision": ("text_to_vision",),
         "actions": ("action", "action_tokens", "action_logits"),
@@ -149,8 +152,15 @@ class OpenVLARecorder(Recorder):
             by_layer[0, : self.depth["dino"]] = sel.reuse.numpy()
             by_layer[1, : self.depth["siglip"]] = sel.reuse.numpy()
         by_layer[2, : self.depth["llm"]] = record.llm_reuse.numpy()
+        towers = np.zeros((len(TOWERS), n), bool)  # [tower, patch]
+        if sel is not None and self.policy.method.vit == "ttf":
+            towers[:2] = sel.tower_reuse.numpy()
+        elif sel is not None and self.policy.method.vit == "kv":
+            towers[:2] = sel.reuse.numpy()
+        towers[2] = record.llm_reuse.any(0).numpy()
         return {
-            "reuse": sel.reuse.numpy() if sel is not None else record.llm_reuse.any(0).numpy(),
+            "reuse": sel.reuse.numpy() if sel is not None else towers[2],
+            "tower_reuse": towers,
             "pixel_dynamic": sel.pixel_dynamic.numpy() if sel is not None else zeros,
             "attn_relevant": sel.attn_relevant.numpy() if sel is not None else zeros,
             "keyframe": np.array(bool(sel.keyframe) if sel is not None else record.frame == 0),

@@ -1,16 +1,18 @@
-"""Which vision patches may reuse cached values: TTF-VLA's selector (the unified selector of the dual cache).
+"""Which vision patches may reuse cached values: TTF-VLA's selector, and the unified selector of the dual cache.
 
-`UnifiedTokenSelector` follows PKU-XLab/TTF-VLA (`experiments/robot/aptube_manager.py`): keyframes at frames
-0, k, 2k, ... since the episode start; a patch is pixel-dynamic when the mean |dY| of its grayscale difference
-to the previous frame exceeds a threshold; the top-k patches of the previous frame's text-to-vision attention
-are always recomputed. TTF applies the grayscale weights to the *normalised* pixel values of each tower
-(channels 0-2 DINOv2, 3-5 SigLIP) and keeps one mask per tower; here one mask serves every tower, so a patch is
-dynamic when either tower's test fires (score = the larger of the two). On [0, 1] pixels the DINOv2 score is
-about 4.43x the plain grayscale difference (1/std per channel: 4.37 R, 4.46 G, 4.44 B) and the SigLIP score
-exactly 2x, so TTF's published 0.03 equals ~0.0068 on [0, 1] pixels (1.7 grey levels of 255); SigLIP alone
-would give 0.015. `pixel_space="unit"` thresholds the [0, 1] grayscale difference instead.
+`UnifiedTokenSelector` follows PKU-XLab/TTF-VLA (`experiments/robot/aptube_manager.py` at afbd6bf): keyframes at
+frames 0, k, 2k, ... since the episode start; a patch is pixel-dynamic when the mean |dY| of its grayscale
+difference to the previous frame exceeds a threshold; the top-k patches of the previous frame's text-to-vision
+attention are always recomputed. TTF applies the grayscale weights to the *normalised* pixel values of each tower
+(channels 0-2 DINOv2, 3-5 SigLIP) and keeps one mask per tower: `Selection.tower_reuse`, which the TTF baselines
+use. The dual cache uses one mask for every tower and the LLM (`Selection.reuse`): a patch is dynamic when either
+tower's test fires. On [0, 1] pixels the DINOv2 score is about 4.43x the plain grayscale difference (1/std per
+channel: 4.37 R, 4.46 G, 4.44 B) and the SigLIP score exactly 2x, so TTF's published 0.03 equals ~0.0068 on
+[0, 1] pixels (1.7 grey levels of 255) for DINOv2 and 0.015 for SigLIP. `pixel_space="unit"` thresholds the
+[0, 1] grayscale difference instead (the same test for both towers).
 
-Patch j of the 16x16 grid (row-major, row = image y) is LLM sequence position j + 1.
+Patch j of the 16x16 grid (row-major, row = image y) is LLM sequence position j + 1. The selection is checked
+against TTF's own code by `tests/test_selector_parity.py` (fixture: `scripts/make_selector_parity_fixture.py`).
 
 The selector reads the device once per frame (the pixel scores, with the count of non-finite pixels); the rest of
 its decision is made on the host, where the previous frame's relevance already is.
@@ -67,14 +69,21 @@ class SelectorConfig:
 
 @dataclass
 class Selection:
-    """One frame's decision. Always `reuse == ~(pixel_dynamic | attn_relevant)`; a test the fusion does not use
-    marks nothing, and on keyframes both mark every patch."""
+    """One frame's decision. Always `reuse == ~(pixel_dynamic | attn_relevant)` and `pixel_dynamic` = either row of
+    `tower_dynamic`; a test the fusion does not use marks nothing, and on keyframes both mark every patch."""
 
-    reuse: torch.Tensor            # [256] bool: take the cached value of this patch
-    pixel_dynamic: torch.Tensor    # [256] bool
+    reuse: torch.Tensor            # [256] bool: the unified mask (every tower and the LLM take the cached value)
+    pixel_dynamic: torch.Tensor    # [256] bool: dynamic in either tower
     attn_relevant: torch.Tensor    # [256] bool
-    pixel_score: torch.Tensor      # [256] float: mean |dY| vs the previous frame (zeros when there is none)
+    pixel_score: torch.Tensor      # [256] float: the larger tower score (zeros when there is no previous frame)
     keyframe: bool
+    tower_dynamic: torch.Tensor    # [2, 256] bool: each tower's own pixel test (DINOv2, SigLIP), as TTF keeps them
+    tower_score: torch.Tensor      # [2, 256] float: each tower's mean |dY|
+
+    @property
+    def tower_reuse(self) -> torch.Tensor:
+        """[2, 256] bool: TTF's per-tower reuse (DINOv2, SigLIP): static in that tower's pixels, not relevant."""
+        return ~(self.tower_dynamic | self.attn_relevant)
 
 
 def on_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -193,18 +202,18 @@ class UnifiedTokenSelector:
         prev = None if self._prev is None else self._prev.to(current.device)
         # the frame's one read of the device: the count of non-finite pixels, then the scores
         nonfinite = (~torch.isfinite(current)).sum().float()[None]  # exact: far fewer than 2**24 pixels
-        host = (nonfinite if prev is None else torch.cat([nonfinite, self._pixel_score(prev, current)])).cpu()
+        host = (nonfinite if prev is None else torch.cat([nonfinite, self._pixel_score(prev, current).flatten()])).cpu()
         n_bad = int(host.numpy()[0])
         if n_bad:
             raise ValueError(f"pixel_values has {n_bad} NaN or infinite values")
         relevance = check_relevance(text_to_vision, "text_to_vision")
-        score = torch.zeros(NUM_PATCHES) if prev is None else host[1:].clone()  # [patch]
+        scores = torch.zeros(2, NUM_PATCHES) if prev is None else host[1:].view(2, NUM_PATCHES).clone()  # [tower, patch]
         keyframe = prev is None or self._frame % cfg.keyframe_interval == 0
         none = torch.zeros(NUM_PATCHES, dtype=torch.bool)
         if keyframe:
-            dynamic, relevant = ~none, ~none
+            towers, relevant = torch.ones(2, NUM_PATCHES, dtype=torch.bool), ~none
         else:
-            dynamic = score > cfg.pixel_threshold if cfg.fusion != "attention" else none
+            towers = scores > cfg.pixel_threshold if cfg.fusion != "attention" else torch.zeros(2, NUM_PATCHES, dtype=torch.bool)
             if cfg.fusion == "pixel":
                 relevant = none
             elif relevance is None:
@@ -212,7 +221,8 @@ class UnifiedTokenSelector:
             else:
                 relevant = top_k_patches(relevance, cfg.attention_top_k)
         self._prev, self._frame = current, self._frame + 1
-        return Selection(~(dynamic | relevant), dynamic.clone(), relevant.clone(), score, keyframe)
+        dynamic = towers[0] | towers[1]
+        return Selection(~(dynamic | relevant), dynamic, relevant.clone(), scores.amax(0), keyframe, towers, scores)
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         side = 16 * self.patch_size
@@ -240,9 +250,9 @@ class UnifiedTokenSelector:
         return F.avg_pool2d(diff[None, None], self.patch_size, self.patch_size).flatten()  # [patch], on the device
 
     def _pixel_score(self, prev: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """[2, patch] each tower's score (DINOv2, SigLIP), on the device."""
         if self.config.pixel_space == "unit":
             mean = self._constant("mean", SIGLIP_MEAN, current.device)
             std = self._constant("std", SIGLIP_STD, current.device)
-            return self._gray_diff(prev[3:] * std + mean, current[3:] * std + mean)  # [patch]
-        # A patch TTF would recompute in either tower is recomputed in both.
-        return torch.maximum(self._gray_diff(prev[:3], current[:3]), self._gray_diff(prev[3:], current[3:]))
+            return self._gray_diff(prev[3:] * std + mean, current[3:] * std + mean).expand(2, -1)  # one test for both
+        return torch.stack([self._gray_diff(prev[:3], current[:3]), self._gray_diff(prev[3:], current[3:])])

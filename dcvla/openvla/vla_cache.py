@@ -3,7 +3,8 @@ per-layer share set by the previous frame's attention entropy.
 
 Follows siyuhsu/vla-cache (`src/openvla/experiments/robot/vla_cache_utils.py`, `openvla_utils.py`, and the forked
 `LlamaModel.forward` in `src/transformers/.../modeling_llama.py`). Patch j of the 16x16 grid (row-major, row =
-image y) is LLM sequence position j + 1.
+image y) is LLM sequence position j + 1. `tests/test_selector_parity.py` checks it against upstream's own code
+(fixture: `scripts/make_selector_parity_fixture.py`).
 
 Everything here runs on the host (numpy for the data-dependent steps), from the raw frames and the previous
 frame's relevance and entropies, which the policy reads from the device once per frame.
@@ -19,11 +20,20 @@ import torch
 from .ttf_selector import NUM_PATCHES, check_float, check_int, check_relevance, on_host, top_k_patches
 
 
+# (static patches kept, most attended removed) as upstream runs them, per family, read at siyuhsu/vla-cache a490988:
+# - "openvla": src/openvla/experiments/robot/openvla_utils.py calls find_static_patches(image, prev_image,
+#   top_k=130) and task_relevant_selection(prev_attn, image, stable_patches), whose default in vla_cache_utils.py is
+#   top_k=120. History of that path: (150, 100) at cfad38a, (120, 100) at b4115ff, (130, 120) from fa05c3e on.
+# - "openvla-oft": src/openvla-oft/experiments/robot/openvla_utils.py calls find_static_patches(..., top_k=150) per
+#   image and task_relevant_selection with its default top_k=100 (src/openvla-oft/.../vla_cache_utils.py).
+UPSTREAM_CONSTANTS: dict[str, tuple[int, int]] = {"openvla": (130, 120), "openvla-oft": (150, 100)}
+
+
 @dataclass(frozen=True)
 class VLACacheConfig:
     similarity_threshold: float = 0.996         # patch cosine similarity >= this => static
-    top_k_static: int = 130                     # keep the most similar static patches (openvla_utils.py)
-    attention_top_k_remove: int = 100           # task_relevant_selection's default, used by the OpenVLA path
+    top_k_static: int = UPSTREAM_CONSTANTS["openvla"][0]            # keep the most similar static patches
+    attention_top_k_remove: int = UPSTREAM_CONSTANTS["openvla"][1]  # never reuse the most attended patches
     prune_layers: tuple[int, ...] = (2, 6, 9, 11)  # LlamaModel.pruning_loc
     attention_layer_id: int = 15                # layer of the relevance (token_attention_merge)
     growth_factor: float = 0.55                 # damping of upward steps of the per-layer reuse share
@@ -104,19 +114,21 @@ def vla_cache_static_patches(
     return torch.from_numpy(static) & ~top_k_patches(relevance, config.attention_top_k_remove)
 
 
-def attention_entropy(attn: torch.Tensor, on_host: bool = True) -> torch.Tensor:
+def attention_entropy(attn: torch.Tensor, on_host: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One layer's mean attention entropy, as VLA-Cache's get_layer_mask_schedule computes it.
 
     Heads are averaged, each row renormalised (+1e-10), row entropy -sum p log(p + 1e-10) in nats, then the mean
-    over the rows the prefill computed at that layer. Upstream did this in bf16; here it is float32.
+    over the rows the prefill computed at that layer. Upstream computes it in the attention's dtype (bfloat16 in
+    its runs: pass `dtype=torch.bfloat16`, as `faithful=True` does); by default it is float32.
 
     Args:
         attn: [1, heads, q, k] or [heads, q, k] prefill attention probabilities of one layer.
         on_host: return it on the CPU (False: where `attn` is, for the caller to read with other values at once).
+        dtype: the dtype every step is computed in (the probabilities are cast to it first).
     Returns:
-        0-dim float32 tensor.
+        0-dim tensor of `dtype`.
     """
-    probs = attn.detach().float()
+    probs = attn.detach().to(dtype)
     probs = (probs[0] if probs.dim() == 4 else probs).mean(dim=0)  # [q, k]
     probs = torch.nan_to_num(probs / (probs.sum(dim=-1, keepdim=True) + 1e-10), nan=0.0)
     entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=-1).mean()
@@ -129,6 +141,8 @@ def vla_cache_reuse_proportions(layer_entropy: torch.Tensor, config: VLACacheCon
     share = 1 - (e - min e) / (max e - min e + 1e-10) over all layers; then, walking up the layers, an increase
     over the layer below is damped to `growth_factor` of itself (decreases are kept).
 
+    The normalisation runs in `layer_entropy`'s dtype, as upstream's runs in its entropies' (bfloat16 there).
+
     Args:
         layer_entropy: [num_layers] `attention_entropy` of every LLM layer of the previous prefill.
         config: VLA-Cache parameters.
@@ -136,13 +150,14 @@ def vla_cache_reuse_proportions(layer_entropy: torch.Tensor, config: VLACacheCon
         [num_layers] float32 in [0, 1].
     """
     config = config if config is not None else VLACacheConfig()
-    entropy = on_host(layer_entropy.detach().float())
-    if entropy.dim() != 1 or entropy.numel() == 0 or not np.isfinite(entropy.numpy()).all():
+    entropy = on_host(layer_entropy.detach())
+    entropy = entropy if entropy.is_floating_point() else entropy.float()
+    if entropy.dim() != 1 or entropy.numel() == 0 or not np.isfinite(entropy.float().numpy()).all():
         raise ValueError(f"layer_entropy must be a finite [num_layers] vector; got shape {list(entropy.shape)}")
     share = 1.0 - (entropy - entropy.min()) / (entropy.max() - entropy.min() + 1e-10)  # [layer]
     if not config.apply_weighted_growth:
-        return share
-    values = share.numpy().tolist()  # upstream smooths in Python floats, then returns float32
+        return share.float()
+    values = share.float().numpy().tolist()  # upstream smooths in Python floats, then returns float32
     for i in range(1, len(values)):
         if values[i] > values[i - 1]:
             values[i] = values[i - 1] + (values[i] - values[i - 1]) * config.growth_factor

@@ -64,7 +64,10 @@ def equivalence_tests(config: StudyConfig, base: CachedPolicy | None = None) -> 
              pairs(cached, "dual_cache", cached, "llm_kqv_only"), None,
              "difference = the ViT's stale K/V reaching the dynamic patches", tol),
         _row("H3 dual_cache vs TTF + VLA-Cache (as published)", "dual_cache", "ttf_vla_cache",
-             pairs(cached, "dual_cache", cached, "ttf_vla_cache"), None, "different masks and schedules", tol),
+             pairs(cached, "dual_cache", cached, "ttf_vla_cache"), None,
+             "masks: dual_cache one unified mask (pixel test of either tower, or attention) for both towers' K/V and "
+             "the LLM's Q/K/V; ttf_vla_cache TTF's own mask per tower on the towers' outputs, VLA-Cache's selection "
+             "and layer schedule (130 static, 120 most attended removed) in the LLM", tol),
     ]
     rows += [_row("H4 drift from vanilla", method, "vanilla", pairs(cached, method, cached, "vanilla"), None,
                   "consistent reuse (vision + conditioned LLM rows)" if method == "dual_cache" else "stale vision, fresh LLM", tol)
