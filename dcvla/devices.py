@@ -84,6 +84,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model: names the file or every key at fault."""
 
 
+def misfit_message(missing: list[str], unexpected: list[str], misshapen: list[str]) -> str:
+    """'2 missing keys: a, b | 1 shape mismatches: c: ...' (at most 20 names each); '' when all three are empty."""
+    problems = []
+    for label, names, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "), ("shape mismatches", misshapen, "; ")):
+        if names:
+            problems.append(f"{len(names)} {label}: {sep.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+    return " | ".join(problems)
+
+
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}

@@ -32,10 +32,14 @@ class ActionTokenizer:
         return self.bin_centers[index]
 
 
-def unnormalize_action(normalized: np.ndarray, stats: Mapping[str, list]) -> np.ndarray:
-    """[-1, 1] -> robot units: 0.5 * (a + 1) * (q99 - q01) + q01 where `mask`, unchanged elsewhere."""
+def unnormalize_action(normalized: np.ndarray, stats: Mapping[str, list], eps: float = 0.0) -> np.ndarray:
+    """[-1, 1] -> robot units: 0.5 * (a + 1) * (q99 - q01 + eps) + q01 where `mask`, unchanged elsewhere.
+
+    `normalized` is one action [action_dim] or a chunk [step, action_dim]. OpenVLA uses no `eps`; OpenVLA-OFT adds
+    1e-8 to the range (its `_unnormalize_actions`).
+    """
     low, high = np.asarray(stats["q01"], dtype=np.float64), np.asarray(stats["q99"], dtype=np.float64)
     mask = np.asarray(stats.get("mask", np.ones_like(low, dtype=bool)), dtype=bool)
-    if low.shape != normalized.shape:
-        raise ValueError(f"dataset statistics have {low.shape[0]} action dims, the model predicts {normalized.shape[0]}")
-    return np.where(mask, 0.5 * (normalized + 1.0) * (high - low) + low, normalized)
+    if low.shape[-1:] != normalized.shape[-1:]:
+        raise ValueError(f"dataset statistics have {low.shape[0]} action dims, the model predicts {normalized.shape[-1]}")
+    return np.where(mask, 0.5 * (normalized + 1.0) * (high - low + eps) + low, normalized)

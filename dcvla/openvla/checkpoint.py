@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import INDEX_FILE, CheckpointError, parse_dtype, place, read_headers, stream_tensors, write_shards
+from ..devices import INDEX_FILE, CheckpointError, misfit_message, parse_dtype, place, read_headers, stream_tensors, write_shards
 from ..io import atomic_path
 from ..vision import ViTConfig
 from .config import OpenVLAConfig, get_preset
@@ -33,6 +33,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DCVLA_CONFIG_FILE = "dcvla_config.json"
 STATS_FILE = "dataset_statistics.json"
 TOWER_PREFIX = {"dino": "vision_backbone.featurizer.", "siglip": "vision_backbone.fused_featurizer."}
+# The modules the safetensors shards hold; a family's extra modules (OpenVLA-OFT's heads) load from their own files.
+BACKBONE_PREFIXES = ("vision_backbone.", "projector.", "language_model.")
 
 # timm module -> transformers module inside one block, per tower (the fused qkv is split separately).
 _BLOCK_MODULES = {
@@ -139,8 +141,13 @@ def _routes(keys, config: OpenVLAConfig) -> tuple[dict[str, list[Target]], list[
     return routes, unused
 
 
-def check_fit(model: OpenVLA, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, list[Target]], list[str]]:
-    """Check checkpoint keys and shapes {key: shape} against `model` (which may be on the meta device).
+def backbone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of `model.state_dict()` that the shards hold: towers, projector, Llama."""
+    return {key: value for key, value in model.state_dict().items() if key.startswith(BACKBONE_PREFIXES)}
+
+
+def check_fit(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, list[Target]], list[str]]:
+    """Check checkpoint keys and shapes {key: shape} against `model`'s backbone (the model may be on the meta device).
 
     Returns:
         (routes {checkpoint key: targets}, checkpoint keys present but unused by design).
@@ -148,7 +155,7 @@ def check_fit(model: OpenVLA, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[
         CheckpointError: naming every missing key, unexpected key and shape mismatch (in checkpoint names).
     """
     routes, unused = _routes(shapes, model.config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    expected = {key: tuple(value.shape) for key, value in backbone_state(model).items()}
     mapped = {target: key for key, targets in routes.items() for target, _ in targets}
     missing = [key for key in expected if key not in mapped and key not in _MODEL_ONLY_KEYS]
     unexpected = sorted({source for target, source in mapped.items() if target not in expected})
@@ -157,21 +164,19 @@ def check_fit(model: OpenVLA, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[
         for key, targets in routes.items() for target, part in targets
         if target in expected and stored_shape(expected[target], part) != tuple(shapes[key])
     })
-    problems = []
-    for label, names, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "), ("shape mismatches", misshapen, "; ")):
-        if names:
-            problems.append(f"{len(names)} {label}: {sep.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+    problems = misfit_message(missing, unexpected, misshapen)
     if problems:
-        raise CheckpointError(f"checkpoint does not fit preset {model.config.name!r}: " + " | ".join(problems))
+        raise CheckpointError(f"checkpoint does not fit preset {model.config.name!r}: " + problems)
     return routes, unused
 
 
-def to_openvla_layout(model: OpenVLA) -> dict[str, torch.Tensor]:
-    """dcvla model -> state dict in OpenVLA's key layout (the blocks that run; unused parts are not invented)."""
+def to_openvla_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """dcvla model -> its backbone's state dict in OpenVLA's key layout (the blocks that run; unused parts are not
+    invented)."""
     out: dict[str, torch.Tensor] = {}
     inverse = {tower: {h: t for t, h in _EMBED_PARAMS[tower].items()} for tower in TOWER_PREFIX}
     inverse_block = {tower: {h: t for t, h in _BLOCK_PARAMS[tower].items()} for tower in TOWER_PREFIX}
-    state = model.state_dict()
+    state = backbone_state(model)
     for key, value in state.items():
         if key in _MODEL_ONLY_KEYS:
             continue
@@ -250,7 +255,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(stream_tensors(read_headers(checkpoint_files(path))))
 
 
-def _copy_in(model: OpenVLA, tensors, routes: dict[str, list[Target]]) -> None:
+def _copy_in(model: torch.nn.Module, tensors, routes: dict[str, list[Target]]) -> None:
     params = model.state_dict()
     with torch.no_grad():
         for key, value in tensors:
@@ -269,8 +274,9 @@ def load_openvla_state_dict(model: OpenVLA, state_dict: dict[str, torch.Tensor])
     return unused
 
 
-def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded (safetensors and json only) unless offline."""
+def resolve_checkpoint_dir(path_or_id: str | os.PathLike, extra_patterns: tuple[str, ...] = ()) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (safetensors, json and `extra_patterns` only) unless
+    offline."""
     path = Path(path_or_id)
     if path.exists():
         return path
@@ -282,7 +288,7 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json", "tokenizer.model"]))
+        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json", "tokenizer.model", *extra_patterns]))
     except Exception as err:  # network, auth, missing repo: say which id failed and why
         raise FileNotFoundError(f"could not fetch {name} from the hub: {type(err).__name__}: {err}") from err
 
@@ -333,16 +339,30 @@ def load_pretrained(
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = OpenVLA(config, attn_implementation)
-    headers = read_headers(checkpoint_files(directory))
-    routes, _ = check_fit(model, {key: e.shape for entries in headers.values() for key, e in entries.items()})
-    model = model.to(dtype).to_empty(device=device)  # the only allocation of weights: target dtype and device
-    _init_buffers(model)
-    _copy_in(model, stream_tensors(headers, routes), routes)
+    model = materialize(model, dtype, device, *plan_backbone(model, directory))
     model.norm_stats = read_norm_stats(folder)
     return model.eval()
 
 
-def _init_buffers(model: OpenVLA) -> None:
+def plan_backbone(model: torch.nn.Module, path: Path) -> tuple[dict, dict[str, list[Target]]]:
+    """The safetensors headers of the checkpoint at `path` and their routes into `model`'s backbone, checked strictly
+    (`check_fit`) from the headers alone, so a misfit fails before any weight is allocated."""
+    headers = read_headers(checkpoint_files(path))
+    return headers, check_fit(model, {key: e.shape for entries in headers.values() for key, e in entries.items()})[0]
+
+
+def materialize(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device, headers: dict,
+                routes: dict[str, list[Target]]) -> torch.nn.Module:
+    """Allocate a model built on the meta device, once, on `device` in `dtype`; give the buffers no checkpoint carries
+    their values; copy the shards' tensors in one at a time (`plan_backbone`). Modules outside the backbone are left
+    uninitialised for their own loader."""
+    model = model.to(dtype).to_empty(device=device)  # the only allocation of weights: target dtype and device
+    _init_buffers(model)
+    _copy_in(model, stream_tensors(headers, routes), routes)
+    return model
+
+
+def _init_buffers(model: torch.nn.Module) -> None:
     """Give a model built on the meta device the tensors no checkpoint carries.
 
     `to_empty` leaves non-persistent buffers uninitialised: RoPE's inverse frequencies (rebuilt in float32 by
@@ -368,7 +388,7 @@ def write_checkpoint(directory: str | os.PathLike, specs: dict[str, tuple[tuple[
     return directory
 
 
-def save_pretrained(model: OpenVLA, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = torch.bfloat16) -> Path:
     """Write `model` as an OpenVLA-layout checkpoint (see `write_checkpoint`).
 
     `dtype` (default bfloat16, as published) of None keeps the model's.

@@ -146,12 +146,11 @@ class ActionPrediction:
     action: np.ndarray           # [action_dim]: un-normalised with the dataset statistics
 
 
-class OpenVLA(nn.Module):
-    """OpenVLA: vision backbone -> projector -> Llama, predicting `action_dim` discretised action tokens.
+class PrismaticVLA(nn.Module):
+    """The modules every Prismatic-based VLA shares (OpenVLA, OpenVLA-OFT): vision backbone -> projector -> Llama.
 
-    Args:
-        config: the model dims (see `dcvla.config.PRESETS`).
-        attn_implementation: transformers attention backend for every tower ("sdpa" or "eager").
+    Module paths are the published checkpoint's; `dcvla.openvla.checkpoint` loads exactly these three. The dataset
+    statistics (`norm_stats`) are set by the checkpoint loader.
     """
 
     def __init__(self, config: OpenVLAConfig, attn_implementation: str = "sdpa") -> None:
@@ -160,9 +159,7 @@ class OpenVLA(nn.Module):
         self.vision_backbone = VisionBackbone(config, attn_implementation)
         self.projector = Projector(*config.projector_dims)
         self.language_model = LlamaForCausalLM(llama_config(config.llm, attn_implementation))
-        self.action_tokenizer = ActionTokenizer(config.llm.text_vocab_size, config.n_action_bins)
         self.norm_stats: dict = {}  # dataset statistics keyed by unnorm_key, set by the checkpoint loader
-        self.eval()
 
     @property
     def device(self) -> torch.device:
@@ -180,6 +177,24 @@ class OpenVLA(nn.Module):
         """[BOS] + vision tokens (positions 1..patch) + the prompt tokens after BOS -> [1, seq, llm_hidden]."""
         text = self.language_model.get_input_embeddings()(input_ids)  # [1, text, llm_hidden]
         return torch.cat([text[:, :1], patch_embeddings.to(text.dtype), text[:, 1:]], dim=1)
+
+    def action_stats(self, unnorm_key: str | None) -> dict:
+        """The `action` statistics for `unnorm_key` (q01, q99, mask, ...)."""
+        return self.norm_stats[resolve_unnorm_key(self.norm_stats, unnorm_key)]["action"]
+
+
+class OpenVLA(PrismaticVLA):
+    """OpenVLA: vision backbone -> projector -> Llama, predicting `action_dim` discretised action tokens.
+
+    Args:
+        config: the model dims (see `dcvla.config.PRESETS`).
+        attn_implementation: transformers attention backend for every tower ("sdpa" or "eager").
+    """
+
+    def __init__(self, config: OpenVLAConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__(config, attn_implementation)
+        self.action_tokenizer = ActionTokenizer(config.llm.text_vocab_size, config.n_action_bins)
+        self.eval()
 
     def new_kv_cache(self) -> DynamicCache:
         return DynamicCache(config=self.language_model.config)
@@ -233,10 +248,6 @@ class OpenVLA(nn.Module):
         """Action token ids [action_dim] -> (bin centres in [-1, 1], the action un-normalised for `unnorm_key`)."""
         normalized = self.action_tokenizer.decode(token_ids.cpu().numpy())
         return normalized, unnormalize_action(normalized, self.action_stats(unnorm_key))
-
-    def action_stats(self, unnorm_key: str | None) -> dict:
-        """The `action` statistics for `unnorm_key` (q01, q99, mask, ...)."""
-        return self.norm_stats[resolve_unnorm_key(self.norm_stats, unnorm_key)]["action"]
 
 
 # Random presets: a trained OpenVLA puts its greedy mass on the 256 action tokens. With random weights the argmax

@@ -41,20 +41,26 @@ def build_prompt(instruction: str) -> str:
     return PROMPT_TEMPLATE.format(instruction=instruction.strip().lower())
 
 
-def check_sequence_length(instruction: str, prompt_tokens: int, config: OpenVLAConfig) -> None:
-    """A ValueError when the Llama's sequence, [BOS] + vision tokens + the prompt's tokens (BOS excluded) + the
-    decoded action tokens, would pass its `max_position_embeddings`: the count, the limit, and by how much (in tokens,
-    and roughly in characters) to shorten the instruction."""
-    vision, actions, limit = config.num_patches, config.action_dim, config.llm.max_position_embeddings
-    total = 1 + vision + prompt_tokens + actions
+def check_sequence_length(instruction: str, prompt_tokens: int, config: OpenVLAConfig,
+                          before: tuple[tuple[int, str], ...] | None = None,
+                          after: tuple[tuple[int, str], ...] | None = None) -> None:
+    """A ValueError when the Llama's sequence, [BOS] + `before` + the prompt's tokens (BOS excluded) + `after`, would
+    pass its `max_position_embeddings`: the count, the limit, and by how much (in tokens, and roughly in characters)
+    to shorten the instruction. `before` / `after` are (count, name) parts; by default OpenVLA's: the vision tokens,
+    then the decoded action tokens."""
+    before = ((config.num_patches, "vision"),) if before is None else before
+    after = ((config.action_dim, "action"),) if after is None else after
+    limit = config.llm.max_position_embeddings
+    total = 1 + sum(n for n, _ in before) + prompt_tokens + sum(n for n, _ in after)
     if total <= limit:
         return
     over = total - limit
     chars = -(-over * len(instruction) // max(prompt_tokens, 1))  # ceil, at this prompt's characters per token
+    parts = " + ".join(["1 BOS", *(f"{n} {name}" for n, name in before), f"{prompt_tokens} prompt",
+                        *(f"{n} {name}" for n, name in after)])
     raise ValueError(
-        f"instruction too long: the LLM would see {total} tokens (1 BOS + {vision} vision + {prompt_tokens} prompt + "
-        f"{actions} action tokens), past its max_position_embeddings of {limit}; shorten the instruction by at least "
-        f"{over} tokens (about {chars} of its {len(instruction)} characters)"
+        f"instruction too long: the LLM would see {total} tokens ({parts} tokens), past its max_position_embeddings of "
+        f"{limit}; shorten the instruction by at least {over} tokens (about {chars} of its {len(instruction)} characters)"
     )
 
 
@@ -86,8 +92,12 @@ class Processor:
             raise ValueError("tokenizer did not prepend BOS; OpenVLA's sequence starts with it")
         if ids[-1] != self.empty_piece_id:
             ids = ids + [self.empty_piece_id]
-        check_sequence_length(instruction, len(ids) - 1, self.config)
+        check_sequence_length(instruction, len(ids) - 1, self.config, *self.sequence_parts())
         return torch.tensor([ids], dtype=torch.long)
+
+    def sequence_parts(self) -> tuple[tuple[tuple[int, str], ...] | None, tuple[tuple[int, str], ...] | None]:
+        """The (count, name) parts of the LLM's sequence before and after the prompt (None: OpenVLA's)."""
+        return None, None
 
     def __call__(self, image: np.ndarray | Image.Image, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (input_ids [1, text], pixel_values [1, 6, size, size])."""
