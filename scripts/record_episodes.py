@@ -5,7 +5,8 @@ Examples:
     MUJOCO_GL=egl .venv/bin/python scripts/record_episodes.py --shipped          # the set shipped in the repo
     MUJOCO_GL=egl .venv/bin/python scripts/record_episodes.py --suite libero_object --tasks 0 --inits 0 1 2
 
-Each episode is written atomically to <out>/<suite>_task<NN>_init<NN>.npz; existing files are skipped
+Each episode holds the agent view and the wrist camera (OpenVLA-OFT's second image), both as the pipeline's
+JPEG bytes, and the robot state. Each episode is written atomically to <out>/<suite>_task<NN>_init<NN>.npz; existing files are skipped
 unless --overwrite. An episode in which the oracle fails is still written (meta success=False) unless
 --only-success, so the frames of near-misses stay usable.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from dcvla.libero.env import SUITES, close_env, get_task, make_env  # noqa: E402
-from dcvla.libero.episodes import DEFAULT_DIR, SHIPPED, episode_path, record_episode, save_episode  # noqa: E402
+from dcvla.libero.episodes import CAMERAS, DEFAULT_DIR, SHIPPED, episode_path, record_episode, save_episode  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {path} (exists)", flush=True)
             continue
         t0 = time.perf_counter()
-        env = make_env(suite, task)
+        env = make_env(suite, task, cameras=CAMERAS)  # the agent view and the wrist camera
         try:
             ep = record_episode(suite, task, init, max_steps=args.max_steps, env=env)
         finally:

@@ -49,7 +49,7 @@ def test_shipped_episodes_are_complete_and_small():
     assert expected <= set(paths), sorted(expected - set(paths))
     assert all(len(v) >= 2 for v in SHIPPED.values()) and set(SHIPPED) == {"libero_spatial", "libero_object",
                                                                            "libero_goal", "libero_10"}
-    assert sum(p.stat().st_size for p in paths) < 30e6
+    assert sum(p.stat().st_size for p in paths) < 50e6
     for path in sorted(expected):
         ep = load_episode(path)
         info = E.get_task(ep.suite, ep.task_id)
@@ -59,6 +59,8 @@ def test_shipped_episodes_are_complete_and_small():
         assert n == ep.meta["n_steps"] > 50 and ep.done[-1] and ep.done.any()
         assert ep.actions.shape == (n, 7) and ep.eef_pos.shape == (n, 3) and ep.eef_quat.shape == (n, 4)
         assert ep.gripper_qpos.shape == (n, 2)
+        # the wrist camera (OpenVLA-OFT's second image) sees another picture of the same step
+        assert ep.has_wrist and len(ep.wrist_jpegs) == n and ep.states.shape == (n, 8)
         # the robot really moved and closed its gripper at some point
         assert np.ptp(ep.eef_pos, axis=0).max() > 0.1 and (ep.actions[:, 6] > 0).any()
 
@@ -86,8 +88,22 @@ def test_save_load_roundtrip_and_version_guard(tmp_path):
     assert back.jpegs == jpegs and back.name == "libero_goal/task08/init03"
     assert np.allclose(back.actions, ep.actions, atol=1e-6) and back.done.tolist() == [False, False, True]
     assert back.frames.shape == (3, 224, 224, 3)
+    assert not back.has_wrist
+    with pytest.raises(ValueError, match="no wrist view"):
+        back.wrist_frames
+    wrist = [protocol.jpeg_encode(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(3)]
+    ep.wrist_jpegs = wrist
+    with_wrist = load_episode(save_episode(ep, tmp_path / "wrist.npz"))
+    assert with_wrist.wrist_jpegs == wrist and with_wrist.wrist_frames.shape == (3, 224, 224, 3)
+    assert np.array_equal(with_wrist.wrist_frames[1], protocol.decode_frame(wrist[1]))
+    ep.wrist_jpegs = wrist[:2]
+    with pytest.raises(ValueError, match="2 wrist frames for 3"):
+        save_episode(ep, tmp_path / "bad.npz")
     with np.load(path) as z:
         arrays = dict(z)
+    arrays["format_version"] = np.int64(1)  # a file of the first format: no wrist arrays, still readable
+    np.savez(tmp_path / "v1.npz", **arrays)
+    assert load_episode(tmp_path / "v1.npz").jpegs == jpegs
     arrays["format_version"] = np.int64(FORMAT_VERSION + 1)
     np.savez(tmp_path / "future.npz", **arrays)
     with pytest.raises(ValueError, match="format_version"):
@@ -176,3 +192,29 @@ def test_a_corrupt_result_file_stops_the_resume_naming_it(tmp_path):
                                                r"dataset .*move the file away"):
         V.evaluate_task(RecordingPolicy(), "libero_spatial", 0, tmp_path, method="m", trials=1, progress=False)
     assert path.read_bytes() == b"\x89HDF\r\n\x1a\n cut short"  # left as it was
+
+
+class WristPolicy(RecordingPolicy):
+    """OpenVLA-OFT's call: [agent view, wrist view], the instruction and the state."""
+
+    uses_wrist = True
+    uses_state = True
+
+    def step(self, images, instruction, state):
+        assert isinstance(images, list) and len(images) == 2 and state.shape == (8,)
+        return super().step(images, instruction)
+
+
+def test_wrist_policies_get_both_views_open_and_closed_loop(tmp_path):
+    ep = load_episode(episode_path(DEFAULT_DIR, "libero_goal", *SHIPPED["libero_goal"][0]))
+    pol = WristPolicy()
+    replay(pol, ep)
+    assert len(pol.images) == len(ep)
+    agent, wrist = pol.images[3]
+    assert agent.shape == wrist.shape == (224, 224, 3)
+    assert np.array_equal(agent, protocol.policy_input(ep.frames[3])) and np.array_equal(wrist, protocol.policy_input(ep.wrist_frames[3]))
+    closed = WristPolicy()
+    ds = V.evaluate_task(closed, "libero_goal", SHIPPED["libero_goal"][0][0], tmp_path, method="wrist", trials=[0],
+                         max_steps=2, progress=False)
+    assert int(ds.attrs["uses_wrist"]) == 1 and len(closed.images) == 2
+    assert all(len(views) == 2 and not np.array_equal(*views) for views in closed.images)

@@ -3,8 +3,10 @@
 Storage: one `.npz` per episode (no pickle). Frames are stored as the JPEG bytes that the evaluation
 pipeline's own JPEG step produces (rotated 256x256 render, quality 95), so nothing is lost: loading redoes
 decode + lanczos resize and yields bit-for-bit the 224 frames the live protocol would hand the policy
-(before the policy-time center crop). Per step we also keep the robot state and the oracle's action.
-`format_version` lets later versions add arrays without breaking old files; unknown keys are ignored.
+(before the policy-time center crop). Per step we also keep the robot state and the oracle's action. From
+format_version 2 on, the wrist camera (`robot0_eye_in_hand_image`, rotated and JPEG'd the same way, as OpenVLA-OFT's
+evaluation processes it) is stored beside the agent view. `format_version` lets later versions add arrays without
+breaking old files; unknown keys are ignored, and a version-1 file loads with no wrist view.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dcvla.io import atomic_path
 
 from . import protocol
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional wrist view (wrist_jpeg, wrist_jpeg_offsets)
+CAMERAS = ("agentview", "robot0_eye_in_hand")  # what an episode records: the agent view and the wrist camera
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "episodes"
 #: The episodes shipped in the repo: suite -> [(task id, init state index)]. Pick-and-place tasks the
 #: oracle solves (scripts/record_episodes.py --shipped re-records them).
@@ -47,6 +50,8 @@ class Episode:
         done: env `done` returned by the step that followed each frame, [n].
         meta: suite, task_id, task_name, instruction, init_state_index, seed, success, n_steps,
             success_step, render_ms, step_ms, wait_steps, format_version.
+        wrist_jpegs: per policy step, the JPEG bytes of the rotated wrist-camera render; None when the episode
+            was recorded without it (format_version 1).
     """
 
     jpegs: list[bytes]
@@ -56,7 +61,9 @@ class Episode:
     actions: np.ndarray
     done: np.ndarray
     meta: dict[str, Any]
+    wrist_jpegs: list[bytes] | None = None
     _frames: np.ndarray | None = field(default=None, repr=False)
+    _wrist_frames: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.jpegs)
@@ -87,9 +94,45 @@ class Episode:
     def frames(self) -> np.ndarray:
         """[n, 224, 224, 3] uint8: the pipeline's frames (rotate, JPEG, lanczos), decoded once and cached."""
         if self._frames is None:
-            self._frames = np.stack([protocol.decode_frame(j) for j in self.jpegs]) if self.jpegs else \
-                np.zeros((0, protocol.POLICY_RESOLUTION, protocol.POLICY_RESOLUTION, 3), np.uint8)
+            self._frames = _decode_all(self.jpegs)
         return self._frames
+
+    @property
+    def has_wrist(self) -> bool:
+        return self.wrist_jpegs is not None
+
+    @property
+    def wrist_frames(self) -> np.ndarray:
+        """[n, 224, 224, 3] uint8: the wrist camera's frames, processed as the agent view's.
+
+        Raises:
+            ValueError: the episode was recorded without the wrist camera (re-record it:
+                `python scripts/record_episodes.py --shipped --overwrite`).
+        """
+        if self.wrist_jpegs is None:
+            raise ValueError(f"episode {self.name} has no wrist view (format_version "
+                             f"{self.meta.get('format_version', 1)}); re-record it with scripts/record_episodes.py")
+        if self._wrist_frames is None:
+            self._wrist_frames = _decode_all(self.wrist_jpegs)
+        return self._wrist_frames
+
+
+def _decode_all(jpegs: list[bytes]) -> np.ndarray:
+    if not jpegs:
+        return np.zeros((0, protocol.POLICY_RESOLUTION, protocol.POLICY_RESOLUTION, 3), np.uint8)
+    return np.stack([protocol.decode_frame(j) for j in jpegs])
+
+
+def _pack(jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """JPEG byte strings -> (one uint8 blob, int64 offsets [n + 1])."""
+    lengths = np.array([len(j) for j in jpegs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.frombuffer(b"".join(jpegs), dtype=np.uint8), offsets
+
+
+def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    data = blob.tobytes()
+    return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
 def save_episode(ep: Episode, path: str | Path) -> Path:
@@ -98,9 +141,12 @@ def save_episode(ep: Episode, path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    lengths = np.array([len(j) for j in ep.jpegs], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    blob = np.frombuffer(b"".join(ep.jpegs), dtype=np.uint8)
+    blob, offsets = _pack(ep.jpegs)
+    wrist = {}
+    if ep.wrist_jpegs is not None:
+        if len(ep.wrist_jpegs) != len(ep.jpegs):
+            raise ValueError(f"episode {ep.name}: {len(ep.wrist_jpegs)} wrist frames for {len(ep.jpegs)} agent-view frames")
+        wrist = dict(zip(("wrist_jpeg", "wrist_jpeg_offsets"), _pack(ep.wrist_jpegs)))
     meta = dict(ep.meta, format_version=FORMAT_VERSION)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -109,7 +155,7 @@ def save_episode(ep: Episode, path: str | Path) -> Path:
                 f, format_version=np.int64(FORMAT_VERSION), meta=np.array(json.dumps(meta)),
                 jpeg=blob, jpeg_offsets=offsets, eef_pos=ep.eef_pos.astype(np.float32),
                 eef_quat=ep.eef_quat.astype(np.float32), gripper_qpos=ep.gripper_qpos.astype(np.float32),
-                actions=ep.actions.astype(np.float32), done=ep.done.astype(bool),
+                actions=ep.actions.astype(np.float32), done=ep.done.astype(bool), **wrist,
             )
     return path
 
@@ -140,10 +186,12 @@ def load_episode(path: str | Path) -> Episode:
             version = int(z["format_version"])
             if version > FORMAT_VERSION:
                 raise ValueError(f"{path}: episode format_version {version} is newer than supported ({FORMAT_VERSION})")
-            blob, off = z["jpeg"].tobytes(), z["jpeg_offsets"]
-            jpegs = [blob[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+            jpegs = _unpack(z["jpeg"], z["jpeg_offsets"])
+            wrist = _unpack(z["wrist_jpeg"], z["wrist_jpeg_offsets"]) if "wrist_jpeg" in z.files else None
+            if wrist is not None and len(wrist) != len(jpegs):
+                raise ValueError(f"{path}: {len(wrist)} wrist frames for {len(jpegs)} agent-view frames")
             return Episode(jpegs=jpegs, eef_pos=z["eef_pos"], eef_quat=z["eef_quat"], gripper_qpos=z["gripper_qpos"],
-                           actions=z["actions"], done=z["done"], meta=json.loads(str(z["meta"])))
+                           actions=z["actions"], done=z["done"], meta=json.loads(str(z["meta"])), wrist_jpegs=wrist)
     except ValueError as err:
         if str(path) in str(err):
             raise
@@ -177,7 +225,8 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         init_index: which of the benchmark's fixed init states to start from.
         max_steps: oracle step budget after the wait; defaults to the suite's protocol maximum.
         seed: numpy seed (protocol: 7); the env gets the protocol's env seed (0), as upstream.
-        env: an env from `make_env(suite, task)` to reuse; built (and closed) here when None.
+        env: an env from `make_env(suite, task, cameras=CAMERAS)` to reuse (without the wrist camera the
+            episode has no wrist view); built (and closed) here when None.
 
     Returns:
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
@@ -188,7 +237,8 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     info = get_task(suite, task)
     np.random.seed(seed)
     own = env is None
-    env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION, seed=protocol.ENV_SEED)
+    env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION,
+                                               seed=protocol.ENV_SEED, cameras=CAMERAS)
     capture = _Capture()
     t0 = time.perf_counter()
     try:
@@ -236,6 +286,7 @@ class _Capture:
     """What the oracle's rollout shows a policy, step by step: the frame (as the pipeline's JPEG) and the state."""
 
     jpegs: list[bytes] = field(default_factory=list)
+    wrist_jpegs: list[bytes] = field(default_factory=list)
     eef_pos: list = field(default_factory=list)
     eef_quat: list = field(default_factory=list)
     gripper_qpos: list = field(default_factory=list)
@@ -244,6 +295,8 @@ class _Capture:
 
     def on_step(self, obs: dict, action: np.ndarray, done: bool) -> None:
         self.jpegs.append(protocol.encode_frame(obs["agentview_image"]))
+        if "robot0_eye_in_hand_image" in obs:  # rotated like the agent view (OpenVLA-OFT's get_libero_wrist_image)
+            self.wrist_jpegs.append(protocol.encode_frame(obs["robot0_eye_in_hand_image"]))
         self.eef_pos.append(obs["robot0_eef_pos"])
         self.eef_quat.append(obs["robot0_eef_quat"])
         self.gripper_qpos.append(obs["robot0_gripper_qpos"])
@@ -255,15 +308,17 @@ class _Capture:
         return Episode(jpegs=self.jpegs, eef_pos=np.array(self.eef_pos).reshape(n, 3),
                        eef_quat=np.array(self.eef_quat).reshape(n, 4),
                        gripper_qpos=np.array(self.gripper_qpos).reshape(n, 2),
-                       actions=np.array(self.actions).reshape(n, 7), done=np.array(self.done, dtype=bool), meta=meta)
+                       actions=np.array(self.actions).reshape(n, 7), done=np.array(self.done, dtype=bool), meta=meta,
+                       wrist_jpegs=self.wrist_jpegs if len(self.wrist_jpegs) == n and n else None)
 
 
 def replay(policy: Any, episode: Episode, center_crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Run a policy open-loop over an episode's frames, so every method sees exactly the same frames.
 
     Policies with `uses_state = True` also get the frame's robot state (`episode.states[i]`, [8] float32)
-    as a third argument. A policy that returns an action chunk [horizon, 7] is still called on every frame
-    (open loop has no plan to follow); the chunk's first row is recorded as that frame's action.
+    as a third argument; policies with `uses_wrist = True` get [agent view, wrist view] as the first (the
+    episode must have the wrist camera). A policy that returns an action chunk [horizon, 7] is still called on
+    every frame (open loop has no plan to follow); the chunk's first row is recorded as that frame's action.
 
     Args:
         policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`, or, with
@@ -276,17 +331,15 @@ def replay(policy: Any, episode: Episode, center_crop: bool = True) -> tuple[np.
          latency_s [n_frames] float64 wall seconds per `policy.step`).
     """
     policy.reset()
-    frames = episode.frames
+    views = [episode.frames] + ([episode.wrist_frames] if getattr(policy, "uses_wrist", False) else [])
     states = episode.states if getattr(policy, "uses_state", False) else None
-    actions = np.zeros((len(frames), 7), dtype=np.float32)
-    latency = np.zeros(len(frames), dtype=np.float64)
-    for i, frame in enumerate(frames):
-        image = protocol.policy_input(frame, crop=center_crop)
+    actions = np.zeros((len(episode), 7), dtype=np.float32)
+    latency = np.zeros(len(episode), dtype=np.float64)
+    for i in range(len(episode)):
+        images = [protocol.policy_input(view[i], crop=center_crop) for view in views]
+        args = (images if len(images) > 1 else images[0], episode.instruction) + (() if states is None else (states[i],))
         t0 = time.perf_counter()
-        if states is None:
-            raw = policy.step(image, episode.instruction)
-        else:
-            raw = policy.step(image, episode.instruction, states[i])
+        raw = policy.step(*args)
         actions[i] = protocol.action_chunk(raw)[0]  # inside the timing, as before: may sync a device array
         latency[i] = time.perf_counter() - t0
     return actions, latency

@@ -78,7 +78,9 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
     Args:
         policy: object with `reset()` and `step(image uint8 [224,224,3], instruction) -> [7]`. Optional
             attributes: `uses_state = True` (called as `step(image, instruction, state)` with
-            `protocol.obs_state` of the current observation, [8] float32), `replan_steps` (int >= 1) for
+            `protocol.obs_state` of the current observation, [8] float32), `uses_wrist = True` (the first
+            argument is [agent view, wrist view], both processed alike, as OpenVLA-OFT's evaluation does; the env
+            must render the wrist camera), `replan_steps` (int >= 1) for
             chunk policies, and `action_convention` ("openvla", the default: gripper [0, 1] flipped and
             binarised by `protocol.postprocess_action`; "libero": gripper already -1 open / +1 close, only
             binarised by `protocol.postprocess_libero_action`).
@@ -98,7 +100,7 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
     """
     budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
     loop = _ClosedLoop(policy, instruction, protocol.action_convention(policy), _replan_steps(policy),
-                       bool(getattr(policy, "uses_state", False)), center_crop)
+                       bool(getattr(policy, "uses_state", False)), center_crop, uses_wrist(policy))
     error, t_start = "", time.perf_counter()
     try:
         env.reset()
@@ -123,6 +125,7 @@ class _ClosedLoop:
     replan: int
     uses_state: bool
     center_crop: bool
+    uses_wrist: bool = False
     steps: int = 0
     success: bool = False
     latency: list[float] = field(default_factory=list)
@@ -142,6 +145,12 @@ class _ClosedLoop:
 
     def _call_policy(self, obs: dict) -> np.ndarray:
         image = protocol.policy_input(protocol.process_frame(obs["agentview_image"]), crop=self.center_crop)
+        if self.uses_wrist:
+            if "robot0_eye_in_hand_image" not in obs:
+                raise ValueError("the policy uses the wrist camera but the env does not render it; "
+                                 "make_env(..., cameras=('agentview', 'robot0_eye_in_hand'))")
+            wrist = protocol.policy_input(protocol.process_frame(obs["robot0_eye_in_hand_image"]), crop=self.center_crop)
+            image = [image, wrist]
         t0 = time.perf_counter()
         if self.uses_state:
             raw = self.policy.step(image, self.instruction, protocol.obs_state(obs))
@@ -197,7 +206,16 @@ def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) 
 
 
 #: Attributes added after RESULT_VERSION 1 files were first written, with the value those files imply.
-_POLICY_ATTR_DEFAULTS = {"uses_state": 0, "replan_steps": 1, "action_convention": "openvla"}
+_POLICY_ATTR_DEFAULTS = {"uses_state": 0, "uses_wrist": 0, "replan_steps": 1, "action_convention": "openvla"}
+
+
+def uses_wrist(policy: Any) -> bool:
+    """The policy takes [agent view, wrist view] (OpenVLA-OFT); the env must then render the wrist camera."""
+    return bool(getattr(policy, "uses_wrist", False))
+
+
+def cameras_for(policy: Any) -> tuple[str, ...]:
+    return ("agentview", "robot0_eye_in_hand") if uses_wrist(policy) else ("agentview",)
 
 
 def _check_compatible(old: xr.Dataset, attrs: dict, path: Path) -> None:
@@ -246,7 +264,8 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
         return old
     seed_everything(protocol.SEED)
     own = env is None
-    env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION, seed=protocol.ENV_SEED)
+    env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION,
+                                               seed=protocol.ENV_SEED, cameras=cameras_for(policy))
     try:
         return _run_trials(policy, env, suite, info, init_states, todo, budget, center_crop, old, attrs, path, progress)
     finally:
@@ -277,6 +296,7 @@ def _result_attrs(policy: Any, method: str, suite: str, info: Any, budget: int, 
                 env_seed=protocol.ENV_SEED, render_resolution=protocol.RENDER_RESOLUTION,
                 policy_resolution=protocol.POLICY_RESOLUTION, jpeg_decoder=protocol.JPEG_DECODER,
                 result_version=RESULT_VERSION, uses_state=int(bool(getattr(policy, "uses_state", False))),
+                uses_wrist=int(uses_wrist(policy)),
                 replan_steps=_replan_steps(policy), action_convention=protocol.action_convention(policy))
 
 
