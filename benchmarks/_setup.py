@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: `--device` / `--dtype` placement of a model and device-synchronised timing.
+"""What the benchmark scripts share: `--device` / `--dtype` placement of a model, device-synchronised timing, and the
+policy of a preset with its per-frame inputs (OpenVLA or OpenVLA-OFT).
 
 Timing on a GPU: kernels run asynchronously, so a wall-clock interval means the device's work only when the
 device is synchronised at both ends (`timer`, as `dcvla.streaming.StageClock` does for the policies' stages).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,3 +51,43 @@ def timer(device: torch.device | str, out: dict, key: str = "ms") -> Iterator[No
 def first_frames(episode, n: int) -> list[np.ndarray]:
     """`episode.frames[:n]`, decoding only those n (`Episode.frames` decodes every frame of the episode)."""
     return [decode_frame(jpeg) for jpeg in episode.jpegs[:n]]
+
+
+OFT_NOTE = ("OpenVLA-OFT: an episode recorded without the wrist camera (the shipped ones before format_version 2) gives "
+            "its agent-view frame as both the third-person and the wrist image; the state is the episode's eef_pos + "
+            "axis-angle(eef_quat) + gripper_qpos (8 dims)")
+
+
+def is_oft(preset: str) -> bool:
+    from dcvla.openvla.oft import PRESETS as OFT_PRESETS
+
+    return preset in OFT_PRESETS
+
+
+def base_policy(preset: str, seed: int = 0):
+    """The preset's cached policy behind `vanilla`: `OFTCachedPolicy` for an OpenVLA-OFT preset (oft-tiny, oft-small,
+    ...), else `CachedPolicy`; other methods come from `with_config`."""
+    from dcvla.openvla import CacheConfig, CachedPolicy
+    from dcvla.openvla.oft import OFTCachedPolicy
+
+    cls = OFTCachedPolicy if is_oft(preset) else CachedPolicy
+    return cls.from_preset(preset, seed=seed, config=CacheConfig("vanilla"))
+
+
+def has_wrist(episode) -> bool:
+    """The episode holds wrist-camera frames (`wrist_jpegs`, episodes of format_version 2 on)."""
+    return getattr(episode, "wrist_jpegs", None) is not None
+
+
+def step_inputs(policy, episode, n: int, process: Callable[[np.ndarray], np.ndarray] | None = None) -> list[tuple]:
+    """The `policy.step` arguments of the episode's first n frames, each frame passed through `process` (e.g. the
+    protocol's center crop): (image, instruction); for OpenVLA-OFT ([agent view, wrist view], instruction, state),
+    the agent view standing in for a wrist view the episode lacks (`OFT_NOTE`)."""
+    from dcvla.openvla.oft import OFTCachedPolicy
+
+    process = process or (lambda frame: frame)
+    frames = [process(frame) for frame in first_frames(episode, n)]
+    if not isinstance(policy, OFTCachedPolicy):
+        return [(frame, episode.instruction) for frame in frames]
+    wrist = [process(decode_frame(jpeg)) for jpeg in episode.wrist_jpegs[:n]] if has_wrist(episode) else frames
+    return [([frame, hand], episode.instruction, state) for frame, hand, state in zip(frames, wrist, episode.states)]

@@ -16,8 +16,14 @@ Per method it reports:
 On a GPU (`--device cuda --dtype bfloat16`) every step is timed between two device synchronisations, as the
 policy's stage clock times each stage.
 
+OpenVLA-OFT presets (`--preset oft-small`, `oft-tiny`, `openvla-oft-7b`) run `OFTCachedPolicy`: one bidirectional
+pass and the L1 head instead of prefill + decode, so its LLM is the prefill alone and its last stage is `head`. The
+agent view stands in for the wrist view of an episode recorded without one (said per episode), and the state is
+the episode's eef_pos + axis-angle + gripper qpos.
+
     python benchmarks/cache_speedup.py --preset small --frames 9
     python benchmarks/cache_speedup.py --preset openvla-7b --device cuda --dtype bfloat16 --frames 9
+    python benchmarks/cache_speedup.py --preset oft-small --frames 6 --suites libero_spatial
 """
 
 from __future__ import annotations
@@ -31,23 +37,28 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import DTYPES, first_frames, place_model, timer  # noqa: E402
+from _setup import DTYPES, OFT_NOTE, base_policy, has_wrist, is_oft, place_model, step_inputs, timer  # noqa: E402
 
 from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
-from dcvla.openvla import CacheConfig, CachedPolicy  # noqa: E402
+from dcvla.openvla import CacheConfig  # noqa: E402
 
 DEFAULT_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
-LLM_STAGES = ("llm_prefill", "llm_decode")
-GROUPS = {  # stage groups reported separately: decode is memory-bound and the same for every method
-    "vision": ("select", "dino", "siglip", "projector"), "llm_prefill": ("llm_prefill",),
-    "llm_decode": ("llm_decode",), "llm": LLM_STAGES,
-}
+VISION_STAGES = ("select", "dino", "siglip", "projector")
+
+
+def stage_groups(oft: bool) -> dict[str, tuple[str, ...]]:
+    """Stage groups reported separately. OpenVLA: decode is memory-bound and the same for every method; its LLM is
+    prefill + decode. OpenVLA-OFT: one pass, then the head; its LLM is that pass."""
+    last = "head" if oft else "llm_decode"
+    llm = ("llm_prefill",) if oft else ("llm_prefill", "llm_decode")
+    return {"vision": VISION_STAGES, "llm_prefill": ("llm_prefill",), last: (last,), "llm": llm}
 
 
 def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[str] | None, device: str = "cpu",
         dtype: torch.dtype = torch.float32, max_episodes: int | None = None) -> dict:
-    base = CachedPolicy.from_preset(preset, seed=0, config=CacheConfig("vanilla"))
+    base = base_policy(preset)
     place_model(base.model, device, dtype)
+    groups = stage_groups(is_oft(preset))
     policies = {m: base.with_config(CacheConfig(method=m)) for m in methods}
     stats: dict[str, dict[str, list]] = {m: defaultdict(list) for m in methods}
     episodes = [p for p in list_episodes() if suites is None or any(p.name.startswith(s + "_task") for s in suites)]
@@ -55,31 +66,32 @@ def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[s
     turn = 0
     for path in episodes:
         episode = load_episode(path)
-        frames = first_frames(episode, frames_per_episode)
+        frames = step_inputs(base, episode, frames_per_episode)
         for policy in policies.values():
             policy.reset()
-        for frame in frames:
+        for step_args in frames:
             order = methods[turn % len(methods):] + methods[: turn % len(methods)]
             turn += 1
             for method in order:
                 policy, timed = policies[method], {}
                 with timer(device, timed):
-                    policy.step(frame, episode.instruction)
+                    policy.step(*step_args)
                 record, s = policy.records[-1], stats[method]
                 s["ms"].append(timed["ms"])
-                s["llm_ms"].append(sum(record.latency_ms[k] for k in LLM_STAGES))
+                s["llm_ms"].append(sum(record.latency_ms[k] for k in groups["llm"]))
                 s["flops"].append(sum(record.flops.values()))
-                s["llm_flops"].append(sum(record.flops[k] for k in LLM_STAGES))
+                s["llm_flops"].append(sum(record.flops[k] for k in groups["llm"]))
                 s["llm_reuse"].append(record.llm_reuse.float().mean().item())
-                for group, stages in GROUPS.items():
+                for group, stages in groups.items():
                     s[f"{group}_ms"].append(sum(record.latency_ms.get(k, 0.0) for k in stages))
                     s[f"{group}_flops"].append(sum(record.flops.get(k, 0) for k in stages))
                 s["vit_reuse"].append(vit_reuse(policy, record))
-        print(f"  {episode.name}: {len(frames)} frames x {len(methods)} methods", flush=True)
+        wrist = "" if not is_oft(preset) else ", wrist view recorded" if has_wrist(episode) else ", agent view as wrist view"
+        print(f"  {episode.name}: {len(frames)} frames x {len(methods)} methods{wrist}", flush=True)
     return stats
 
 
-def vit_reuse(policy: CachedPolicy, record) -> tuple[float, float]:
+def vit_reuse(policy, record) -> tuple[float, float]:
     """Share of patches each tower (DINOv2, SigLIP) took from its cache: TTF's own mask per tower, the K/V cache's
     one unified mask for both."""
     if policy.method.vit == "ttf" and record.selection is not None:
@@ -89,7 +101,7 @@ def vit_reuse(policy: CachedPolicy, record) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def summarise(stats: dict) -> list[dict]:
+def summarise(stats: dict, groups: dict[str, tuple[str, ...]]) -> list[dict]:
     ref = stats["vanilla"]
     rows = []
     for method, s in stats.items():
@@ -108,7 +120,7 @@ def summarise(stats: dict) -> list[dict]:
             gflops=statistics.mean(s["flops"]) / 1e9,
             groups={g: (sum(ref[f"{g}_flops"]) / sum(s[f"{g}_flops"]),
                         sum(ref[f"{g}_ms"]) / sum(s[f"{g}_ms"]),
-                        statistics.median(s[f"{g}_ms"]), statistics.mean(s[f"{g}_flops"]) / 1e9) for g in GROUPS},
+                        statistics.median(s[f"{g}_ms"]), statistics.mean(s[f"{g}_flops"]) / 1e9) for g in groups},
         ))
     return rows
 
@@ -126,8 +138,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, {args.device} "
           f"{args.dtype}, {args.frames} frames per episode, methods interleaved per frame")
+    if is_oft(args.preset):
+        print(OFT_NOTE)
+    groups = stage_groups(is_oft(args.preset))
     stats = run(args.preset, methods, args.frames, args.suites, args.device, DTYPES[args.dtype], args.episodes)
-    rows = summarise(stats)
+    rows = summarise(stats, groups)
     print("\n| method | LLM reuse | ViT reuse (DINOv2 / SigLIP) | GFLOP/frame | median ms | FLOPs ratio | measured (total) | of ideal "
           "| measured (median) | of ideal (paired) | LLM median ms | LLM FLOPs ratio | LLM measured (total) | LLM of ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"| {r['llm_median_ms']:.0f} "
               f"| {r['llm_flops_ratio']:.2f}x | {r['llm_measured']:.2f}x | {r['llm_of_ideal']:.2f} |")
     print("\nPer stage group (FLOPs ratio / measured total-time ratio / of ideal; median ms, mean GFLOP per frame):")
-    print("| method | " + " | ".join(GROUPS) + " |\n|---|" + "---|" * len(GROUPS))
+    print("| method | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups))
     for r in rows:
         cells = [f"{f:.2f}x / {m:.2f}x / {m / f:.2f} ({ms:.0f} ms, {gf:.1f} GF)" for f, m, ms, gf in r["groups"].values()]
         print(f"| {r['method']} | " + " | ".join(cells) + " |")

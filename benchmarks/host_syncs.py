@@ -1,4 +1,5 @@
-"""Host-device synchronisations in one non-keyframe `CachedPolicy.step`, per method.
+"""Host-device synchronisations in one non-keyframe `CachedPolicy.step` (or `OFTCachedPolicy.step` with an `oft-*`
+preset), per method.
 
 On a GPU, an op whose result the host must see (a data-dependent shape, a Python number or bool, a copy to host
 memory) waits for every kernel queued before it: the host stops feeding the device. This script counts the ops of
@@ -33,6 +34,7 @@ CUDA itself reports (`torch.cuda.set_sync_debug_mode`), which include all of the
     python benchmarks/host_syncs.py --preset small
     python benchmarks/host_syncs.py --preset tiny --methods dual_cache --sites      # where each count comes from
     python benchmarks/host_syncs.py --preset small --device cuda --dtype bfloat16
+    python benchmarks/host_syncs.py --preset oft-tiny      # OpenVLA-OFT (the agent view stands in for the wrist view)
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import DTYPES, first_frames, place_model  # noqa: E402
+from _setup import DTYPES, OFT_NOTE, base_policy, has_wrist, is_oft, place_model, step_inputs  # noqa: E402
 
 from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
 from dcvla.libero.protocol import policy_input  # noqa: E402
-from dcvla.openvla import METHODS, CacheConfig, CachedPolicy  # noqa: E402
+from dcvla.openvla import METHODS, CacheConfig  # noqa: E402
 
 SYNC_OPS = frozenset({
     "aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal",
@@ -141,18 +143,23 @@ def count(fn, device: torch.device | str = "cpu", sites: bool = False) -> dict:
             "result": result}
 
 
-def count_step(policy: CachedPolicy, image, instruction: str, sites: bool = False) -> dict:
-    """`count` of one `policy.step(image, instruction)`."""
-    return count(lambda: policy.step(image, instruction), policy.model.device, sites)
+def count_step(policy, step_args: tuple, sites: bool = False) -> dict:
+    """`count` of one `policy.step(*step_args)`."""
+    return count(lambda: policy.step(*step_args), policy.model.device, sites)
 
 
-def count_method(base: CachedPolicy, method: str, frames, instruction: str, sites: bool = False) -> dict:
-    """`count_step` of frame COUNTED_FRAME after stepping the frames before it, for one method on `base`'s model."""
+def count_method(base, method: str, steps: list[tuple], sites: bool = False) -> dict:
+    """`count_step` of frame COUNTED_FRAME after stepping the frames before it, for one method on `base`'s model.
+
+    Args:
+        base: a `CachedPolicy` or `OFTCachedPolicy`.
+        steps: each frame's `policy.step` arguments (`_setup.step_inputs`).
+    """
     policy = base.with_config(CacheConfig(method))
     policy.reset()
-    for frame in frames[:COUNTED_FRAME]:
-        policy.step(frame, instruction)
-    result = count_step(policy, frames[COUNTED_FRAME], instruction, sites)
+    for step_args in steps[:COUNTED_FRAME]:
+        policy.step(*step_args)
+    result = count_step(policy, steps[COUNTED_FRAME], sites)
     record = policy.records[-1]
     result["reused_tokens"] = int(record.llm_reuse.any(0).sum())
     result["reused_patches"] = int(record.selection.reuse.sum()) if record.selection is not None else 0
@@ -169,18 +176,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--sites", action="store_true", help="also list where each count comes from")
     args = parser.parse_args(argv)
-    base = CachedPolicy.from_preset(args.preset, seed=0, config=CacheConfig("vanilla"))
+    base = base_policy(args.preset)
     place_model(base.model, args.device, DTYPES[args.dtype])
     episode = load_episode(list_episodes()[args.episode])
-    frames = [policy_input(f) for f in first_frames(episode, COUNTED_FRAME + 1)]
+    steps = step_inputs(base, episode, COUNTED_FRAME + 1, policy_input)
     print(f"torch {torch.__version__}, preset {args.preset}, {args.device} {args.dtype}, episode {episode.name}, "
           f"counted: frame {COUNTED_FRAME}")
+    if is_oft(args.preset):
+        print(f"wrist view: {'recorded' if has_wrist(episode) else 'none, the agent view stands in'}. {OFT_NOTE}")
     results = {}
     cuda_col = " | CUDA-reported" if base.model.device.type == "cuda" else ""
     print(f"\n| method | syncs per step | LLM tokens reused | patches reused{cuda_col} | by op |")
     print("|---|---|---|---|" + ("---|" if cuda_col else "") + "---|")
     for method in args.methods:
-        r = results[method] = count_method(base, method, frames, episode.instruction, args.sites)
+        r = results[method] = count_method(base, method, steps, args.sites)
         ops = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in sorted(r["by_op"].items(), key=lambda kv: -kv[1]))
         cuda = f" | {r['cuda']}" if cuda_col else ""
         print(f"| {method} | {r['total']} | {r['reused_tokens']} | {r['reused_patches']}{cuda} | {ops or '-'} |",

@@ -34,6 +34,20 @@ Inputs (saved in the fixture, so the test feeds dcvla exactly these):
   `frames`): one whose static patches are all among the 120 most attended (upstream's pruning block then
   raises a TypeError on ``len(None)``; recorded as such) and one with nothing static.
 
+The OpenVLA-OFT path (keys ``oft_*``), as VLA-Cache's ``src/openvla-oft/experiments/robot/openvla_utils.py``
+(``get_vla_action``) runs it with that path's own ``vla_cache_utils.py``: per image ``find_static_patches(...,
+top_k=150)`` and ``task_relevant_selection(prev_attn, ..., primary=True / False)`` (its default ``top_k=100``), whose
+``token_attention_merge`` reads the rows at positions [513, 513 + 34) and the image's vision columns (1..256 or
+257..512); the two images' remaining positions concatenated (``primary + wrist``: already sorted); one
+``get_layer_mask_schedule(prev_attn)`` over every row; then the pruning block. The third-person frames are the
+first episode's 8, the wrist frames the second episode's 8 (two different scenes, so the images' masks differ); the
+pairs are consecutive frames. One fixed bidirectional attention (no causal mask, as OFT runs it) over OFT's sequence
+[BOS] + 512 vision + proprio + 25 prompt tokens + 56 action slots + STOP (596 positions), 16 layers x 2 heads,
+rows repeated in blocks of 8 (it compresses; every row is still read) except layer 15's rows [513, 547), whose
+vision columns tie in groups across ranks 100 and 120 of each image. The OFT fork of the transformers library
+(siyuhsu/transformers, branch vla-cache-openvla-oft) is not in the mirror; its pruning block is taken from the
+OpenVLA fork above (the stored siyuhsu/transformers @ 2302fce holds the same block, line for line).
+
 Run it in a throwaway environment (never the project's venv)::
 
     python3.11 -m venv /tmp/selvenv
@@ -41,7 +55,7 @@ Run it in a throwaway environment (never the project's venv)::
     /tmp/selvenv/bin/python scripts/make_selector_parity_fixture.py \\
         --ttf-repo PATH/TO/TTF-VLA --vla-cache-repo PATH/TO/vla-cache      # git folders (bare mirrors work)
 
-Outputs ``tests/fixtures/selector_parity/{inputs,upstream}.npz`` and ``meta.json``; deterministic; seconds.
+Outputs ``tests/fixtures/selector_parity/{inputs,upstream}.npz`` and ``meta.json``; deterministic; a minute.
 """
 
 from __future__ import annotations
@@ -82,6 +96,22 @@ TTF_SETTINGS = dict(aptube_enabled=True, patch_diff_threshold=0.03, keyframe_int
                     attention_top_k=70, attention_layer_id=15)  # TTF README's LIBERO settings
 VLA_CACHE_TOP_K_STATIC = 130  # openvla_utils.py at VLA_CACHE_COMMIT: find_static_patches(image, prev_image, top_k=130)
 RELEVANCE_CUTOFFS = (70, 120)
+OFT_VLA_CACHE_FILE = "src/openvla-oft/experiments/robot/vla_cache_utils.py"
+OFT_CALLER_FILE = "src/openvla-oft/experiments/robot/openvla_utils.py"
+OFT_CALLS = (  # get_vla_action at VLA_CACHE_COMMIT, as the script calls them
+    "find_static_patches(all_images[0], prev_images[0], top_k=150)",
+    "find_static_patches(all_images[1], prev_images[1], top_k=150)",
+    "prev_attn, result_image[0], stable_patches_primary, primary=True",
+    "prev_attn, result_image[1], stable_patches_wrist, primary=False",
+    "final_static_token_indices = remaining_static_tokens_primary + remaining_static_tokens_wrist",
+    "get_layer_mask_schedule(prev_attn)",
+)
+OFT_TOP_K_STATIC, OFT_REMOVE = 150, 100  # the calls above; task_relevant_selection's default top_k
+OFT_TEXT_START, OFT_TEXT_ROWS = 513, 34  # token_attention_merge in OFT_VLA_CACHE_FILE
+OFT_PROMPT = 25                          # prompt tokens after BOS in the made sequence
+OFT_SEQ = 1 + 512 + 1 + OFT_PROMPT + 56 + 1
+ROW_BLOCK = 8
+OFT_CUTOFFS = (100, 120)
 
 
 def git_show(repo: Path, commit: str, path: str) -> str:
@@ -125,12 +155,12 @@ class _Self:
         self.config.proportion_attn_var, self.config.reusable_patches = schedule, reusable
 
 
-def run_pruning(code, pruning_loc, schedule, reusable) -> np.ndarray:
+def run_pruning(code, pruning_loc, schedule, reusable, seq: int = SEQ) -> np.ndarray:
     """The positions the pruning block keeps at each layer -> [layer, seq] bool."""
-    scope = {"torch": torch, "self": _Self(pruning_loc, schedule, reusable), "inputs_embeds": torch.zeros(1, SEQ, 1),
-             "hidden_states": torch.zeros(1, SEQ, 1), "causal_mask": None, "cache_position": torch.arange(SEQ),
-             "position_ids": torch.arange(SEQ)[None], "last_reusable_patches": None}
-    kept = np.zeros((LAYERS, SEQ), bool)
+    scope = {"torch": torch, "self": _Self(pruning_loc, schedule, reusable), "inputs_embeds": torch.zeros(1, seq, 1),
+             "hidden_states": torch.zeros(1, seq, 1), "causal_mask": None, "cache_position": torch.arange(seq),
+             "position_ids": torch.arange(seq)[None], "last_reusable_patches": None}
+    kept = np.zeros((LAYERS, seq), bool)
     for layer in range(LAYERS):
         scope["layer_idx"] = layer
         exec(code, scope)
@@ -155,20 +185,26 @@ def pixel_values(frame: np.ndarray) -> torch.Tensor:
     return torch.cat(towers)[None].to(torch.bfloat16)  # [1, 6, H, W]
 
 
+def tied_levels(g: torch.Generator, cutoffs: tuple[int, ...]) -> torch.Tensor:
+    """[256] vision logits of evenly spaced levels in random order, equal within groups of 8 that straddle each
+    rank in `cutoffs`, so the relevance ties across every top-k cutoff."""
+    order = torch.randperm(256, generator=g)
+    level = torch.empty(256)
+    level[order] = torch.linspace(3.0, -3.0, 256)
+    for cutoff in cutoffs:
+        group = order[cutoff - 4 : cutoff + 4]
+        level[group] = level[group].mean()
+    return level
+
+
 def make_attention(seed: int = 0) -> torch.Tensor:
     """[layer, head, seq, seq] causal attention probabilities, bfloat16."""
     g = torch.Generator().manual_seed(seed)
     # 7 logit levels: each row's probabilities take few values, so the saved bits compress well
     logits = torch.randint(-3, 4, (LAYERS, HEADS, SEQ, SEQ), generator=g).float()
     logits *= torch.linspace(0.5, 4.0, LAYERS).view(LAYERS, 1, 1, 1)  # sharper with depth: entropies differ
-    # layer 15, text rows: vision logits equal within groups; groups of 8 straddle ranks 70 and 120
-    order = torch.randperm(256, generator=g)
-    level = torch.empty(256)
-    level[order] = torch.linspace(3.0, -3.0, 256)
-    for cutoff in RELEVANCE_CUTOFFS:
-        group = order[cutoff - 4 : cutoff + 4]
-        level[group] = level[group].mean()
-    logits[15, :, 257:, 1:257] = level + torch.randn(HEADS, TEXT, 1, generator=g)  # a row offset keeps ties
+    # layer 15, text rows: vision logits tie across ranks 70 and 120; a row offset keeps the ties
+    logits[15, :, 257:, 1:257] = tied_levels(g, RELEVANCE_CUTOFFS) + torch.randn(HEADS, TEXT, 1, generator=g)
     causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
     return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).to(torch.bfloat16)
 
@@ -245,8 +281,67 @@ def run_vla_cache(vc, code, loc, frames, attention) -> tuple[dict, list[dict]]:
     return inputs, pairs
 
 
-def as_mask(ids, offset: int = 0) -> np.ndarray:
-    mask = np.zeros(256, bool)
+def make_oft_attention(seed: int = 1) -> torch.Tensor:
+    """[layer, head, seq, seq] bidirectional attention probabilities over OFT's sequence, bfloat16."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-OFT_SEQ // ROW_BLOCK)
+    logits = torch.randint(-3, 4, (LAYERS, HEADS, blocks, OFT_SEQ), generator=g).float()
+    logits = logits.repeat_interleave(ROW_BLOCK, dim=2)[:, :, :OFT_SEQ]  # rows repeat in blocks: it compresses
+    logits *= torch.linspace(0.5, 4.0, LAYERS).view(LAYERS, 1, 1, 1)  # sharper with depth: entropies differ
+    rows = slice(OFT_TEXT_START, OFT_TEXT_START + OFT_TEXT_ROWS)
+    for image in range(2):  # each image's vision columns of the relevance rows: ties straddle ranks 100 and 120
+        columns = slice(1 + 256 * image, 257 + 256 * image)
+        logits[15, :, rows, columns] = tied_levels(g, OFT_CUTOFFS) + torch.randn(HEADS, OFT_TEXT_ROWS, 1, generator=g)
+    return torch.softmax(logits, dim=-1).to(torch.bfloat16)  # no causal mask: OFT attends both ways
+
+
+def oft_pair(vc, code, loc, prev: list[np.ndarray], cur: list[np.ndarray], attention, rows) -> dict:
+    """One VLA-Cache step as the OFT path's get_vla_action runs it (third-person, wrist), given the previous
+    prefill's kept rows."""
+    prev_attn = tuple(attention[layer][:, torch.from_numpy(rows[layer])][None] for layer in range(LAYERS))
+    prev_attn += (torch.from_numpy(np.flatnonzero(rows[-1])),)  # the fork appends the final cache_position
+    images, prev_images = [Image.fromarray(c) for c in cur], [Image.fromarray(p) for p in prev]
+    stable = [vc.find_static_patches(images[i], prev_images[i], top_k=OFT_TOP_K_STATIC) for i in range(2)]
+    remaining = [vc.task_relevant_selection(prev_attn, images[i], stable[i], primary=i == 0)[1] for i in range(2)]
+    final = remaining[0] + remaining[1]
+    mask_indices = torch.tensor(final) if final else None
+    schedule = vc.get_layer_mask_schedule(prev_attn)
+    removed = [vc.get_top_attention_patches(vc.token_attention_merge(prev_attn, primary=i == 0), OFT_REMOVE)
+               for i in range(2)]
+    try:
+        kept, error = run_pruning(code, loc, schedule, mask_indices, OFT_SEQ), ""
+    except TypeError as exc:  # len(None): nothing left to reuse
+        kept, error = np.ones((LAYERS, OFT_SEQ), bool), f"TypeError: {exc}"
+    return {"stable": stable, "removed": removed, "remaining": final, "schedule": schedule.numpy(), "kept": kept,
+            "error": error}
+
+
+def run_oft(vc, code, loc, frames: np.ndarray, attention) -> tuple[dict, dict]:
+    """Consecutive pairs: third-person = the first episode's frames, wrist = the second's -> (inputs, upstream)."""
+    n = FRAMES_PER_EPISODE
+    rows, pairs, prev_rows, index = np.ones((LAYERS, OFT_SEQ), bool), [], [], []
+    for f in range(1, n):
+        ids = [(f - 1, f), (n + f - 1, n + f)]  # [image][prev, cur] frame indices
+        result = oft_pair(vc, code, loc, [frames[i] for i, _ in ids], [frames[j] for _, j in ids], attention, rows)
+        pairs.append(result), prev_rows.append(rows), index.append(ids)
+        rows = result["kept"]
+
+    def per_image(key: str) -> np.ndarray:
+        return np.stack([np.concatenate([as_mask(p[key][i]) for i in range(2)]) for p in pairs])  # [pair, 512]
+
+    inputs = {"oft_pairs": np.array(index), "oft_prev_rows": np.stack(prev_rows)}
+    upstream = {
+        "oft_static": per_image("stable"), "oft_removed": per_image("removed"),
+        "oft_reusable": np.stack([as_mask(p["remaining"], offset=1, n=512) for p in pairs]),
+        "oft_schedule": np.stack([p["schedule"] for p in pairs]).astype(np.float32),
+        "oft_layer_reuse": np.stack([~p["kept"][:, 1:513] for p in pairs]),  # [pair, layer, vision]
+        "oft_raises": np.array([bool(p["error"]) for p in pairs]),
+    }
+    return inputs, upstream
+
+
+def as_mask(ids, offset: int = 0, n: int = 256) -> np.ndarray:
+    mask = np.zeros(n, bool)
     mask[np.asarray(list(ids), dtype=int) - offset] = True
     return mask
 
@@ -260,14 +355,19 @@ def main() -> None:
     args = parser.parse_args()
     caller = git_show(args.vla_cache_repo, VLA_CACHE_COMMIT, CALLER_FILE)
     assert f"find_static_patches(image, prev_image, top_k={VLA_CACHE_TOP_K_STATIC})" in caller
+    oft_caller = git_show(args.vla_cache_repo, VLA_CACHE_COMMIT, OFT_CALLER_FILE)
+    assert all(call in oft_caller for call in OFT_CALLS), [c for c in OFT_CALLS if c not in oft_caller]
     with tempfile.TemporaryDirectory() as tmp:
         ttf = import_copy(Path(tmp), "aptube_manager", git_show(args.ttf_repo, TTF_COMMIT, TTF_FILE))
         vc = import_copy(Path(tmp), "vla_cache_utils", git_show(args.vla_cache_repo, VLA_CACHE_COMMIT, VLA_CACHE_FILE))
+        oft_vc = import_copy(Path(tmp), "oft_vla_cache_utils",
+                             git_show(args.vla_cache_repo, VLA_CACHE_COMMIT, OFT_VLA_CACHE_FILE))
         code, loc = pruning_block(git_show(args.vla_cache_repo, FORK_COMMIT, FORK_FILE))
-        frames, attention = load_frames(root), make_attention()
+        frames, attention, oft_attention = load_frames(root), make_attention(), make_oft_attention()
         with contextlib.redirect_stdout(io.StringIO()):  # upstream prints a debug line per call
             ttf_out = run_ttf(ttf, frames, attention)
             vla_inputs, pairs = run_vla_cache(vc, code, loc, frames, attention)
+            oft_inputs, oft_upstream = run_oft(oft_vc, code, loc, frames, oft_attention)
     upstream = {
         **ttf_out,
         "vla_static": np.stack([as_mask(p["stable"]) for p in pairs]),
@@ -281,10 +381,14 @@ def main() -> None:
     assert upstream["vla_raises"][-2:].all() and not upstream["vla_raises"][:-2].any()
     assert upstream["vla_layer_reuse"][:-2].any() and upstream["vla_static"][-2].any() and not upstream["vla_static"][-1].any()
     assert (~upstream["ttf_recompute"][:, 0] != ~upstream["ttf_recompute"][:, 1]).any(), "no frame where the towers differ"
+    assert oft_upstream["oft_layer_reuse"].any() and not oft_upstream["oft_raises"].any()
+    assert (oft_upstream["oft_static"].reshape(-1, 2, 256).sum(-1) > 130).any(), "the 150 cap is never above OpenVLA's 130"
     bits = attention.view(torch.int16).numpy().view(np.uint16)
+    oft_bits = oft_attention.view(torch.int16).numpy().view(np.uint16)
     args.out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out / "inputs.npz", frames=frames, attention_bf16_bits=bits, **vla_inputs)
-    np.savez_compressed(args.out / "upstream.npz", **upstream)
+    np.savez_compressed(args.out / "inputs.npz", frames=frames, attention_bf16_bits=bits, **vla_inputs,
+                        oft_attention_bf16_bits=oft_bits, **oft_inputs)
+    np.savez_compressed(args.out / "upstream.npz", **upstream, **oft_upstream)
     meta = {
         "made_by": "scripts/make_selector_parity_fixture.py",
         "upstream": {"ttf": {"repo": "PKU-XLab/TTF-VLA", "commit": TTF_COMMIT, "files": [TTF_FILE]},
@@ -297,11 +401,18 @@ def main() -> None:
         "vla_cache": {"top_k_static": VLA_CACHE_TOP_K_STATIC, "attention_top_k_remove": 120, "pruning_loc": loc},
         "attention": {"layers": LAYERS, "heads": HEADS, "text": TEXT, "seq": SEQ, "dtype": "bfloat16"},
         "vla_errors": [p["error"] for p in pairs],
+        "oft": {"files": [OFT_VLA_CACHE_FILE, OFT_CALLER_FILE], "commit": VLA_CACHE_COMMIT, "calls": list(OFT_CALLS),
+                "top_k_static": OFT_TOP_K_STATIC, "attention_top_k_remove": OFT_REMOVE,
+                "text_rows": [OFT_TEXT_START, OFT_TEXT_START + OFT_TEXT_ROWS], "seq": OFT_SEQ,
+                "sequence": "[BOS] + 512 vision + proprio + 25 prompt + 56 action slots + STOP; bidirectional",
+                "third_person_frames": "frames[0:8]", "wrist_frames": "frames[8:16]", "row_block": ROW_BLOCK,
+                "pruning_block": f"{FORK_FILE} @ {FORK_COMMIT[:7]} (OpenVLA fork; the OFT fork is not mirrored)"},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__},
     }
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     sizes = {p.name: p.stat().st_size for p in args.out.iterdir()}
-    print(f"wrote {args.out}: {sizes}; ttf frames {len(ttf_out['ttf_keyframe'])}, vla pairs {len(pairs)}")
+    print(f"wrote {args.out}: {sizes}; ttf frames {len(ttf_out['ttf_keyframe'])}, vla pairs {len(pairs)}, "
+          f"oft pairs {len(oft_upstream['oft_raises'])}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The per-frame engine stays lean: host-device synchronisations of one non-keyframe step, counted as
-`benchmarks/host_syncs.py` counts them (deterministic, so a test), at most its LIMIT for every method."""
+`benchmarks/host_syncs.py` counts them (deterministic, so a test), at most its LIMIT for every method, on OpenVLA
+and on OpenVLA-OFT (two images, two selectors)."""
 
 import importlib
 import sys
@@ -17,10 +18,14 @@ host_syncs = importlib.import_module("host_syncs")
 
 
 @pytest.fixture(scope="module")
-def counted_frames():
-    """What the script counts on: the first frames of the first shipped episode, center-cropped."""
-    episode = load_episode(list_episodes()[0])
-    return [policy_input(f) for f in host_syncs.first_frames(episode, host_syncs.COUNTED_FRAME + 1)], episode.instruction
+def episode():
+    """What the script counts on: the first shipped episode (its first frames center-cropped)."""
+    return load_episode(list_episodes()[0])
+
+
+@pytest.fixture(scope="module")
+def oft_base():
+    return host_syncs.base_policy("oft-tiny")
 
 
 def test_the_counter_counts_each_kind_of_sync_once():
@@ -45,10 +50,12 @@ def test_the_counter_counts_each_kind_of_sync_once():
     assert result["total"] == 8, result["by_op"]
 
 
+@pytest.mark.parametrize("family", ["openvla", "openvla-oft"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_a_non_keyframe_step_makes_at_most_the_limit(base, counted_frames, method):
-    frames, instruction = counted_frames
-    result = host_syncs.count_method(base, method, frames, instruction, sites=True)
+def test_a_non_keyframe_step_makes_at_most_the_limit(base, oft_base, episode, method, family):
+    policy = base if family == "openvla" else oft_base
+    steps = host_syncs.step_inputs(policy, episode, host_syncs.COUNTED_FRAME + 1, policy_input)
+    result = host_syncs.count_method(policy, method, steps, sites=True)
     assert not result["keyframe"]
     assert result["total"] <= host_syncs.LIMIT, result["by_site"]
     if METHODS[method].unified_selector:

@@ -129,7 +129,7 @@ def test_reset_isolates_episodes(make_policy, spatial_episode):
 def test_a_step_that_fails_mid_way_breaks_the_policy_until_reset(make_policy, spatial_episode, monkeypatch):
     """The prefill fails after the towers have refreshed their stores (out of memory, say): the next step refuses,
     naming reset(), rather than run on stores that mix two frames; after reset() the policy is a fresh one."""
-    import dcvla.openvla.policy as policy_module
+    import dcvla.openvla.cache_policy as policy_module  # the shared stages call the prefill
 
     frames, instruction = spatial_episode
     expected, expected_predictions = run(make_policy(method="dual_cache"), frames[:3], instruction)

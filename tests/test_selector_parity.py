@@ -5,7 +5,8 @@
 shipped frames and one fixed bfloat16 attention (commits in its `meta.json`). Here dcvla's selectors get the same
 inputs and must give the same masks, bit for bit. The fixture includes relevance ties at both top-k cutoffs, frames
 where the two towers' pixel tests differ, a pair whose static patches are all among the most attended (upstream
-raises there) and a pair with nothing static.
+raises there) and a pair with nothing static. Its `oft_*` part runs VLA-Cache's OpenVLA-OFT path (two images, a
+bidirectional attention over OFT's sequence); dcvla's OFT selection must match it exactly too.
 """
 
 import json
@@ -16,10 +17,13 @@ import pytest
 import torch
 
 from dcvla.openvla import CacheConfig
+from dcvla.openvla.oft import OFTCachedPolicy
 from dcvla.openvla.ttf_selector import UnifiedTokenSelector, text_to_vision_relevance, top_k_patches
 from dcvla.openvla.vla_cache import (
+    UPSTREAM_CONSTANTS,
     attention_entropy,
     vla_cache_layer_reuse,
+    vla_cache_reusable,
     vla_cache_reuse_proportions,
     vla_cache_static_patches,
 )
@@ -140,3 +144,49 @@ def test_float32_schedule_is_close_to_upstreams_bfloat16_one(fx):
     for k, (config, _, _, _, layers) in enumerate(vla_cache_pairs(fx)):
         share = vla_cache_reuse_proportions(torch.stack([attention_entropy(layer) for layer in layers]), config)
         assert np.abs(share.numpy() - up["vla_schedule"][k]).max() < 0.02, k
+
+
+# ------------------------------------------------------------------------------------------ OpenVLA-OFT's path
+def oft_pairs(fx, config):
+    """Per OFT pair (third-person + wrist): dcvla's relevance [512], its joined reusable mask [512] under `config`,
+    and the previous prefill's computed rows per layer."""
+    _, inputs, _, _ = fx
+    with np.load(FIXTURE / "inputs.npz") as z:
+        attention = torch.from_numpy(z["oft_attention_bf16_bits"].view(np.int16)).view(torch.bfloat16)
+    frames = inputs["frames"]
+    for ids, rows in zip(inputs["oft_pairs"], inputs["oft_prev_rows"]):
+        layers = [attention[layer][:, torch.from_numpy(rows[layer])] for layer in range(len(rows))]
+        layer_id = config.attention_layer_id
+        relevance = text_to_vision_relevance(layers[layer_id], torch.from_numpy(np.flatnonzero(rows[layer_id])),
+                                             max_text_tokens=OFTCachedPolicy.relevance_rows, text_start=1 + 512,
+                                             num_images=2)  # [512]: rows 513..546 (proprio + 33), per image
+        reusable = vla_cache_reusable([frames[p] for p, _ in ids], [frames[c] for _, c in ids], relevance, config)
+        yield relevance, reusable, layers
+
+
+def test_oft_vla_cache_selection_is_upstreams_oft_path(fx):
+    """VLA-Cache on OpenVLA-OFT: per image 150 static, 100 removed (its text rows start at the proprio token), the
+    two images' positions merged, one schedule over every row of the bidirectional pass; exactly upstream's."""
+    _, _, up, _ = fx
+    config = CacheConfig(method="vla_cache").vla_cache_config(OFTCachedPolicy.family)
+    assert (config.top_k_static, config.attention_top_k_remove) == UPSTREAM_CONSTANTS["openvla-oft"] == (150, 100)
+    assert OFTCachedPolicy.relevance_rows == 34
+    for k, (relevance, reusable, layers) in enumerate(oft_pairs(fx, config)):
+        removed = torch.cat([top_k_patches(relevance[i * 256:(i + 1) * 256], 100) for i in range(2)])
+        assert np.array_equal(removed.numpy(), up["oft_removed"][k]), k
+        assert np.array_equal(reusable.numpy(), up["oft_reusable"][k]), k
+        entropy = torch.stack([attention_entropy(layer, dtype=torch.bfloat16) for layer in layers])
+        assert np.array_equal(vla_cache_reuse_proportions(entropy, config).numpy(), up["oft_schedule"][k]), k
+        assert np.array_equal(vla_cache_layer_reuse(reusable, entropy, config).numpy(), up["oft_layer_reuse"][k]), k
+    assert not up["oft_raises"].any() and up["oft_layer_reuse"].any()
+
+
+def test_oft_parity_fails_with_openvlas_constants(fx):
+    """The fixture tells OFT's (150, 100) from OpenVLA's (130, 120): with OpenVLA's, the reusable sets differ."""
+    _, _, up, _ = fx
+    config = CacheConfig(method="vla_cache").vla_cache_config("openvla")
+    assert (config.top_k_static, config.attention_top_k_remove) == (130, 120)
+    differ = [k for k, (_, reusable, _) in enumerate(oft_pairs(fx, config))
+              if not np.array_equal(reusable.numpy(), up["oft_reusable"][k])]
+    assert len(differ) == len(up["oft_reusable"])
+    assert (up["oft_static"].reshape(-1, 2, 256).sum(-1) > 130).all()  # the 150 cap binds in every pair

@@ -13,7 +13,8 @@
 
 The unified selector (`ttf_selector`) gives one mask for dual_cache and the ablations (every tower and the LLM);
 ttf and ttf_vla_cache fuse each tower's outputs with that tower's own mask, as TTF does. VLA-Cache has its own
-selection, with upstream's constants (`vla_cache.UPSTREAM_CONSTANTS`). Rows whose outputs nothing reads are not
+selection, with upstream's constants for the model family (`vla_cache.UPSTREAM_CONSTANTS`: OpenVLA's path and
+OpenVLA-OFT's differ) unless the config sets them. Rows whose outputs nothing reads are not
 computed unless `faithful=True`, which also computes VLA-Cache's entropy schedule in the model's dtype, as upstream
 does (bfloat16 in its runs), instead of float32.
 """
@@ -78,8 +79,10 @@ class CacheConfig:
     fusion: str = "hybrid"               # "hybrid" | "pixel" | "attention"
     # VLA-Cache (vla_cache, ttf_vla_cache): its own selection and layer schedule, as upstream
     similarity_threshold: float = 0.996  # per-patch cosine similarity of raw pixels to count as static
-    top_k_static: int = UPSTREAM_CONSTANTS["openvla"][0]            # at most this many static patches, most similar first
-    attention_top_k_remove: int = UPSTREAM_CONSTANTS["openvla"][1]  # the most text-attended patches are never reused
+    top_k_static: int | None = None      # at most this many static patches (per image), most similar first;
+                                         # None: upstream's for the model family (OpenVLA 130, OpenVLA-OFT 150)
+    attention_top_k_remove: int | None = None  # the most text-attended patches (per image) are never reused;
+                                         # None: upstream's for the model family (OpenVLA 120, OpenVLA-OFT 100)
     prune_layers: tuple[int, ...] = (2, 6, 9, 11)  # layers where reuse starts or grows
     # execution
     faithful: bool = False               # compute rows nothing reads, as a literal reading of the method does;
@@ -105,10 +108,15 @@ class CacheConfig:
             attention_layer_id=self.attention_layer_id, keyframe_interval=self.keyframe_interval, fusion=self.fusion,
         )
 
-    def vla_cache_config(self) -> VLACacheConfig:
+    def vla_cache_config(self, family: str = "openvla") -> VLACacheConfig:
+        """VLA-Cache's parameters; unset top-k values are upstream's for `family` (a key of UPSTREAM_CONSTANTS)."""
+        if family not in UPSTREAM_CONSTANTS:
+            raise ValueError(f"unknown model family {family!r} for VLA-Cache's constants; known: {', '.join(UPSTREAM_CONSTANTS)}")
+        static, remove = UPSTREAM_CONSTANTS[family]
         return VLACacheConfig(
-            similarity_threshold=self.similarity_threshold, top_k_static=self.top_k_static,
-            attention_top_k_remove=self.attention_top_k_remove, prune_layers=tuple(self.prune_layers),
-            attention_layer_id=self.attention_layer_id,
+            similarity_threshold=self.similarity_threshold,
+            top_k_static=static if self.top_k_static is None else self.top_k_static,
+            attention_top_k_remove=remove if self.attention_top_k_remove is None else self.attention_top_k_remove,
+            prune_layers=tuple(self.prune_layers), attention_layer_id=self.attention_layer_id,
         )
 

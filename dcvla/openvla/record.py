@@ -146,26 +146,12 @@ class OpenVLARecorder(Recorder):
 
     def _masks(self, record: StepRecord) -> dict[str, np.ndarray]:
         sel, n = record.selection, self.policy.model.config.num_patches
-        zeros = np.zeros(n, bool)
         by_layer = np.zeros((len(TOWERS), self.n_layers, n), bool)  # [tower, layer, patch]
         if self.policy.method.vit == "kv" and sel is not None:
             by_layer[0, : self.depth["dino"]] = sel.reuse.numpy()
             by_layer[1, : self.depth["siglip"]] = sel.reuse.numpy()
         by_layer[2, : self.depth["llm"]] = record.llm_reuse.numpy()
-        towers = np.zeros((len(TOWERS), n), bool)  # [tower, patch]
-        if sel is not None and self.policy.method.vit == "ttf":
-            towers[:2] = sel.tower_reuse.numpy()
-        elif sel is not None and self.policy.method.vit == "kv":
-            towers[:2] = sel.reuse.numpy()
-        towers[2] = record.llm_reuse.any(0).numpy()
-        return {
-            "reuse": sel.reuse.numpy() if sel is not None else towers[2],
-            "tower_reuse": towers,
-            "pixel_dynamic": sel.pixel_dynamic.numpy() if sel is not None else zeros,
-            "attn_relevant": sel.attn_relevant.numpy() if sel is not None else zeros,
-            "keyframe": np.array(bool(sel.keyframe) if sel is not None else record.frame == 0),
-            "reuse_by_layer": by_layer,
-        }
+        return selection_masks(record, self.policy.method) | {"reuse_by_layer": by_layer}
 
     def _text_to_vision(self, record: StepRecord) -> np.ndarray:
         n = self.policy.model.config.num_patches
@@ -178,13 +164,13 @@ class OpenVLARecorder(Recorder):
     def drift_arrays(self, record: StepRecord) -> dict[str, np.ndarray]:
         """Used vs fresh Q/K/V per component, layer and patch; the reference action and the logit KL."""
         used, self._layer_values = self._layer_values, {}  # the method's values, captured during its step
-        reference = self.policy.shadow_pass(*record.inputs, observer=self)
+        ref_ids, ref_logits = self.policy.shadow_pass(*record.inputs, observer=self).readout
         fresh, self._layer_values = self._layer_values, {}
         drift = self._qkv_drift(used, fresh)
         log_method = torch.log_softmax(record.prediction.logits.float(), -1)  # [action_dim, vocab]
-        log_ref = torch.log_softmax(reference.logits.float(), -1)
+        log_ref = torch.log_softmax(ref_logits.float(), -1)
         kl = (log_ref.exp() * (log_ref - log_method)).sum(-1).mean()  # KL(reference || method), mean over tokens
-        _, ref_action = self.policy.model.decode_action(reference.token_ids, self.policy.unnorm_key)
+        _, ref_action = self.policy.model.decode_action(ref_ids, self.policy.unnorm_key)
         return {"q_drift": drift["q"].astype(np.float16), "k_drift": drift["k"].astype(np.float16),
                 "v_drift": drift["v"].astype(np.float16), "action_ref": ref_action.astype(np.float32),
                 "logit_kl": np.array(float(kl), np.float32)}
@@ -206,6 +192,25 @@ class OpenVLARecorder(Recorder):
                 q_fresh = q_f[0][:, torch.searchsorted(rows_f, slots[computed])]
                 drift["q"][t, layer, computed.cpu().numpy()] = distances(q_used, q_fresh)
         return drift
+
+
+def selection_masks(record: StepRecord, method) -> dict[str, np.ndarray]:
+    """The frame's selection as recorded by every OpenVLA-family recorder: reuse, tower_reuse [tower, patch] (TTF:
+    each tower's mask; the K/V cache: the unified mask; llm: reused at any layer), pixel_dynamic, attn_relevant,
+    keyframe. Without a selector (vanilla, vla_cache) the LLM's reuse stands for `reuse`."""
+    sel, llm = record.selection, record.llm_reuse.numpy()  # llm: [layer, patch]
+    towers = np.zeros((len(TOWERS), llm.shape[1]), bool)  # [tower, patch]
+    if sel is not None and method.vit != "full":
+        towers[:2] = sel.tower_reuse.numpy() if method.vit == "ttf" else sel.reuse.numpy()
+    towers[2] = llm.any(0)
+    none = np.zeros(llm.shape[1], bool)
+    return {
+        "reuse": sel.reuse.numpy() if sel is not None else towers[2],
+        "tower_reuse": towers,
+        "pixel_dynamic": sel.pixel_dynamic.numpy() if sel is not None else none,
+        "attn_relevant": sel.attn_relevant.numpy() if sel is not None else none,
+        "keyframe": np.array(bool(sel.keyframe) if sel is not None else record.frame == 0),
+    }
 
 
 def action_bin_logits(logits: torch.Tensor, cfg) -> np.ndarray:

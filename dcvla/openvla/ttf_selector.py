@@ -70,7 +70,8 @@ class SelectorConfig:
 @dataclass
 class Selection:
     """One frame's decision. Always `reuse == ~(pixel_dynamic | attn_relevant)` and `pixel_dynamic` = either row of
-    `tower_dynamic`; a test the fusion does not use marks nothing, and on keyframes both mark every patch."""
+    `tower_dynamic`; a test the fusion does not use marks nothing, and on keyframes both mark every patch. Shapes are
+    per image (256 patches); `concat_selections` joins several images' along the last dim."""
 
     reuse: torch.Tensor            # [256] bool: the unified mask (every tower and the LLM take the cached value)
     pixel_dynamic: torch.Tensor    # [256] bool: dynamic in either tower
@@ -121,48 +122,76 @@ def check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor |
 
 
 def text_to_vision_relevance(
-    attn: torch.Tensor, query_positions: torch.Tensor | None = None, max_text_tokens: int = MAX_TEXT_TOKENS
+    attn: torch.Tensor, query_positions: torch.Tensor | None = None, max_text_tokens: int = MAX_TEXT_TOKENS,
+    text_start: int = NUM_PATCHES + 1, num_images: int = 1,
 ) -> torch.Tensor:
     """Per-patch relevance from one LLM layer's prefill attention, as TTF and VLA-Cache compute it.
 
-    Both upstreams average the probabilities over heads (in float32), keep the rows of the text tokens at
-    sequence positions [257, 257 + 35) (the prompt after BOS, capped at its first 35 tokens), average those rows
-    and read the vision columns 1..256.
+    Both upstreams average the probabilities over heads (in float32), keep the rows at sequence positions
+    [text_start, text_start + max_text_tokens) (OpenVLA: the prompt after BOS, capped at its first 35 tokens),
+    average those rows and read each image's vision columns (image i: 1 + 256 i .. 256 (i + 1)).
 
     Args:
         attn: [1, heads, q, k] or [heads, q, k] attention probabilities of layer `attention_layer_id`.
         query_positions: [q] sequence position of each row; None means rows 0..q-1 (no token was dropped).
-        max_text_tokens: cap on the text rows used (upstream: 35).
+        max_text_tokens: cap on the text rows used (upstream: 35; OpenVLA-OFT's VLA-Cache: 34).
+        text_start: the first row position read (OpenVLA: 257; OpenVLA-OFT: 513, its proprio token).
+        num_images: images whose 256 vision columns follow BOS, one after the other.
     Returns:
-        [256] float32 on CPU.
+        [num_images * 256] float32 on CPU.
     """
     probs = attn.detach().float()
     probs = probs[0] if probs.dim() == 4 else probs
-    if probs.dim() != 3 or probs.shape[-1] < NUM_PATCHES + 1:
-        raise ValueError(f"attn must be [1, heads, q, k] or [heads, q, k] with k > {NUM_PATCHES}; got {list(attn.shape)}")
+    n_vision = NUM_PATCHES * num_images
+    if probs.dim() != 3 or probs.shape[-1] < n_vision + 1:
+        raise ValueError(f"attn must be [1, heads, q, k] or [heads, q, k] with k > {n_vision}; got {list(attn.shape)}")
     mean = probs.mean(dim=0)  # [q, k]
     pos = torch.arange(mean.shape[0], device=mean.device) if query_positions is None else query_positions.to(mean.device)
-    rows = (pos >= NUM_PATCHES + 1) & (pos < NUM_PATCHES + 1 + max_text_tokens)  # [q]
+    rows = (pos >= text_start) & (pos < text_start + max_text_tokens)  # [q]
     if not rows.any():
-        raise ValueError(f"no query row at a text position (>= {NUM_PATCHES + 1}); is this the prefill attention?")
-    return mean[rows, 1 : NUM_PATCHES + 1].mean(dim=0).cpu()  # [patch]
+        raise ValueError(f"no query row at a text position (>= {text_start}); is this the prefill attention?")
+    return vision_columns(mean, rows, num_images).cpu()  # [vision]
 
 
-def text_relevance(text_probs: torch.Tensor, max_text_tokens: int = MAX_TEXT_TOKENS) -> torch.Tensor:
+def vision_columns(mean: torch.Tensor, rows: torch.Tensor | slice, num_images: int) -> torch.Tensor:
+    """[q, seq] head-averaged probabilities -> [num_images * 256]: the mean over `rows` of each image's vision
+    columns, one image at a time, as upstream slices them (VLA-Cache's OFT path: columns 1..256, then 257..512)."""
+    parts = [mean[rows, 1 + NUM_PATCHES * i : 1 + NUM_PATCHES * (i + 1)].mean(dim=0) for i in range(num_images)]
+    return parts[0] if num_images == 1 else torch.cat(parts)
+
+
+def text_relevance(text_probs: torch.Tensor, max_text_tokens: int = MAX_TEXT_TOKENS, num_images: int = 1) -> torch.Tensor:
     """`text_to_vision_relevance` of the text rows a prefill returns (`PrefillOutput.text_probs`), where they are:
     the same values, computed on their device without reading it.
 
     Args:
-        text_probs: [heads, text, seq] attention probabilities of the prompt rows, in position order from the first
-            prompt position (1 + 256) on.
+        text_probs: [heads, text, seq] attention probabilities of the rows from the request's `text_start` on, in
+            position order (OpenVLA: the prompt, from 1 + 256; OpenVLA-OFT: from its proprio token, 1 + 512).
         max_text_tokens: cap on the text rows used (upstream: 35).
+        num_images: images whose 256 vision columns follow BOS.
     Returns:
-        [256] float32, on `text_probs`' device.
+        [num_images * 256] float32, on `text_probs`' device.
     """
-    if text_probs.dim() != 3 or text_probs.shape[1] == 0 or text_probs.shape[-1] < NUM_PATCHES + 1:
-        raise ValueError(f"text_probs must be [heads, text > 0, seq > {NUM_PATCHES}]; got {list(text_probs.shape)}")
+    n_vision = NUM_PATCHES * num_images
+    if text_probs.dim() != 3 or text_probs.shape[1] == 0 or text_probs.shape[-1] < n_vision + 1:
+        raise ValueError(f"text_probs must be [heads, text > 0, seq > {n_vision}]; got {list(text_probs.shape)}")
     mean = text_probs.detach().float().mean(dim=0)  # [text, seq]
-    return mean[:max_text_tokens, 1 : NUM_PATCHES + 1].mean(dim=0)  # [patch]
+    return vision_columns(mean, slice(None, max_text_tokens), num_images)  # [vision]
+
+
+def concat_selections(selections: list[Selection]) -> Selection:
+    """One image's selection as is; several images' (each from its own selector, stepped together) joined along the
+    patch dim: image i's patch j is vision token 256 i + j. Their keyframes coincide (same frame count)."""
+    if len(selections) == 1:
+        return selections[0]
+    if len({s.keyframe for s in selections}) != 1:
+        raise ValueError("the images' selectors disagree on the keyframe; step them together")
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(s, name) for s in selections], dim=-1)
+
+    return Selection(cat("reuse"), cat("pixel_dynamic"), cat("attn_relevant"), cat("pixel_score"),
+                     selections[0].keyframe, cat("tower_dynamic"), cat("tower_score"))
 
 
 class UnifiedTokenSelector:

@@ -3,7 +3,9 @@ per-layer share set by the previous frame's attention entropy.
 
 Follows siyuhsu/vla-cache (`src/openvla/experiments/robot/vla_cache_utils.py`, `openvla_utils.py`, and the forked
 `LlamaModel.forward` in `src/transformers/.../modeling_llama.py`). Patch j of the 16x16 grid (row-major, row =
-image y) is LLM sequence position j + 1. `tests/test_selector_parity.py` checks it against upstream's own code
+image y) is LLM sequence position j + 1. Its OpenVLA-OFT path (`src/openvla-oft/experiments/robot/`) selects per
+image (patch j of the wrist image is position 257 + j) and schedules the merged positions once
+(`vla_cache_reusable`, `vla_cache_layer_reuse`). `tests/test_selector_parity.py` checks it against upstream's own code
 (fixture: `scripts/make_selector_parity_fixture.py`).
 
 Everything here runs on the host (numpy for the data-dependent steps), from the raw frames and the previous
@@ -164,6 +166,27 @@ def vla_cache_reuse_proportions(layer_entropy: torch.Tensor, config: VLACacheCon
     return torch.tensor(values, dtype=torch.float32)
 
 
+def vla_cache_reusable(prev_images: list, images: list, prev_text_to_vision: torch.Tensor | None,
+                       config: VLACacheConfig | None = None) -> torch.Tensor:
+    """`vla_cache_static_patches` of each image with its own 256 relevance values, joined in image order: what
+    upstream's OpenVLA-OFT path merges (`remaining_static_tokens_primary + remaining_static_tokens_wrist`, positions
+    1..256 then 257..512, so already sorted) before its one layer schedule. One image: that image's [256].
+
+    Args:
+        prev_images, images: [224, 224, 3] uint8 RGB frames, one per image (third-person, then wrist).
+        prev_text_to_vision: [num_images * 256] relevance of the previous prefill, or None on an episode's first frame.
+        config: VLA-Cache parameters.
+    Returns:
+        [num_images * 256] bool.
+    """
+    if len(prev_images) != len(images):
+        raise ValueError(f"{len(prev_images)} previous images for {len(images)} images")
+    parts = [vla_cache_static_patches(prev, image, None if prev_text_to_vision is None else
+                                      prev_text_to_vision[i * NUM_PATCHES:(i + 1) * NUM_PATCHES], config)
+             for i, (prev, image) in enumerate(zip(prev_images, images))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def vla_cache_layer_reuse(
     reusable: torch.Tensor, layer_entropy: torch.Tensor, config: VLACacheConfig | None = None
 ) -> torch.Tensor:
@@ -171,25 +194,28 @@ def vla_cache_layer_reuse(
 
     At pruning layer p, upstream drops the first max(1, int(share[p] * n)) of the n reusable positions in
     ascending order (not by similarity), unless that is fewer than already dropped; dropped tokens stay
-    dropped. Layers before the first pruning layer compute every token.
+    dropped. Layers before the first pruning layer compute every token. With several images (OpenVLA-OFT) the
+    positions are those of all images together, so the first image's go first.
 
     Args:
-        reusable: [256] bool from `vla_cache_static_patches`.
+        reusable: [vision] bool from `vla_cache_reusable` (256 per image).
         layer_entropy: [num_layers] per-layer entropies of the previous prefill (`attention_entropy`).
         config: VLA-Cache parameters.
     Returns:
-        [num_layers, 256] bool, monotone non-decreasing along layers.
+        [num_layers, vision] bool, monotone non-decreasing along layers.
     """
     config = config if config is not None else VLACacheConfig()
-    if not isinstance(reusable, torch.Tensor) or reusable.shape != (NUM_PATCHES,) or reusable.dtype != torch.bool:
-        raise ValueError(f"reusable must be a [{NUM_PATCHES}] bool tensor; got {getattr(reusable, 'shape', reusable)!r}")
+    if not isinstance(reusable, torch.Tensor) or reusable.dim() != 1 or reusable.numel() % NUM_PATCHES \
+            or reusable.numel() == 0 or reusable.dtype != torch.bool:
+        raise ValueError(f"reusable must be a [{NUM_PATCHES}] bool tensor ({NUM_PATCHES} per image: [{2 * NUM_PATCHES}] for "
+                         f"two); got {getattr(reusable, 'shape', reusable)!r}")
     share = vla_cache_reuse_proportions(layer_entropy, config)  # [layer]
     num_layers = share.shape[0]
     if config.prune_layers[-1] >= num_layers:
         raise ValueError(f"VLACacheConfig.prune_layers {config.prune_layers} exceed the {num_layers} layers given")
-    order = np.flatnonzero(on_host(reusable).numpy())  # [n] ascending patch index, as upstream's sorted positions
+    order = np.flatnonzero(on_host(reusable).numpy())  # [n] ascending position, as upstream's sorted positions
     share = share.numpy()
-    out = np.zeros((num_layers, NUM_PATCHES), dtype=bool)
+    out = np.zeros((num_layers, reusable.numel()), dtype=bool)
     dropped = 0
     for layer in range(num_layers):
         if len(order) and layer in config.prune_layers:

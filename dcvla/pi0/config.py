@@ -107,7 +107,7 @@ def get_pi0_preset(name: str) -> Pi0Config:
 # episodes (tests/test_pi0.py recomputes them), std floored at 0.05 so the nearly constant roll (about pi) is not
 # blown up into noise.
 LIBERO_STATE_STATS = {
-    "mean": [-0.0371, 0.0661, 0.6632, 3.1412, 0.0, -0.0027, 0.0244, -0.0245],
-    "std": [0.0843, 0.1689, 0.3262, 0.05, 0.05, 0.05, 0.05, 0.05],
+    "mean": [-0.0367, 0.0634, 0.649, 3.1412, 0.0, -0.0027, 0.0247, -0.0247],
+    "std": [0.0844, 0.1695, 0.3199, 0.05, 0.05, 0.05, 0.05, 0.05],
 }
 STATE_STD_FLOOR = 0.05
