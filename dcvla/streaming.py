@@ -12,14 +12,32 @@ import torch
 
 class EpisodeGuard:
     """Remembers the episode's image size and prompt: a cache holds one episode's values, so a change of either
-    without `reset()` is an error, never silent reuse of another episode's K/V."""
+    without `reset()` is an error, never silent reuse of another episode's K/V. It also remembers a step that failed
+    after it had started to change the caches (`changing`): every later step is refused (`check_usable`) until
+    `reset()`, rather than run on caches that mix two frames."""
 
     def __init__(self, owner: str) -> None:
         self.owner = owner  # named in the error: the method or mode whose caches would be reused
         self.key: tuple | None = None
+        self.broken = False
 
     def reset(self) -> None:
         self.key = None
+        self.broken = False
+
+    def check_usable(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"the previous step of this {self.owner} policy failed mid-way, so its caches may mix "
+                               "two frames; call reset() before the next step")
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """The part of a step that changes the episode's caches: any error in it marks the policy broken."""
+        try:
+            yield
+        except BaseException:
+            self.broken = True
+            raise
 
     def check(self, image_shape: tuple[int, ...], input_ids: torch.Tensor) -> None:
         key = (tuple(image_shape), tuple(input_ids[0].tolist()))

@@ -168,21 +168,17 @@ class CachePolicyBase:
         self.bos_stored = False  # the LLM store holds BOS's K/V (written by the episode's first prefill)
         self.last = None
         self.records: list[StepRecord] = []
-        self.broken = False      # a step failed mid-way: the stores may mix two frames until this reset
 
     # ----------------------------------------------------------------------------------------------- one frame
-    def _check_usable(self) -> None:
-        if self.broken:
-            raise RuntimeError(f"the previous step of this {self.name} policy failed mid-way, so its caches may "
-                               "mix two frames; call reset() before the next step")
+    @property
+    def broken(self) -> bool:
+        """A step failed mid-way: the stores may mix two frames, and every step is refused until `reset()`."""
+        return self.guard.broken
 
     def _run(self, images: list[np.ndarray], input_ids: torch.Tensor, pixel_values: torch.Tensor, extra) -> None:
         """One checked frame; any error from here on marks the policy broken until `reset()`."""
-        try:
+        with self.guard.changing():
             self._step(images, input_ids, pixel_values, extra)
-        except BaseException:
-            self.broken = True
-            raise
 
     def _step(self, images: list[np.ndarray], input_ids: torch.Tensor, pixel_values: torch.Tensor, extra) -> None:
         pixel_values = pixel_values.to(self.model.device, self.model.dtype)

@@ -66,7 +66,7 @@ class CachedPolicy(CachePolicyBase):
         Inputs are checked before anything changes; an error after that (out of memory, an observer's) marks the
         policy broken, and every later step raises until `reset()`.
         """
-        self._check_usable()
+        self.guard.check_usable()
         image = validate_image(image)
         input_ids, pixel_values = self.processor(image, instruction)
         self.guard.check(image.shape, input_ids)

@@ -156,7 +156,6 @@ class Pi0Policy:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.last: Pi0StepRecord | None = None
         self.records: list[Pi0StepRecord] = []
-        self.broken = False  # a step failed mid-way: the store may mix two steps until this reset
 
     # ---------------------------------------------------------------------------------------------- inputs
     def encode_prompt(self, instruction: str) -> torch.Tensor:
@@ -208,6 +207,11 @@ class Pi0Policy:
         px = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0
         return ((px - 0.5) / 0.5).to(self.model.device, self.model.dtype)
 
+    @property
+    def broken(self) -> bool:
+        """A step failed mid-way: the store may mix two steps, and every step is refused until `reset()`."""
+        return self.guard.broken
+
     # --------------------------------------------------------------------------------------------- one step
     @torch.inference_mode()
     def step(self, image, instruction: str, state) -> np.ndarray:
@@ -215,14 +219,12 @@ class Pi0Policy:
 
         Inputs are checked before anything changes; an error after that (out of memory in the expert, say, after the
         prefix has refreshed the store) marks the policy broken, and every later step raises until `reset()`."""
-        if self.broken:
-            raise RuntimeError(f"the previous step of this {self.name} policy failed mid-way, so its K/V store may "
-                               "mix two steps; call reset() before the next step")
+        self.guard.check_usable()
         input_ids = self.encode_prompt(instruction)
         state_n = self.normalize_state(state)
         image = validate_image(image)
         self.guard.check(image.shape, input_ids)
-        try:  # from here on the step changes the episode's state: an error leaves the policy broken
+        with self.guard.changing():  # from here on the step changes the episode's state
             model, cfg = self.model, self.model.config
             clock = StageClock(model.device)
             with clock.stage("vision"):
@@ -250,9 +252,6 @@ class Pi0Policy:
             )
             self._emit(record, inputs)
             return record.chunk
-        except BaseException:
-            self.broken = True
-            raise
 
     def _emit(self, record: Pi0StepRecord, inputs: PrefixInputs) -> None:
         """Keep the record and hand it to the observer (with the prefix inputs its shadow pass needs)."""

@@ -104,7 +104,7 @@ class OFTCachedPolicy(CachePolicyBase):
             state: the raw proprio state, `proprio_dim` numbers (LIBERO: eef pos, axis-angle, gripper qpos).
         Inputs are checked before anything changes; an error after that marks the policy broken until `reset()`.
         """
-        self._check_usable()
+        self.guard.check_usable()
         stats = self.model.stats(self.unnorm_key)
         proprio = normalize_proprio(check_state(state, self.model.config), stats["proprio"])
         input_ids, pixel_values = self.processor(images, instruction)  # checks each image, naming it
