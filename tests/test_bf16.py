@@ -115,3 +115,27 @@ def test_faithful_vla_cache_keeps_upstreams_bfloat16_entropy_schedule(vanilla_bf
     # 4.666-4.692 here, and the layers' differences (what the schedule normalises) are mostly rounded away
     assert not torch.equal(schedules[False], schedules[True])
     assert torch.allclose(schedules[False], schedules[True], rtol=0.05)
+
+
+def test_every_method_runs_on_openvla_oft_in_bfloat16(spatial_episode):
+    """OpenVLA-OFT's cached policy (two images, bidirectional prefill, the L1 head) in bfloat16: on a frozen scene
+    every method's chunk stays within a few bf16 ulps of the plain forward's."""
+    from dcvla.openvla.oft import OFTCachedPolicy, normalize_proprio
+    from dcvla.libero.episodes import list_episodes, load_episode
+
+    episode = load_episode(list_episodes(suite="libero_spatial")[0])
+    images, state = [policy_input(episode.frames[0]), policy_input(episode.wrist_frames[0])], episode.states[0]
+    base = OFTCachedPolicy.from_preset("oft-tiny", config=CacheConfig("vanilla"))
+    place(base.model, dtype=BF16)
+    input_ids, pixel_values = base.processor(images, episode.instruction)
+    proprio = torch.tensor(normalize_proprio(np.asarray(state, np.float64), base.model.stats(None)["proprio"]),
+                           dtype=torch.float32)
+    ref = base.model.reference_forward(input_ids, pixel_values, proprio).normalized
+    for method in sorted(METHODS):
+        policy = base.with_config(CacheConfig(method, fusion="pixel", keyframe_interval=100))
+        policy.reset()
+        for _ in range(3):
+            chunk = policy.step(images, episode.instruction, state)
+        assert policy.model.dtype == BF16 and np.isfinite(chunk).all() and chunk.shape == (8, 7)
+        diff = float((torch.from_numpy(policy.last.normalized) - ref).abs().max())
+        assert diff <= 4 * 2**-7, (method, diff)  # a few bf16 ulps of values in [-1, 1]
