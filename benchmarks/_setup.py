@@ -53,9 +53,9 @@ def first_frames(episode, n: int) -> list[np.ndarray]:
     return [decode_frame(jpeg) for jpeg in episode.jpegs[:n]]
 
 
-OFT_NOTE = ("OpenVLA-OFT: an episode recorded without the wrist camera (the shipped ones before format_version 2) gives "
-            "its agent-view frame as both the third-person and the wrist image; the state is the episode's eef_pos + "
-            "axis-angle(eef_quat) + gripper_qpos (8 dims)")
+OFT_NOTE = ("OpenVLA-OFT: each frame's third-person image is the episode's agent view and its wrist image the episode's "
+            "wrist camera (an episode recorded without one, format_version 1, gives its agent view as both); the state "
+            "is the episode's eef_pos + axis-angle(eef_quat) + gripper_qpos (8 dims)")
 
 
 def is_oft(preset: str) -> bool:
@@ -65,13 +65,12 @@ def is_oft(preset: str) -> bool:
 
 
 def base_policy(preset: str, seed: int = 0):
-    """The preset's cached policy behind `vanilla`: `OFTCachedPolicy` for an OpenVLA-OFT preset (oft-tiny, oft-small,
-    ...), else `CachedPolicy`; other methods come from `with_config`."""
-    from dcvla.openvla import CacheConfig, CachedPolicy
-    from dcvla.openvla.oft import OFTCachedPolicy
+    """The preset's cached policy behind `vanilla` (random weights, not yet placed): `OFTCachedPolicy` for an
+    OpenVLA-OFT preset (oft-tiny, oft-small, ...), else `CachedPolicy`; other methods come from `with_config`."""
+    from dcvla.openvla import CacheConfig
+    from dcvla.openvla.loading import policy_type
 
-    cls = OFTCachedPolicy if is_oft(preset) else CachedPolicy
-    return cls.from_preset(preset, seed=seed, config=CacheConfig("vanilla"))
+    return policy_type(preset).from_preset(preset, seed=seed, config=CacheConfig("vanilla"))
 
 
 def has_wrist(episode) -> bool:

@@ -211,7 +211,9 @@ def studies(args: argparse.Namespace) -> None:
 
     runs_dir = ROOT / Path(parameters.get("runs_dir", "data/runs"))
     table = read_dataset(runs_dir.parent / "cache_behaviour.nc").to_dataframe().set_index("method")
-    columns = ["reuse rate", "LLM reuse rate", "FLOPs ratio", "measured speedup", "action drift", "action KL"]
+    from .studies.common import divergence_column
+
+    columns = ["reuse rate", "LLM reuse rate", "FLOPs ratio", "measured speedup", "action drift", divergence_column(table)]
     print(f"\nSummary (cache_behaviour, {parameters.get('preset', 'small')} preset, shipped LIBERO frames):")
     print(table[columns].round(4).to_string())
     print_cliff_summary(runs_dir.parent / "stability_cliff.nc", parameters.get("preset", "small"))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Container, Iterator
@@ -190,3 +192,72 @@ def write_shards(directory: Path, specs: dict[str, tuple[tuple[int, ...], torch.
     with atomic_path(index) as tmp:
         tmp.write_text(json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
     return index
+
+
+# --------------------------------------------------------------------------------------------- checkpoint files
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(path: Path) -> None:
+    raise CheckpointError(
+        f"refusing to load {path}: pickle checkpoints can execute code when loaded; convert it to safetensors "
+        "(e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors'))"
+    )
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index's `weight_map` lists; a CheckpointError naming the index when it is broken."""
+    try:
+        content = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{index} is not valid JSON ({err})") from err
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no 'weight_map' (a non-empty object: checkpoint key -> shard file name)")
+    return sorted(set(weight_map.values()))
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: a single file, a directory's index shards, or model.safetensors."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path} is not a .safetensors file")
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    index = path / INDEX_FILE
+    if index.exists():
+        files = [path / name for name in _index_shards(index)]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not in {path}: {', '.join(missing)}")
+        return files
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(path / pickles[0])
+    raise CheckpointError(f"no .safetensors weights in {path}")
+
+
+def resolve_checkpoint_dir(path_or_id: str | os.PathLike, extra_patterns: tuple[str, ...] = ()) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (safetensors, json and `extra_patterns` only) unless
+    offline."""
+    path = Path(path_or_id)
+    if path.exists():
+        return path
+    name = str(path_or_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise FileNotFoundError(f"no checkpoint at {name} (neither a local path nor a hub id like 'openvla/openvla-7b')")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise FileNotFoundError(f"{name} is not a local directory and hub access is off (HF_HUB_OFFLINE=1); download it first")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json", "tokenizer.model", *extra_patterns]))
+    except Exception as err:  # network, auth, missing repo: say which id failed and why
+        raise FileNotFoundError(f"could not fetch {name} from the hub: {type(err).__name__}: {err}") from err

@@ -239,7 +239,9 @@ def record_episode(policy, frames: np.ndarray, instruction: str, path: str | Pat
     """Record one episode to `path` (streamed, atomic) with the policy's registered recorder; a complete file
     already there is kept (resume), an unreadable or incomplete one is recorded again, with a warning naming it.
 
-    `states` [frame, state_dim]: the robot state per frame, for policies that take it (`uses_state`).
+    `frames`: [frame, H, W, 3]; for a policy that takes the wrist camera too (`uses_wrist`, OpenVLA-OFT)
+    [frame, 2, H, W, 3], agent view then wrist view. `states` [frame, state_dim]: the robot state per frame, for
+    policies that take it (`uses_state`).
 
     Raises:
         ValueError: no frames (nothing would be written to `path`), or a state count that does not match.
@@ -262,7 +264,8 @@ def record_episode(policy, frames: np.ndarray, instruction: str, path: str | Pat
     policy.reset()
     recorder = recorder_for(policy, path=path, **kwargs)
     recorder.attrs["frames_expected"] = len(frames)  # what a resumed run checks the file against
+    views = list if getattr(policy, "uses_wrist", False) else lambda frame: frame  # step([agent view, wrist view], ...)
     with recorder:
         for i, frame in enumerate(frames):
-            policy.step(frame, instruction, states[i]) if uses_state else policy.step(frame, instruction)
+            policy.step(views(frame), instruction, states[i]) if uses_state else policy.step(views(frame), instruction)
     return path

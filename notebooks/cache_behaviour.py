@@ -19,8 +19,8 @@
 # same shipped LIBERO frames; the vanilla run on those frames is the reference.
 
 # %% tags=["parameters"]
-preset = "small"          # model preset with random weights (ignored when checkpoint is set)
-checkpoint = ""           # OpenVLA-layout checkpoint directory or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
+preset = "small"          # model preset with random weights (ignored when checkpoint is set); OpenVLA-OFT: "oft-small"
+checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset
 device = "cpu"            # "cuda" on a GPU machine
@@ -75,11 +75,14 @@ figures.append(common.save_figure(fig, "cache_behaviour_reuse_by_layer", config.
 chosen = next(ds for ds in runs if ds.attrs["method"] == "dual_cache") if "dual_cache" in config.methods else runs[-1]
 frame = int(chosen.frame[~chosen.keyframe.values][0]) if (~chosen.keyframe).any() else 0
 episode = next(e for e in common.episodes(config) if e.name == str(chosen.episode.item()))
-image = common.episode_frames(episode, frame + 1)[frame]
-mask = chosen.reuse.sel(frame=frame).values.reshape(16, 16)
-fig = go.Figure([go.Image(z=image), go.Heatmap(z=np.where(mask, 1.0, np.nan), x=np.arange(16) * 14 + 7,
+images = common.episode_inputs(base, episode, frame + 1)[0][frame]  # OpenVLA-OFT: [agent view, wrist view]
+images = images if images.ndim == 4 else images[None]
+image = np.concatenate(list(images), axis=1)  # the images side by side; 256 patches each
+mask = np.concatenate(list(chosen.reuse.sel(frame=frame).values.reshape(len(images), 16, 16)), axis=1)
+fig = go.Figure([go.Image(z=image), go.Heatmap(z=np.where(mask, 1.0, np.nan), x=np.arange(16 * len(images)) * 14 + 7,
                  y=np.arange(16) * 14 + 7, opacity=0.45, showscale=False, colorscale=[[0, "royalblue"], [1, "royalblue"]])])
-fig.update_layout(title=f"{chosen.attrs['method']}: reused patches (blue), {episode.name} frame {frame}", width=520, height=520)
+fig.update_layout(title=f"{chosen.attrs['method']}: reused patches (blue), {episode.name} frame {frame}",
+                  width=120 + 400 * len(images), height=520)
 figures.append(common.save_figure(fig, "cache_behaviour_mask", config.figures_dir)); fig
 
 # %% [markdown]
@@ -98,7 +101,7 @@ for ds in runs:
     for tower in ("dino", "siglip", "llm"):
         saved.append({"method": ds.attrs["method"], "tower": tower,
                       "FLOPs ratio": float(ref.flops.sel(tower=tower).sum() / ds.flops.sel(tower=tower).sum())})
-    for stage in ("dino", "siglip", "llm_prefill", "llm_decode"):
+    for stage in [s for s in ds.stage.values if s not in ("select", "projector")]:  # decode (OpenVLA) or head (OFT)
         saved.append({"method": ds.attrs["method"], "tower": stage + " (measured)",
                       "FLOPs ratio": float(ref.latency_ms.sel(stage=stage).sum() / ds.latency_ms.sel(stage=stage).sum())})
 saved = pd.DataFrame(saved).groupby(["method", "tower"], as_index=False).mean()

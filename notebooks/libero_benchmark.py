@@ -20,8 +20,8 @@
 # weights give no meaningful success rate**; the run only shows the loop, the protocol and the result files work.
 
 # %% tags=["parameters"]
-preset = "small"          # model preset with random weights (ignored when checkpoint is set)
-checkpoint = ""           # OpenVLA-layout checkpoint directory or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
+preset = "small"          # model preset with random weights (ignored when checkpoint is set); OpenVLA-OFT: "oft-small"
+checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset
 device = "cpu"            # "cuda" on a GPU machine

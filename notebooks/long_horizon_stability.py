@@ -21,8 +21,8 @@
 # here.
 
 # %% tags=["parameters"]
-preset = "small"          # model preset with random weights (ignored when checkpoint is set)
-checkpoint = ""           # OpenVLA-layout checkpoint directory or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
+preset = "small"          # model preset with random weights (ignored when checkpoint is set); OpenVLA-OFT: "oft-small"
+checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset
 device = "cpu"            # "cuda" on a GPU machine
@@ -50,12 +50,13 @@ figures = []
 # %%
 runs = common.load_runs(common.record_runs("long_horizon_stability", config, base=base))
 drift_table = long_horizon_stability.drift_over_time(runs)
-fig = px.line(drift_table, x="frame", y="action KL", color="method", log_y=True,
-              title="Action-token KL to vanilla over a long episode")
+metric = common.divergence_column(drift_table)  # OpenVLA: action-token KL; OpenVLA-OFT: L1 of the normalised chunk
+fig = px.line(drift_table, x="frame", y=metric, color="method", log_y=True,
+              title=f"{metric} to vanilla over a long episode")
 figures.append(common.save_figure(fig, "long_horizon_drift", config.figures_dir)); fig
 
 # %%
-px.scatter(drift_table[drift_table.method != "vanilla"], x="mean staleness", y="action KL", color="method", log_y=True,
+px.scatter(drift_table[drift_table.method != "vanilla"], x="mean staleness", y=metric, color="method", log_y=True,
            title="Drift against mean staleness of the frame")
 
 # %% [markdown]
@@ -68,13 +69,13 @@ sweeps = pd.concat([long_horizon_stability.sweep(sweep_config, name, values, bas
                     [("keyframe_interval", keyframe_intervals), ("pixel_threshold", pixel_thresholds),
                      ("attention_top_k", attention_top_ks)]])
 common.write_table(sweeps, "long_horizon_stability", config)
-fig = px.line(sweeps, x="value", y="action KL", color="method", facet_col="parameter", markers=True,
-              title="Action-token KL to vanilla across sweeps (keyframe interval 1: nothing reused, exactly 0)")
+fig = px.line(sweeps, x="value", y=metric, color="method", facet_col="parameter", markers=True,
+              title=f"{metric} to vanilla across sweeps (keyframe interval 1: nothing reused, exactly 0)")
 fig.update_xaxes(matches=None)
 figures.append(common.save_figure(fig, "long_horizon_sweeps", config.figures_dir)); fig
 
 # %%
-cliffs = common.find_cliff(sweeps)
+cliffs = common.find_cliff(sweeps, metric)
 cliffs
 
 # %%

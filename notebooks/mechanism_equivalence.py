@@ -21,10 +21,16 @@
 # mask per tower, VLA-Cache's selection and schedule; the dual cache: one mask for both towers and the LLM).
 # H4: does consistent reuse drift less than stale vision fed to a fresh LLM? Verdicts are computed from the numbers
 # (tolerance on the action-token logits: 1e-4 in fp32, a few ulps of the logits in a 16-bit dtype).
+#
+# On OpenVLA-OFT (`preset = "oft-small"` or an OFT checkpoint) equality is judged on the L1 head's normalised action
+# chunk instead (there are no tokens), and drift by its mean |difference| ("action L1"). Its attention is
+# bidirectional, so a token's row is read by every other row; H1/H2 still hold because a static token whose K/V
+# come from the cache at every layer has no row of its own left to read or be read: what others read of it is the
+# cache.
 
 # %% tags=["parameters"]
-preset = "small"          # model preset with random weights (ignored when checkpoint is set)
-checkpoint = ""           # OpenVLA-layout checkpoint directory or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
+preset = "small"          # model preset with random weights (ignored when checkpoint is set); OpenVLA-OFT: "oft-small"
+checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset
 device = "cpu"            # "cuda" on a GPU machine
@@ -50,17 +56,18 @@ table
 
 # %%
 floor = 1e-9  # exact zeros drawn at a floor on the log axis
-tolerance = mechanism_equivalence.equivalence_tolerance(config.dtype)  # scales with the dtype
+tolerance = mechanism_equivalence.equivalence_tolerance(config.dtype, base.family)  # scales with the dtype
+output = table.output.iloc[0]  # OpenVLA: action-token logits; OpenVLA-OFT: the normalised chunk
 outcome = np.where(table.verdict.str.startswith("holds"), "holds",
                    np.where(table.verdict.str.startswith("FAILS"), "FAILS", "measured (no equality expected)"))
 plot = table.assign(label=table.hypothesis + ": " + table.compared, outcome=outcome,
-                    shown=table["max |logit diff|"].clip(lower=floor))
+                    shown=table["max |output diff|"].clip(lower=floor))
 fig = px.bar(plot, x="shown", y="label", orientation="h", log_x=True, color="outcome",
              color_discrete_map={"holds": "seagreen", "FAILS": "crimson", "measured (no equality expected)": "steelblue"},
-             title=f"Max |difference| of action-token logits (dashed: tolerance {tolerance:g}; "
+             title=f"Max |difference| of the {output} (dashed: tolerance {tolerance:g}; "
                    f"bars at {floor:g} are exactly 0)")
 fig.add_vline(x=tolerance, line_dash="dash")
-fig.update_layout(yaxis_title="", xaxis_title="max |logit diff| (log)", legend=dict(orientation="h", y=-0.2))
+fig.update_layout(yaxis_title="", xaxis_title="max |output diff| (log)", legend=dict(orientation="h", y=-0.2))
 figures.append(common.save_figure(fig, "mechanism_equivalence", config.figures_dir, width=1250, height=620)); fig
 
 # %%

@@ -36,8 +36,8 @@ def test_cache_speedup_in_bfloat16(capsys):
 
 
 def test_host_syncs_and_cache_speedup_on_openvla_oft(capsys):
-    """`--preset oft-tiny`: OFTCachedPolicy, the agent view standing in for the wrist view (said in the output), its
-    LLM the one bidirectional pass and its last stage the head."""
+    """`--preset oft-tiny`: OFTCachedPolicy on both recorded views (said in the output), its LLM the one bidirectional
+    pass and its last stage the head."""
     results = script("host_syncs").main(["--preset", "oft-tiny", "--methods", "dual_cache"])
     assert results["dual_cache"]["total"] <= script("host_syncs").LIMIT and results["dual_cache"]["reused_patches"] > 0
     rows = script("cache_speedup").main(["--preset", "oft-tiny", "--frames", "2", "--episodes", "1",
@@ -46,7 +46,7 @@ def test_host_syncs_and_cache_speedup_on_openvla_oft(capsys):
     assert list(rows[1]["groups"]) == ["vision", "llm_prefill", "head", "llm"]
     assert rows[1]["flops_ratio"] > 1 and rows[1]["llm_reuse"] > 0
     out = capsys.readouterr().out
-    assert "agent-view frame as both the third-person and the wrist image" in out and "OFT" in out
+    assert "its wrist image the episode's wrist camera" in out and "wrist view recorded" in out
 
 
 def test_step_latency_in_bfloat16():

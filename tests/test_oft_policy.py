@@ -5,6 +5,8 @@ attention, per-image selection, skipped work and its FLOPs, the recorder, and th
 The images are a shipped spatial episode's agent view and wrist camera, the state its eef pos + axis-angle + gripper
 qpos."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -163,13 +165,45 @@ def test_the_recorder_records_512_patches_and_the_chunk(clip):
             pol.step(images, instruction, state)
     assert isinstance(rec, OFTRecorder) and pol.observer is None
     ds = rec.to_dataset()
+    layers, heads = pol.model.config.llm.num_layers, pol.model.config.llm.num_heads
     assert ds.reuse.dims == ("frame", "patch") and ds.sizes["patch"] == 512
-    assert ds.action.shape == (2, 8, 7) and ds.llm_reuse.shape == (2, 16, 512)
+    assert ds.action.shape == (2, 8, 7) and ds.reuse_by_layer.shape == (2, 3, ds.sizes["layer"], 512)
+    assert np.array_equal(ds.reuse_by_layer.sel(tower="llm").values[1, :layers], pol.records[-1].llm_reuse.numpy())
+    assert ds.text_to_vision.shape == (2, ds.sizes["layer"], heads, 512)
     assert list(ds.stage.values) == ["select", "dino", "siglip", "projector", "llm_prefill", "head"]
     assert np.array_equal(ds.action.values[-1], pol.last.action.astype(np.float32))
-    assert ds.flops.sel(stage="head").values[0] > 0 and ds.attrs["family"] == "openvla-oft"
-    with pytest.raises(ValueError, match="drift recording is not implemented for OpenVLA-OFT"):
-        recorder_for(pol, drift=True)
+    assert np.array_equal(ds.action_normalized.values[-1], pol.last.normalized)
+    assert ds.latency_ms.sel(stage="head").values[0] > 0 and ds.attrs["family"] == "openvla-oft"
+    assert "action_logits" not in ds and json.loads(ds.attrs["images"]) == ["third-person", "wrist"]
+    # the text-to-vision rows are the ones every selector reads: the proprio token and the prompt after it
+    probs = pol.records[-1].text_probs[3][:, :34, 1:513].mean(1)
+    assert np.allclose(ds.text_to_vision.values[-1, 3], probs.numpy(), atol=1e-3)
+
+
+def test_drift_recording_compares_with_a_full_recompute_of_both_images(clip):
+    steps, instruction = clip
+    runs = {}
+    for method in ("vanilla", "dual_cache"):
+        pol = policy(method=method)
+        pol.reset()
+        with recorder_for(pol, drift=True) as rec:
+            for images, state in steps[:3]:
+                pol.step(images, instruction, state)
+        runs[method] = rec.to_dataset()
+    vanilla, cached = runs["vanilla"], runs["dual_cache"]
+    assert vanilla.k_drift.shape == (3, 3, vanilla.sizes["layer"], 512, 2)
+    # vanilla is its own full recompute: no drift anywhere, the reference chunk is the chunk
+    assert float(np.nanmax(vanilla.k_drift.values)) == 0 and (vanilla.chunk_l1.values == 0).all()
+    assert np.array_equal(vanilla.action_ref.values, vanilla.action.values)
+    # the dual cache: exact on the keyframe, then its reused patches' K/V drift in every tower of both images
+    assert cached.chunk_l1.values[0] == 0 and cached.chunk_l1.values[1:].max() > 0
+    later = cached.reuse.values[1:]  # [frame, patch]
+    for tower in ("dino", "siglip", "llm"):
+        k = cached.k_drift.sel(tower=tower, metric="rel_l2").values[1:, 0]  # first layer, [frame, patch]
+        for image in (slice(0, 256), slice(256, 512)):
+            reused = later[:, image]
+            assert reused.any() and (k[:, image][reused] > 0).any(), (tower, image)
+    assert np.array_equal(cached.action_ref.values, vanilla.action.values)  # the recompute is the vanilla chunk
 
 
 # ------------------------------------------------------------------------------------------------- errors

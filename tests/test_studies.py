@@ -36,15 +36,56 @@ def test_mechanism_equivalence_verdicts(tmp_path):
     run_study("mechanism_equivalence", tmp_path, "-p", "frames", "4")
     table = read_dataset(tmp_path / "mechanism_equivalence.nc").to_dataframe()
     h0 = table[table.hypothesis.str.startswith("H0")]
-    assert len(h0) == 7 and (h0.verdict == "holds").all(), h0[["compared", "max |logit diff|"]]
+    assert len(h0) == 7 and (h0.verdict == "holds").all(), h0[["compared", "max |output diff|"]]
+    assert (table.output == "action-token logits").all()
     h1 = table[table.hypothesis.str.startswith("H1")]
-    assert h1.verdict.str.startswith("holds").all() and (h1["max |logit diff|"] <= 1e-4).all()
+    assert h1.verdict.str.startswith("holds").all() and (h1["max |output diff|"] <= 1e-4).all()
     # H4's verdict follows its numbers: consistent reuse (dual_cache) against stale vision fed to a fresh LLM
     h4 = table[table.hypothesis.str.startswith("H4")].set_index("compared")
     consistent, fresh = h4.loc["dual_cache vs vanilla", "mean action KL"], h4.loc["vit_kv_only vs vanilla", "mean action KL"]
     expected = "holds" if consistent < fresh else "does not hold"
     assert h4.verdict.str.endswith(f"consistency beats freshness: {expected}").all(), h4.verdict
     assert (tmp_path / "figures" / "mechanism_equivalence.png").stat().st_size > 10_000
+
+
+OFT_TINY = ["-p", "preset", "oft-tiny", "-p", "suites", '["libero_spatial"]', "-p", "episodes_per_suite", "1"]
+
+
+def run_oft_study(name: str, tmp_path, *params: str) -> None:
+    assert cli(["run", name, *OFT_TINY, "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir",
+                str(tmp_path / "figures"), *params]) == 0
+
+
+def test_mechanism_equivalence_on_openvla_oft(tmp_path):
+    """The study on OpenVLA-OFT (both images and the state per frame, bidirectional attention): equality judged on
+    the L1 head's chunk, H0 and H1/H2 hold, drift is the chunk's L1."""
+    run_oft_study("mechanism_equivalence", tmp_path, "-p", "frames", "3")
+    table = read_dataset(tmp_path / "mechanism_equivalence.nc").to_dataframe()
+    assert (table.output == "normalised action chunk (L1 head)").all() and table["token mismatch rate"].isna().all()
+    h0, h1 = table[table.hypothesis.str.startswith("H0")], table[table.hypothesis.str.startswith("H1")]
+    assert len(h0) == 7 and (h0.verdict == "holds").all(), h0[["compared", "max |output diff|"]]
+    assert h1.verdict.str.startswith("holds").all() and (h1["max |output diff|"] <= 1e-4).all()
+    h4 = table[table.hypothesis.str.startswith("H4")].set_index("compared")
+    assert (h4["mean action L1"] > 0).all() and "mean action KL" not in table
+    h3 = table[table.hypothesis.str.startswith("H3 dual_cache vs TTF")]
+    assert "150 static, 100 most attended removed per image" in h3.verdict.item()
+    runs = sorted((tmp_path / "runs" / "mechanism_equivalence" / "dual_cache").glob("*.nc"))
+    ds = read_dataset(runs[0])
+    assert ds.attrs["family"] == "openvla-oft" and ds.sizes["patch"] == 512 and ds.action.dims == ("frame", "chunk", "action_dim")
+
+
+def test_cache_behaviour_and_long_horizon_on_openvla_oft(tmp_path):
+    run_oft_study("cache_behaviour", tmp_path, "-p", "frames", "3", "-p", "methods", '["vanilla", "vla_cache", "dual_cache"]')
+    table = read_dataset(tmp_path / "cache_behaviour.nc").to_dataframe().set_index("method")
+    assert table.loc["vanilla", "action L1"] == 0 and table.loc["dual_cache", "FLOPs ratio"] > 1.0
+    assert 0 < table.loc["dual_cache", "LLM reuse rate"] < 1 and table.loc["dual_cache", "action drift"] > 0
+    assert {"cache_behaviour_mask.png", "cache_behaviour_savings.png"} <= {p.name for p in (tmp_path / "figures").glob("*.png")}
+    run_oft_study("long_horizon_stability", tmp_path, "-p", "frames", "3", "-p", "sweep_frames", "2",
+                  "-p", "sweep_methods", '["dual_cache"]', "-p", "keyframe_intervals", "[1, 3]",
+                  "-p", "pixel_thresholds", "[0.03]", "-p", "attention_top_ks", "[70]")
+    sweeps = read_dataset(tmp_path / "long_horizon_stability.nc").to_dataframe()
+    fresh = sweeps[(sweeps.parameter == "keyframe_interval") & (sweeps.value == 1)]
+    assert (fresh["action L1"] == 0).all() and (fresh["reuse rate"] == 0).all()
 
 
 def test_cache_behaviour_writes_table_and_figures(tmp_path):
@@ -133,7 +174,8 @@ def test_benchmark_config_is_checked():
     (StudyConfig, {"drift": "yes"}, "StudyConfig.drift must be True or False"),
     (StudyConfig, {"device": "cdua"}, "StudyConfig.device: 'cdua' is not a torch device"),
     (StudyConfig, {"dtype": "flaot32"}, "StudyConfig.dtype: 'flaot32' is not a model dtype"),
-    (StudyConfig, {"preset": "nosuch"}, "StudyConfig.preset: unknown preset 'nosuch'; known presets: openvla-7b, small, tiny"),
+    (StudyConfig, {"preset": "nosuch"}, "StudyConfig.preset: unknown preset 'nosuch'; OpenVLA presets: openvla-7b, small, tiny; "
+                                         "OpenVLA-OFT presets: openvla-oft-7b, oft-small, oft-tiny"),
     (BenchmarkConfig, {"trials": "2"}, "BenchmarkConfig.trials must be an int"),
     (BenchmarkConfig, {"tasks": 0}, "BenchmarkConfig.tasks must be a list of ints, got 0"),
     (CliffConfig, {"thresholds": 0.9}, "CliffConfig.thresholds must be a list of numbers, got 0.9"),

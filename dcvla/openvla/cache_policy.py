@@ -55,7 +55,7 @@ class StepRecord:
     staleness: torch.Tensor            # [vision]: frames since each vision token's values were computed fresh
     prediction: object | None = None   # the family's (OpenVLA: `ActionPrediction`; OFT: `ChunkPrediction`)
     text_probs: dict[int, torch.Tensor] = field(default_factory=dict)
-    inputs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # (input_ids, pixel_values)
+    inputs: tuple | None = field(default=None, repr=False)  # (input_ids, pixel_values, extra) while observed
                                        # while an observer needs a shadow pass
 
 
@@ -190,7 +190,7 @@ class CachePolicyBase:
         if self.keep_records:
             self.records.append(record)
         if self.observer is not None:
-            record.inputs = (input_ids, pixel_values)
+            record.inputs = (input_ids, pixel_values, extra)
             self.observer.on_step(record)
             record.inputs = None
         self.frame += 1
@@ -335,6 +335,18 @@ class CachePolicyBase:
             flops=self._flops(out), latency_ms=latency_ms, relevance=relevance, staleness=frame - self.last_fresh,
             prediction=self.last, text_probs=out.prefill.text_probs,
         )
+
+    # ------------------------------------------------------------------------------------------- shadow pass
+    @torch.inference_mode()
+    def shadow_pass(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, extra=None, observer=None) -> Forward:
+        """A full recompute of a frame (`StepRecord.inputs`) through the same stages as `vanilla`, reading and
+        keeping no store: the reference of drift recording."""
+        return self._forward(VANILLA, input_ids, pixel_values, extra, Reuse(), StageClock(self.model.device),
+                             keep=False, observer=observer)
+
+    def prediction_of(self, readout: tuple):
+        """The prediction a readout gives (e.g. the shadow pass's `Forward.readout`), read to the host."""
+        return self._prediction(readout, self._readout_values(readout).cpu().numpy())
 
     # ------------------------------------------------------------------------------------- the family's hooks
     def _extra_tokens(self, extra):

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..devices import INDEX_FILE, CheckpointError, misfit_message, parse_dtype, place, read_headers, stream_tensors, write_shards
+from ..devices import (INDEX_FILE, CheckpointError, checkpoint_files, misfit_message, parse_dtype, place, read_headers,
+                       resolve_checkpoint_dir, stream_tensors, write_shards)
 from ..io import atomic_path
 from ..vision import ViTConfig
 from .config import OpenVLAConfig, get_preset
 from .model import OpenVLA
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DCVLA_CONFIG_FILE = "dcvla_config.json"
 STATS_FILE = "dataset_statistics.json"
 TOWER_PREFIX = {"dino": "vision_backbone.featurizer.", "siglip": "vision_backbone.fused_featurizer."}
@@ -203,53 +203,6 @@ def to_openvla_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------- files
-def _refuse_pickle(path: Path) -> None:
-    raise CheckpointError(
-        f"refusing to load {path}: pickle checkpoints can execute code when loaded; convert it to safetensors "
-        "(e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors'))"
-    )
-
-
-def _index_shards(index: Path) -> list[str]:
-    """The shard file names an index's `weight_map` lists; a CheckpointError naming the index when it is broken."""
-    try:
-        content = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{index} is not valid JSON ({err})") from err
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index} has no 'weight_map' (a non-empty object: checkpoint key -> shard file name)")
-    return sorted(set(weight_map.values()))
-
-
-def checkpoint_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint: a single file, a directory's index shards, or model.safetensors."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            _refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path} is not a .safetensors file")
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    index = path / INDEX_FILE
-    if index.exists():
-        files = [path / name for name in _index_shards(index)]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{index} lists shards that are not in {path}: {', '.join(missing)}")
-        return files
-    shards = sorted(path.glob("*.safetensors"))
-    if shards:
-        return shards
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        _refuse_pickle(path / pickles[0])
-    raise CheckpointError(f"no .safetensors weights in {path}")
-
-
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a (sharded) safetensors checkpoint, on the CPU in their stored dtype."""
     return dict(stream_tensors(read_headers(checkpoint_files(path))))
@@ -274,23 +227,14 @@ def load_openvla_state_dict(model: OpenVLA, state_dict: dict[str, torch.Tensor])
     return unused
 
 
-def resolve_checkpoint_dir(path_or_id: str | os.PathLike, extra_patterns: tuple[str, ...] = ()) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded (safetensors, json and `extra_patterns` only) unless
-    offline."""
-    path = Path(path_or_id)
-    if path.exists():
-        return path
-    name = str(path_or_id)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise FileNotFoundError(f"no checkpoint at {name} (neither a local path nor a hub id like 'openvla/openvla-7b')")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise FileNotFoundError(f"{name} is not a local directory and hub access is off (HF_HUB_OFFLINE=1); download it first")
-    from huggingface_hub import snapshot_download
+OFT_HEADS = ("action_head", "proprio_projector")  # OpenVLA-OFT's heads: `{name}--<step>_checkpoint.pt` beside the backbone
 
-    try:
-        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json", "tokenizer.model", *extra_patterns]))
-    except Exception as err:  # network, auth, missing repo: say which id failed and why
-        raise FileNotFoundError(f"could not fetch {name} from the hub: {type(err).__name__}: {err}") from err
+
+def is_oft_checkpoint(directory: str | os.PathLike) -> bool:
+    """The checkpoint directory holds OpenVLA-OFT's heads (`action_head--*.pt` or `proprio_projector--*.pt`), as the
+    published `moojink/openvla-7b-oft-finetuned-libero-*` do: its backbone alone is not the model."""
+    directory = Path(directory)
+    return directory.is_dir() and any(any(directory.glob(f"{name}--*.pt")) for name in OFT_HEADS)
 
 
 def read_norm_stats(directory: Path) -> dict:

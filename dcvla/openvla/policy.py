@@ -20,8 +20,8 @@ from ..streaming import StageClock
 from ..tokenizer import load_tokenizer
 from . import flops as F
 from .actions import unnormalize_action
-from .cache_policy import VANILLA, CachePolicyBase, Forward, Reuse, StepRecord
-from .checkpoint import load_pretrained, resolve_checkpoint_dir
+from .cache_policy import CachePolicyBase, Forward, Reuse, StepRecord
+from .checkpoint import is_oft_checkpoint, load_pretrained, resolve_checkpoint_dir
 from .config import get_preset
 from .llm_cache import PrefillOutput
 from .methods import CacheConfig
@@ -49,8 +49,16 @@ class CachedPolicy(CachePolicyBase):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, config: CacheConfig | None = None, preset: str | None = None,
                         dtype: torch.dtype = torch.float32, device: str = "cpu") -> "CachedPolicy":
-        """A checkpoint in OpenVLA's layout; its own tokenizer if it ships one, else dcvla's offline one."""
+        """A checkpoint in OpenVLA's layout; its own tokenizer if it ships one, else dcvla's offline one.
+
+        Raises:
+            ValueError: the directory is an OpenVLA-OFT checkpoint (`dcvla.openvla.oft.OFTCachedPolicy` loads it).
+        """
         directory = resolve_checkpoint_dir(path_or_id)
+        if is_oft_checkpoint(directory):
+            raise ValueError(f"{directory} is an OpenVLA-OFT checkpoint (it holds action_head--*.pt / "
+                             "proprio_projector--*.pt beside the backbone); load it with "
+                             "dcvla.openvla.oft.OFTCachedPolicy.from_pretrained")
         model = load_pretrained(directory, preset, dtype=dtype, device=device)
         folder = directory if directory.is_dir() else directory.parent
         has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
@@ -99,11 +107,3 @@ class CachedPolicy(CachePolicyBase):
             "llm_prefill": F.llm_flops(cfg.llm, out.prefill.work),
             "llm_decode": F.decode_flops(cfg, out.seq_len),
         }
-
-    # ------------------------------------------------------------------------------------------- shadow pass
-    @torch.inference_mode()
-    def shadow_pass(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, observer=None) -> Forward:
-        """A full recompute of a frame through the same stages as `vanilla`, reading and keeping no store: the
-        reference of drift recording."""
-        return self._forward(VANILLA, input_ids, pixel_values, None, Reuse(), StageClock(self.model.device), keep=False,
-                             observer=observer)

@@ -17,7 +17,6 @@ import xarray as xr
 
 from ..recording import METRICS, Recorder, Schema, distances, register_recorder
 from .policy import CachedPolicy, StepRecord
-from .ttf_selector import MAX_TEXT_TOKENS
 
 TOWERS = ("dino", "siglip", "llm")
 STAGES = ("select", "dino", "siglip", "projector", "llm_prefill", "llm_decode")
@@ -69,17 +68,25 @@ class OpenVLARecorder(Recorder):
         attention_layers: LLM layers whose full attention maps (text rows over the whole sequence) to keep.
         drift: run the shadow pass per frame for q/k/v drift, `action_ref` and `logit_kl`.
         path, labels, control_hz: see `dcvla.recording.Recorder`.
+
+    The OpenVLA family's other recorders (OpenVLA-OFT's) subclass it: they share the masks, staleness,
+    text-to-vision, FLOPs, latency and drift variables over the policy's `num_vision` tokens (patch p of image i at
+    p + i * 256) and set their own `schema`, `stages`, action variables (`_actions`, `_drift_readout`).
     """
 
     schema = SCHEMA
     default_what = DEFAULT_WHAT
     drift_note = "q/k/v drift from a shadow full recompute of every frame (doubles the cost)"
+    policy_type: type = CachedPolicy
+    policy_name = "dcvla.openvla.CachedPolicy"  # in errors: where users import it from
+    family = "openvla"
+    stages = STAGES
 
-    def __init__(self, policy: CachedPolicy, what: Iterable[str] | None = None, attention_layers: Iterable[int] = (),
+    def __init__(self, policy, what: Iterable[str] | None = None, attention_layers: Iterable[int] = (),
                  drift: bool = False, path: str | Path | None = None, labels: dict | None = None,
                  control_hz: float = 20.0) -> None:
-        if not isinstance(policy, CachedPolicy):
-            raise TypeError(f"OpenVLARecorder needs a dcvla.openvla.CachedPolicy, got {type(policy).__name__}")
+        if not isinstance(policy, self.policy_type):
+            raise TypeError(f"{type(self).__name__} needs a {self.policy_name}, got {type(policy).__name__}")
         super().__init__(policy, what, drift, path, labels, control_hz)
         cfg = policy.model.config
         self.depth = {"dino": cfg.dino.num_layers_run, "siglip": cfg.siglip.num_layers_run, "llm": cfg.llm.num_layers}
@@ -89,11 +96,14 @@ class OpenVLARecorder(Recorder):
             raise ValueError(f"attention_layers {bad} out of range: the LLM has layers 0..{self.depth['llm'] - 1}")
         self.n_layers = max(self.depth.values())
         self.heads = cfg.llm.num_heads
+        self.n_vision = policy.num_vision  # vision tokens: 256 per image
         self.attrs.update({
-            "family": "openvla", "attention_layers": json.dumps(list(self.attention_layers)),
+            "family": self.family, "attention_layers": json.dumps(list(self.attention_layers)),
             "tower_depths": [self.depth[t] for t in TOWERS],  # layers past a component's depth are padding
+            "images": json.dumps([name or "image" for name in policy.image_names]),
+            "patches_per_image": cfg.num_patches,  # patch p of image i is at p + i * patches_per_image
         })
-        self._layer_values: dict[tuple[str, int], tuple] = {}  # (component, layer) -> (rows, q, keys, values)
+        self._layer_values: dict[tuple[str, int], list[tuple]] = {}  # (component, layer) -> per image (rows, q, k, v)
 
     def _attach(self) -> None:
         """Ask the policy for the LLM attention probabilities the recording needs."""
@@ -106,20 +116,21 @@ class OpenVLARecorder(Recorder):
         self.policy.observed_prob_layers = frozenset()
 
     def coords(self) -> dict[str, np.ndarray]:
-        return {"tower": np.array(TOWERS), "layer": np.arange(self.n_layers), "stage": np.array(STAGES),
+        return {"tower": np.array(TOWERS), "layer": np.arange(self.n_layers), "stage": np.array(self.stages),
                 "metric": np.array(METRICS)}
 
     def sizes(self) -> dict[str, int]:
         cfg = self.policy.model.config
-        return {"patch": cfg.num_patches, "tower": len(TOWERS), "layer": self.n_layers, "head": self.heads,
-                "action_dim": cfg.action_dim, "stage": len(STAGES), "metric": len(METRICS),
+        return {"patch": self.n_vision, "tower": len(TOWERS), "layer": self.n_layers, "head": self.heads,
+                "action_dim": cfg.action_dim, "stage": len(self.stages), "metric": len(METRICS),
                 "action_bin": cfg.n_action_bins}
 
     def on_layer(self, component: str, layer: int, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor) -> None:
-        """Keep the Q of the rows computed and the K/V attended at one layer (only when drift is recorded)."""
+        """Keep the Q of the rows computed and the K/V attended at one layer (only when drift is recorded); a
+        tower runs once per image, in image order."""
         if self.drift:
-            self._layer_values[(component, layer)] = (rows, q, keys, values)
+            self._layer_values.setdefault((component, layer), []).append((rows, q, keys, values))
 
     # ---------------------------------------------------------------------------------------- per-frame data
     def frame_arrays(self, record: StepRecord) -> dict[str, np.ndarray]:
@@ -133,20 +144,25 @@ class OpenVLARecorder(Recorder):
         for layer in self.attention_layers:
             out[f"attention_l{layer}"] = record.text_probs[layer].cpu().numpy().astype(np.float16)  # [head, text, seq]
         if "actions" in self.what:
-            out["action"] = record.prediction.action.astype(np.float32)
-            out["action_tokens"] = record.prediction.token_ids.cpu().numpy().astype(np.int32)
-            # float32: equivalence is judged on these at 1e-4, finer than float16 resolves near 1
-            out["action_logits"] = action_bin_logits(record.prediction.logits, self.policy.model.config).astype(np.float32)
+            out |= self._actions(record)
         if "flops" in self.what:
             f = record.flops
-            out["flops"] = np.array([f["dino"], f["siglip"], f["projector"] + f["llm_prefill"] + f["llm_decode"]], np.float64)
+            out["flops"] = np.array([f["dino"], f["siglip"], sum(f.values()) - f["dino"] - f["siglip"]], np.float64)
         if "latency" in self.what:
-            out["latency_ms"] = np.array([record.latency_ms.get(s, np.nan) for s in STAGES], np.float32)
+            out["latency_ms"] = np.array([record.latency_ms.get(s, np.nan) for s in self.stages], np.float32)
         return out
 
+    def _actions(self, record: StepRecord) -> dict[str, np.ndarray]:
+        return {
+            "action": record.prediction.action.astype(np.float32),
+            "action_tokens": record.prediction.token_ids.cpu().numpy().astype(np.int32),
+            # float32: equivalence is judged on these at 1e-4, finer than float16 resolves near 1
+            "action_logits": action_bin_logits(record.prediction.logits, self.policy.model.config).astype(np.float32),
+        }
+
     def _masks(self, record: StepRecord) -> dict[str, np.ndarray]:
-        sel, n = record.selection, self.policy.model.config.num_patches
-        by_layer = np.zeros((len(TOWERS), self.n_layers, n), bool)  # [tower, layer, patch]
+        sel = record.selection
+        by_layer = np.zeros((len(TOWERS), self.n_layers, self.n_vision), bool)  # [tower, layer, patch]
         if self.policy.method.vit == "kv" and sel is not None:
             by_layer[0, : self.depth["dino"]] = sel.reuse.numpy()
             by_layer[1, : self.depth["siglip"]] = sel.reuse.numpy()
@@ -154,43 +170,49 @@ class OpenVLARecorder(Recorder):
         return selection_masks(record, self.policy.method) | {"reuse_by_layer": by_layer}
 
     def _text_to_vision(self, record: StepRecord) -> np.ndarray:
-        n = self.policy.model.config.num_patches
+        n, rows = self.n_vision, self.policy.relevance_rows  # the rows every selector reads
         t2v = np.full((self.n_layers, self.heads, n), np.nan, np.float16)  # [layer, head, patch]
         for layer in range(self.depth["llm"]):
-            probs = record.text_probs[layer][:, :MAX_TEXT_TOKENS]  # [head, text, seq]: the selector's rows
+            probs = record.text_probs[layer][:, :rows]  # [head, text, seq]
             t2v[layer] = probs[:, :, 1 : 1 + n].mean(dim=1).cpu().numpy().astype(np.float16)
         return t2v
 
     def drift_arrays(self, record: StepRecord) -> dict[str, np.ndarray]:
-        """Used vs fresh Q/K/V per component, layer and patch; the reference action and the logit KL."""
+        """Used vs fresh Q/K/V per component, layer and patch; the family's reference readout (`_drift_readout`)."""
         used, self._layer_values = self._layer_values, {}  # the method's values, captured during its step
-        ref_ids, ref_logits = self.policy.shadow_pass(*record.inputs, observer=self).readout
+        ref = self.policy.shadow_pass(*record.inputs, observer=self).readout
         fresh, self._layer_values = self._layer_values, {}
         drift = self._qkv_drift(used, fresh)
+        return {f"{x}_drift": drift[x].astype(np.float16) for x in "qkv"} | self._drift_readout(record, ref)
+
+    def _drift_readout(self, record: StepRecord, ref: tuple) -> dict[str, np.ndarray]:
+        """OpenVLA: the full recompute's action and KL(reference || method) of the action tokens."""
+        ref_ids, ref_logits = ref
         log_method = torch.log_softmax(record.prediction.logits.float(), -1)  # [action_dim, vocab]
         log_ref = torch.log_softmax(ref_logits.float(), -1)
-        kl = (log_ref.exp() * (log_ref - log_method)).sum(-1).mean()  # KL(reference || method), mean over tokens
+        kl = (log_ref.exp() * (log_ref - log_method)).sum(-1).mean()  # mean over action tokens
         _, ref_action = self.policy.model.decode_action(ref_ids, self.policy.unnorm_key)
-        return {"q_drift": drift["q"].astype(np.float16), "k_drift": drift["k"].astype(np.float16),
-                "v_drift": drift["v"].astype(np.float16), "action_ref": ref_action.astype(np.float32),
-                "logit_kl": np.array(float(kl), np.float32)}
+        return {"action_ref": ref_action.astype(np.float32), "logit_kl": np.array(float(kl), np.float32)}
 
     def _qkv_drift(self, used: dict, fresh: dict) -> dict[str, np.ndarray]:
-        model = self.policy.model
-        n = model.config.num_patches
-        offsets = {"dino": model.config.dino.num_prefix_tokens, "siglip": 0, "llm": 1}  # token of patch 0
-        drift = {x: np.full((len(TOWERS), self.n_layers, n, 2), np.nan, np.float32) for x in "qkv"}
+        cfg = self.policy.model.config
+        n = cfg.num_patches  # per image
+        offsets = {"dino": cfg.dino.num_prefix_tokens, "siglip": 0}  # a tower's token of patch 0
+        drift = {x: np.full((len(TOWERS), self.n_layers, self.n_vision, 2), np.nan, np.float32) for x in "qkv"}
         for t, component in enumerate(TOWERS):  # drift[x]: [tower, layer, patch, metric]
             for layer in range(self.depth[component]):
-                rows_u, q_u, k_u, v_u = used[(component, layer)]
-                rows_f, q_f, k_f, v_f = fresh[(component, layer)]
-                slots = torch.arange(n, device=k_u.device) + offsets[component]  # [patch]
-                drift["k"][t, layer] = distances(k_u[0][:, slots], k_f[0][:, slots])  # K/V: every position
-                drift["v"][t, layer] = distances(v_u[0][:, slots], v_f[0][:, slots])
-                computed = torch.isin(slots, rows_u)  # Q exists only for the rows the method computed
-                q_used = q_u[0][:, torch.searchsorted(rows_u, slots[computed])]
-                q_fresh = q_f[0][:, torch.searchsorted(rows_f, slots[computed])]
-                drift["q"][t, layer, computed.cpu().numpy()] = distances(q_used, q_fresh)
+                # towers: one entry per image, its patches at offsets[tower]..; the LLM: one, patches at 1..n_vision
+                parts = zip(used[(component, layer)], fresh[(component, layer)])
+                for i, ((rows_u, q_u, k_u, v_u), (rows_f, q_f, k_f, v_f)) in enumerate(parts):
+                    width = self.n_vision if component == "llm" else n
+                    slots = torch.arange(width, device=k_u.device) + offsets.get(component, 1)
+                    span = slice(i * n, i * n + width)
+                    drift["k"][t, layer, span] = distances(k_u[0][:, slots], k_f[0][:, slots])  # K/V: every position
+                    drift["v"][t, layer, span] = distances(v_u[0][:, slots], v_f[0][:, slots])
+                    computed = torch.isin(slots, rows_u)  # Q exists only for the rows the method computed
+                    q_used = q_u[0][:, torch.searchsorted(rows_u, slots[computed])]
+                    q_fresh = q_f[0][:, torch.searchsorted(rows_f, slots[computed])]
+                    drift["q"][t, layer, span][computed.cpu().numpy()] = distances(q_used, q_fresh)
         return drift
 
 

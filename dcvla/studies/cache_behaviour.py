@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..openvla.record import action_kl
+from .common import action_distance, action_divergence, divergence_name
 
 def summary(datasets: list[xr.Dataset], reference: str = "vanilla") -> pd.DataFrame:
-    """Per method: reuse rate, FLOPs ratio, measured speedup and action drift against `reference` on the same
+    """Per method: reuse rate, FLOPs ratio, measured speedup, action drift (L2 of the actions) and the action
+    divergence (OpenVLA: "action KL", OpenVLA-OFT: "action L1"; `common.DIVERGENCE`) against `reference` on the same
     frames (the reference method's own run; a stateless vanilla's actions equal a shadow recompute's)."""
     by_method: dict[str, list[xr.Dataset]] = {}
     for ds in datasets:
@@ -25,8 +26,7 @@ def summary(datasets: list[xr.Dataset], reference: str = "vanilla") -> pd.DataFr
         ref_flops = sum(float(ref[str(ds.episode.item())].flops.sum()) for ds in runs)
         ms = [float(v) for ds in runs for v in ds.latency_ms.sum("stage").values]
         ref_ms = [float(v) for ds in runs for v in ref[str(ds.episode.item())].latency_ms.sum("stage").values]
-        drift = [float(v) for ds in runs for v in
-                 np.linalg.norm(ds.action.values - ref[str(ds.episode.item())].action.values, axis=-1)]
+        drift = [float(v) for ds in runs for v in action_distance(ds, ref[str(ds.episode.item())])]
         rows.append({
             "method": method,
             "reuse rate": float(np.mean([ds.dcvla.reuse_rate().mean() for ds in runs])),
@@ -34,7 +34,7 @@ def summary(datasets: list[xr.Dataset], reference: str = "vanilla") -> pd.DataFr
             "FLOPs ratio": ref_flops / flops,
             "measured speedup": statistics.median(ref_ms) / statistics.median(ms),
             "action drift": float(np.mean(drift)),
-            "action KL": float(np.mean([action_kl(ds, ref[str(ds.episode.item())]).mean() for ds in runs])),
+            divergence_name(runs[0]): float(np.mean([action_divergence(ds, ref[str(ds.episode.item())]).mean() for ds in runs])),
             "frames": sum(ds.sizes["frame"] for ds in runs),
         })
     return pd.DataFrame(rows).set_index("method")

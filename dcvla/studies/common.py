@@ -18,12 +18,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..devices import parse_dtype, place
+from ..devices import parse_dtype
 from ..io import open_recording, write_dataset
 from ..libero.episodes import Episode, list_episodes, load_episode
 from ..libero.protocol import policy_input
-from ..openvla import METHODS, CacheConfig, CachedPolicy
-from ..openvla.config import get_preset
+from ..openvla import METHODS, CacheConfig
+from ..openvla.cache_policy import CachePolicyBase
+from ..openvla.loading import check_preset, vanilla_policy
+from ..openvla.record import action_kl
 from ..recording import record_episode
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
@@ -105,10 +107,12 @@ def check_names(owner: str, values: list[str], known: tuple[str, ...] | dict, wh
 
 @dataclass
 class PolicyParameters(Parameters):
-    """Which OpenVLA-family model a study runs: a checkpoint, or a random preset; where and in which dtype."""
+    """Which OpenVLA-family model a study runs (OpenVLA or OpenVLA-OFT): a checkpoint, or a random preset; where and
+    in which dtype."""
 
-    preset: str = "small"                # model preset (random weights) unless `checkpoint` is given
-    checkpoint: str = ""                 # OpenVLA-layout checkpoint directory or hub id ("" = random preset)
+    preset: str = "small"                # model preset (random weights) unless `checkpoint` is given; OpenVLA-OFT:
+                                         # oft-small, oft-tiny, openvla-oft-7b
+    checkpoint: str = ""                 # OpenVLA or OpenVLA-OFT checkpoint directory or hub id ("" = random preset)
     unnorm_key: str = ""                 # dataset statistics for a checkpoint ("" = its only one)
     seed: int = 0                        # weights seed of a random preset
     device: str = "cpu"                  # "cuda" on a GPU machine
@@ -120,7 +124,7 @@ class PolicyParameters(Parameters):
         owner = type(self).__name__
         if not self.checkpoint:
             try:
-                get_preset(self.preset)
+                check_preset(self.preset)
             except ValueError as err:
                 raise ValueError(f"{owner}.preset: {err} (or give checkpoint=)") from None
         parse_dtype(self.dtype, f"{owner}.dtype")
@@ -148,16 +152,11 @@ class StudyConfig(PolicyParameters):
             raise ValueError(f"StudyConfig.frames and episodes_per_suite must be >= 0, got {self.frames}, {self.episodes_per_suite}")
 
 
-def base_policy(config: PolicyParameters) -> CachedPolicy:
+def base_policy(config: PolicyParameters) -> CachePolicyBase:
     """The vanilla policy whose model every method of a study shares (`with_config`): a checkpoint, or a random
-    preset, on the configured device."""
-    dtype = parse_dtype(config.dtype, "StudyConfig.dtype")
-    if config.checkpoint:
-        return CachedPolicy.from_pretrained(config.checkpoint, CacheConfig("vanilla", unnorm_key=config.unnorm_key or None),
-                                            dtype=dtype, device=config.device)
-    policy = CachedPolicy.from_preset(config.preset, seed=config.seed, config=CacheConfig("vanilla"))
-    place(policy.model, config.device, dtype)  # RoPE's inverse frequencies stay float32
-    return policy
+    preset, on the configured device; `OFTCachedPolicy` for OpenVLA-OFT (`dcvla.openvla.loading`)."""
+    return vanilla_policy(config.preset, config.checkpoint, config.unnorm_key or None, config.seed,
+                          parse_dtype(config.dtype, f"{type(config).__name__}.dtype"), config.device)
 
 
 def episodes(config) -> list[Episode]:
@@ -172,6 +171,26 @@ def episode_frames(episode: Episode, frames: int) -> np.ndarray:
     return np.stack([policy_input(f) for f in chosen])
 
 
+def episode_inputs(policy, episode: Episode, frames: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `frames` (0: all) of what `policy.step` takes per frame, as `record_episode` wants them: the agent
+    view [frame, H, W, 3]; for a policy that takes the wrist camera too (OpenVLA-OFT) [frame, 2, H, W, 3] (agent view,
+    wrist view, processed alike, as upstream's evaluation does), and the robot states [frame, 8] for one that takes
+    the state.
+
+    Raises:
+        ValueError: the policy takes the wrist view and the episode has none (recorded before format version 2).
+    """
+    images = episode_frames(episode, frames)
+    if getattr(policy, "uses_wrist", False):
+        if not episode.has_wrist:
+            raise ValueError(f"{type(policy).__name__} takes the wrist camera, but episode {episode.name} was recorded "
+                             "without it (format_version 1); re-record it (scripts/record_episodes.py)")
+        wrist = episode.wrist_frames if frames == 0 else episode.wrist_frames[:frames]
+        images = np.stack([images, np.stack([policy_input(f) for f in wrist])], axis=1)
+    states = episode.states[: len(images)] if getattr(policy, "uses_state", False) else None
+    return images, states
+
+
 def run_path(runs_dir: str | Path, study: str, method: str, episode: Episode, frames: int, tag: str = "") -> Path:
     """One run's file; the frame count is in the name, so a resumed study never reuses a shorter or longer run."""
     name = episode.name.replace("/", "_") + f"_f{frames or 'all'}" + (f"_{tag}" if tag else "")
@@ -179,7 +198,7 @@ def run_path(runs_dir: str | Path, study: str, method: str, episode: Episode, fr
 
 
 def record_runs(study: str, config: StudyConfig, cache_overrides: dict | None = None, tag: str = "",
-                base: CachedPolicy | None = None, progress: bool = True) -> list[Path]:
+                base: CachePolicyBase | None = None, progress: bool = True) -> list[Path]:
     """Record every (method, episode) of `config`; existing complete files are kept (resume).
 
     Args:
@@ -199,8 +218,9 @@ def record_runs(study: str, config: StudyConfig, cache_overrides: dict | None = 
                       "sweep": json.dumps(cache_overrides or {})}
             if progress and not path.exists():
                 print(f"[{study}] {method:<14} {episode.name} {tag}", flush=True)
-            paths.append(record_episode(policy, episode_frames(episode, config.frames), episode.instruction, path,
-                                        drift=config.drift, labels=labels))
+            images, states = episode_inputs(policy, episode, config.frames)
+            paths.append(record_episode(policy, images, episode.instruction, path, states, drift=config.drift,
+                                        labels=labels))
     return paths
 
 
@@ -212,6 +232,43 @@ def by_episode(paths: list[Path]) -> dict[tuple[str, str], xr.Dataset]:
     """Recorded runs keyed by (method, episode)."""
     return {(ds.attrs["method"], str(ds.episode.item())): ds for ds in load_runs(paths)}
 
+
+
+# ------------------------------------------------------------------------------- how far a run's actions moved
+#: Per family, the divergence of a run's action output from a reference run on the same frames: OpenVLA's action
+#: tokens are a distribution (KL over the 256 bins); OpenVLA-OFT regresses its chunk (mean |difference| of the
+#: normalised chunk, the L1 head's own training loss).
+DIVERGENCE = {"openvla": "action KL", "openvla-oft": "action L1"}
+
+
+def divergence_name(ds: xr.Dataset) -> str:
+    """The divergence column the run's family gets in study tables (`DIVERGENCE`)."""
+    return DIVERGENCE[ds.attrs.get("family", "openvla")]
+
+
+def divergence_column(table: pd.DataFrame) -> str:
+    """The divergence column a study table holds (for plots that work on either family)."""
+    found = [name for name in DIVERGENCE.values() if name in table]
+    if len(found) != 1:
+        raise ValueError(f"the table holds {found or 'none'} of the divergence columns {list(DIVERGENCE.values())}")
+    return found[0]
+
+
+def action_divergence(ds: xr.Dataset, reference: xr.Dataset) -> xr.DataArray:
+    """Per frame (the frames both runs have): `divergence_name(ds)` of the run from `reference`."""
+    if "action_logits" in ds:
+        return action_kl(ds, reference)
+    common = np.intersect1d(ds.frame.values, reference.frame.values)
+    if common.size == 0:
+        raise ValueError("action_divergence: the two runs share no frame")
+    diff = np.abs(ds.action_normalized.sel(frame=common) - reference.action_normalized.sel(frame=common))
+    return diff.mean(("chunk", "action_dim")).rename("action_l1")
+
+
+def action_distance(ds: xr.Dataset, reference: xr.Dataset) -> np.ndarray:
+    """Per frame: the L2 distance of the un-normalised actions (a chunk's: averaged over its steps)."""
+    dist = np.linalg.norm(ds.action.values - reference.action.values, axis=-1)  # [frame] or [frame, chunk]
+    return dist.reshape(len(dist), -1).mean(-1)
 
 
 def config_json(config: StudyConfig) -> str:

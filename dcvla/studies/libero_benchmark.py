@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
-from ..openvla import METHODS, CacheConfig, CachedPolicy
+from ..openvla import METHODS, CacheConfig
+from ..openvla.cache_policy import CachePolicyBase
 from .common import SUITES, PolicyParameters, base_policy, check_names
 
 STUDY = "libero_benchmark"
@@ -44,7 +45,7 @@ def results_dir(config: BenchmarkConfig) -> Path:
     return Path(config.runs_dir) / STUDY
 
 
-def evaluate(config: BenchmarkConfig, base: CachedPolicy | None = None) -> xr.Dataset:
+def evaluate(config: BenchmarkConfig, base: CachePolicyBase | None = None) -> xr.Dataset:
     """Run every method x suite x task of `config` (resumable: trials already in a result file are skipped).
 
     Args:

@@ -4,35 +4,37 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields
 
-import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..openvla import CacheConfig, CachedPolicy
-from ..openvla.record import action_kl
-from .common import StudyConfig, base_policy, by_episode, load_runs, record_runs
+from ..openvla import CacheConfig
+from ..openvla.cache_policy import CachePolicyBase
+from .common import (StudyConfig, action_distance, action_divergence, base_policy, by_episode, divergence_name,
+                     load_runs, record_runs)
 
 def drift_over_time(datasets: list[xr.Dataset], reference: str = "vanilla") -> pd.DataFrame:
-    """Per (method, episode, frame): action KL and action distance to the reference run, reuse, staleness."""
+    """Per (method, episode, frame): the action divergence (`common.DIVERGENCE`: "action KL" for OpenVLA, "action
+    L1" for OpenVLA-OFT) and action distance to the reference run, reuse, staleness."""
     ref = {str(ds.episode.item()): ds for ds in datasets if ds.attrs["method"] == reference}
     rows = []
     for ds in datasets:
         r = ref[str(ds.episode.item())]
-        kl = action_kl(ds, r).values
-        dist = np.linalg.norm(ds.action.values - r.action.values, axis=-1)
+        divergence, name = action_divergence(ds, r).values, divergence_name(ds)
+        dist = action_distance(ds, r)
         for i, frame in enumerate(ds.frame.values):
             rows.append({"method": ds.attrs["method"], "episode": str(ds.episode.item()), "frame": int(frame),
-                         "action KL": float(kl[i]), "action drift": float(dist[i]),
+                         name: float(divergence[i]), "action drift": float(dist[i]),
                          "reuse rate": float(ds.reuse[i].mean()), "mean staleness": float(ds.staleness[i].mean()),
                          "keyframe": bool(ds.keyframe[i])})
     return pd.DataFrame(rows)
 
 
-def sweep(config: StudyConfig, parameter: str, values: list, base: CachedPolicy | None = None) -> pd.DataFrame:
+def sweep(config: StudyConfig, parameter: str, values: list, base: CachePolicyBase | None = None) -> pd.DataFrame:
     """Record `config.methods` at each value of one CacheConfig field; summarise against vanilla.
 
     Returns:
-        One row per (value, method): mean action KL, action drift, reuse rate, FLOPs ratio.
+        One row per (value, method): mean action divergence (KL or L1, as `drift_over_time`), action drift,
+        reuse rate, FLOPs ratio.
     """
     if parameter not in {f.name for f in fields(CacheConfig)}:
         raise ValueError(f"sweep parameter {parameter!r} is not a CacheConfig field")
@@ -46,8 +48,8 @@ def sweep(config: StudyConfig, parameter: str, values: list, base: CachedPolicy 
         for ds in runs:
             ref = reference[("vanilla", str(ds.episode.item()))]
             rows.append({"parameter": parameter, "value": value, "method": ds.attrs["method"],
-                         "action KL": float(action_kl(ds, ref).mean()),
-                         "action drift": float(np.linalg.norm(ds.action.values - ref.action.values, axis=-1).mean()),
+                         divergence_name(ds): float(action_divergence(ds, ref).mean()),
+                         "action drift": float(action_distance(ds, ref).mean()),
                          "reuse rate": float(ds.reuse.mean()),
                          "FLOPs ratio": float(ref.flops.sum() / ds.flops.sum())})
     return pd.DataFrame(rows).groupby(["parameter", "value", "method"], as_index=False).mean(numeric_only=True)

@@ -25,13 +25,13 @@ from torch import nn
 from ...devices import CheckpointError, misfit_message, parse_dtype
 from ...io import atomic_path
 from ...tokenizer import load_tokenizer
-from ..checkpoint import STATS_FILE, detect_preset, materialize, plan_backbone, resolve_checkpoint_dir
+from ..checkpoint import OFT_HEADS, STATS_FILE, detect_preset, materialize, plan_backbone, resolve_checkpoint_dir
 from ..checkpoint import save_pretrained as save_backbone
 from .config import FROM_OPENVLA_PRESET, OFTConfig, get_preset
 from .model import OpenVLAOFT
 from .processing import OFTProcessor
 
-COMPONENTS = ("action_head", "proprio_projector")  # module name = file name prefix, as upstream's finder matches
+COMPONENTS = OFT_HEADS  # module name = file name prefix, as upstream's finder matches
 DDP_PREFIX = "module."
 
 
