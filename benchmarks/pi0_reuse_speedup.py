@@ -1,5 +1,6 @@
-"""Measured speedup of each Pi0 prefix-reuse mode against no reuse, next to its FLOPs ideal, on shipped LIBERO
-frames and robot states (one inference every `--replan-steps` frames, as openpi's LIBERO client).
+"""Measured speedup of each pi0 / pi0.5 reuse mode against no reuse, next to its FLOPs ideal, on shipped LIBERO
+frames (agent and wrist views) and robot states (one inference every `--replan-steps` frames, as openpi's LIBERO
+client). `--gate` picks the gate for every mode ("" = each mode's own).
 
 Every mode streams the same inferences in one process; for each inference the modes run one after another in an
 order that rotates from inference to inference, so machine noise falls on all of them alike. Per mode: the share of
@@ -10,6 +11,7 @@ ratio, median over the inferences that reused) and the per-stage times.
 On a GPU (`--device cuda --dtype bfloat16`) every inference is timed between two device synchronisations.
 
     python benchmarks/pi0_reuse_speedup.py --preset pi0-small --threshold 0.985 --steps 8
+    python benchmarks/pi0_reuse_speedup.py --preset pi05-small --threshold 0.985 --steps 8
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from dcvla.studies.stability_cliff import pi0_episode_inputs  # noqa: E402
 
 
 def run(preset: str, modes: list[str], threshold: float, steps: int, replan_steps: int, device: str = "cpu",
-        dtype: torch.dtype = torch.float32, max_episodes: int | None = None) -> dict:
+        dtype: torch.dtype = torch.float32, max_episodes: int | None = None, gate: str = "") -> dict:
     base = Pi0Policy.from_preset(preset, seed=0, config=ReuseConfig(mode="none"))
     place_model(base.model, device, dtype)
-    policies = {m: base.with_config(ReuseConfig(mode=m, threshold=threshold, replan_steps=replan_steps)) for m in modes}
+    policies = {m: base.with_config(ReuseConfig(mode=m, gate=gate if m != "none" else "", threshold=threshold,
+                                                replan_steps=replan_steps)) for m in modes}
     stats: dict[str, dict[str, list]] = {m: defaultdict(list) for m in modes}
     turn = 0
     for path in list_episodes()[:max_episodes]:
@@ -49,7 +52,7 @@ def run(preset: str, modes: list[str], threshold: float, steps: int, replan_step
             for mode in order:
                 policy, timed = policies[mode], {}
                 with timer(device, timed):
-                    policy.step(frame, episode.instruction, state)
+                    policy.step(list(frame), episode.instruction, state)
                 s, record = stats[mode], policy.last
                 s["ms"].append(timed["ms"])
                 s["flops"].append(sum(record.flops.values()))
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pi0-small")
     parser.add_argument("--threshold", type=float, default=0.985)
+    parser.add_argument("--gate", default="", help="a gate of dcvla.pi0.GATES for every mode ('' = each mode's own)")
     parser.add_argument("--steps", type=int, default=8, help="inferences per shipped episode")
     parser.add_argument("--replan-steps", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "none"])
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, {args.device} {args.dtype}, "
           f"threshold {args.threshold}, {args.steps} inferences per episode every {args.replan_steps} frames, modes interleaved")
     stats = run(args.preset, modes, args.threshold, args.steps, args.replan_steps, args.device, DTYPES[args.dtype],
-                args.episodes)
+                args.episodes, args.gate)
     ref = stats["none"]
     print("\n| mode | reuse rate | GFLOP/inference | FLOPs ratio | measured (total) | of ideal | paired (reused) "
           "| median ms | Hz | " + " | ".join(f"{s} ms" for s in PI0_STAGES) + " |")

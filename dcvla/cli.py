@@ -232,12 +232,12 @@ def print_cliff_summary(path: Path, preset: str) -> None:
 
     table = read_dataset(path).to_dataframe()
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(f"\nStability cliff (Pi0-style policy, {preset} preset, prefix K/V reuse gated by cosine similarity):")
+        print(f"\nStability cliff ({preset} preset, K/V reuse across inferences, each mode under its own gate):")
         columns = ["reuse rate", "KV reuse", "latency ms", "Hz", "speedup", "FLOPs ratio", "action drift"]
-        print(table.set_index(["mode", "threshold"])[columns].round(4).to_string())
-        print("\nWhere action drift jumps as the threshold is lowered:")
-        print(locate_cliff(table).drop(columns="parameter").set_index("mode").round(4).to_string())
-        print("\nConsistency vs freshness (full vs vision_only, same gate):")
+        print(table.set_index(["mode", "gate", "value"])[columns].round(4).to_string())
+        print("\nWhere action drift jumps along each gate's parameter:")
+        print(locate_cliff(table).set_index(["gate", "mode"]).round(4).to_string())
+        print("\nConsistency vs freshness (full vs vision_only, same cosine gate):")
         print(consistency_vs_freshness(table).set_index("threshold").round(4).to_string())
 
 

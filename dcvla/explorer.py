@@ -52,7 +52,7 @@ class NoDatasetsError(FileNotFoundError):
     """The runs directory is missing or holds no recorded dataset."""
 
 
-PI0_STUDIES = ("stability_cliff",)  # Pi0-style recordings: another schema, plotted by their own notebook
+PI0_STUDIES = ("stability_cliff",)  # pi0 / pi0.5 recordings: another schema, plotted by their own notebook
 
 
 def find_datasets(runs_dir: str | Path) -> list[Path]:

@@ -12,39 +12,48 @@
 # ---
 
 # %% [markdown]
-# # Stability cliff: prefix K/V reuse in a Pi0-style policy
+# # Stability cliff: K/V reuse across inferences in pi0 and pi0.5
 #
-# The Pi0 report (seeds/004) gated prefix K/V reuse on the cosine similarity of consecutive steps' vision
+# The Pi0 report (seeds/004) gated prefix K/V reuse on the cosine similarity of consecutive inferences' vision
 # embeddings and saw success fall from 100% at threshold 0.985 to 22% at 0.98; reusing vision alone was far worse
 # than reusing everything together (*consistency beats freshness*), and a gate that also asks the state to be
-# similar (*synchronized*) was proposed. Here every mode x threshold streams the same shipped LIBERO frames and
-# robot states (one inference every `replan_steps` frames, as openpi's LIBERO client) and is compared with the
-# no-reuse run from the same noise: reuse rate, latency, Hz, action drift. The cliff is located from the data.
-# Random weights: there is no success rate to measure (dcvla does not load Pi0 checkpoints yet), so the action
-# drift stands in for it.
+# similar (*synchronized*) was proposed. This study runs it on the published architectures (pi0: the state is a
+# token in the expert's suffix; pi0.5: its bins are in the prompt; `dcvla.pi0`): every mode x cosine threshold,
+# then gates beyond one threshold on `gate_modes` (a cache interval, `max_age`; a pixel-change bound, `pixel_mae`;
+# a stricter threshold near grasp and place, `phase_aware`), each streaming the same shipped LIBERO frames (agent
+# and wrist views) and robot states, one inference every `replan_steps` frames as openpi's LIBERO client, compared
+# with the no-reuse run from the same noise: reuse rate, latency, Hz, action drift. The cliff is located from the
+# data. With random weights (the default presets) there is no success rate to measure, so the action drift stands
+# in for it; give `pi0_checkpoint` (a lerobot pi0 / pi0.5 directory, and `pi0_tokenizer`) for a trained model.
 
 # %% tags=["parameters"]
-preset = "small"          # small/tiny run the pi0-small/pi0-tiny presets (random weights); or a Pi0 preset name
+preset = "small"          # small/tiny: pi0-small/pi0-tiny (random weights); or pi05-small, pi0, pi05, ...
+pi0_checkpoint = ""       # a lerobot pi0 / pi0.5 checkpoint directory (e.g. a download of lerobot/pi05_base)
+pi0_tokenizer = ""        # the PaliGemma tokenizer's directory, for a checkpoint that ships none
 seed = 0                  # weights seed; also seeds the flow noise, the same for every mode
 device = "cpu"            # "cuda" on a GPU machine
 dtype = "float32"
-runs_dir = "data/runs"    # recorded datasets (one netCDF per mode, threshold and episode); tables go to its parent
+runs_dir = "data/runs"    # recorded datasets (one netCDF per mode, gate, value and episode); tables go to its parent
 figures_dir = "figures"
 modes = ["full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized"]
 thresholds = [0.97, 0.98, 0.985, 0.99, 0.995]
+gates = ["max_age", "pixel_mae", "phase_aware"]  # beyond each mode's own gate, run on gate_modes
+gate_modes = ["full"]
+max_ages = [2, 3, 4]      # max_age: refresh at least every N inferences
+pixel_thresholds = [0.005, 0.01, 0.02, 0.04]  # pixel_mae: mean |pixel change| in [0, 1] since the cached frame
+phase_threshold = 0.995   # phase_aware: the cosine threshold near a grasp or a place
 suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
 episodes_per_suite = 1    # shipped episodes per suite (0: all)
 steps = 6                 # inferences per episode
 replan_steps = 5          # frames between inferences (openpi executes 5 actions of each chunk)
-compare_to = "previous"   # the gate compares with the previous step (the report), or with the "anchor" step
+compare_to = "previous"   # the gate compares with the previous inference (the report), or with the "anchor" one
 
 # %%
 import numpy as np, pandas as pd, plotly.express as px
 from dcvla.studies import common, stability_cliff
 config = stability_cliff.CliffConfig.from_parameters(globals())
-if globals().get("checkpoint"):
-    print("checkpoint is an OpenVLA checkpoint; this study runs the random", config.pi0_preset(), "preset (no Pi0 loader yet)")
 base = stability_cliff.pi0_base(config)
+print(config.model_name(), base.model.config.variant, "(random weights: drift, not success)" if not config.pi0_checkpoint else "")
 figures = []
 
 # %%
@@ -54,10 +63,11 @@ common.write_table(table, "stability_cliff", config)
 table.round(4)
 
 # %% [markdown]
-# ## Reuse rate, speed and drift against the threshold
+# ## Reuse rate, speed and drift against the threshold (each mode under its own gate)
 
 # %%
-long = table.melt(id_vars=["mode", "threshold"], value_vars=["reuse rate", "speedup", "action drift"])
+own = table[table.gate.isin(["cosine", "synchronized"])].rename(columns={"value": "threshold"})
+long = own.melt(id_vars=["mode", "threshold"], value_vars=["reuse rate", "speedup", "action drift"])
 fig = px.line(long, x="threshold", y="value", color="mode", facet_col="variable", markers=True,
               title="Share of inferences reusing, measured speedup and action drift (to the no-reuse run, same noise)")
 fig.update_yaxes(matches=None, showticklabels=True)
@@ -70,32 +80,47 @@ cliffs.round(4)
 # %% [markdown]
 # ## Consistency beats freshness?
 #
-# `full` against `vision_only` at the same gate (the same reuse rate).
+# `full` against `vision_only` at the same cosine gate (the same reuse rate).
 
 # %%
 h4 = stability_cliff.consistency_vs_freshness(table)
 h4.round(4)
 
+# %% [markdown]
+# ## Gates at equal reuse
+#
+# Each gate's drift against its reuse rate on `gate_modes`: at the same share of reusing inferences, the gate
+# with the lower drift reuses at the better moments.
+
+# %%
+gated = table[table["mode"].isin(config.gate_modes)]
+fig = px.line(gated.sort_values("reuse rate"), x="reuse rate", y="action drift", color="gate", facet_col="mode",
+              markers=True, hover_data=["value"], title="Action drift against reuse rate, per gate")
+figures.append(common.save_figure(fig, "stability_cliff_gates", config.figures_dir)); fig
+
+# %%
+stability_cliff.gates_at_equal_reuse(table, mode=config.gate_modes[0]).round(4)
+
 # %%
 steps_table = []
-for (mode, threshold, episode), ds in runs.items():
-    if mode in ("full", "vision_only", "synchronized"):
-        ref = runs[("none", None, episode)]
+for (mode, gate, value, episode), ds in runs.items():
+    if mode in ("full", "vision_only", "synchronized") and gate in ("cosine", "synchronized"):
+        ref = runs[("none", "", None, episode)]
         drift = np.linalg.norm(ds.action.values - ref.action.values, axis=-1).mean(-1)
-        steps_table += [{"mode": mode, "threshold": threshold, "staleness": int(s), "action drift": float(d)}
+        steps_table += [{"mode": mode, "threshold": value, "staleness": int(s), "action drift": float(d)}
                         for s, d, g in zip(ds.staleness.sel(span="vision").values, drift, ds.gate.values) if g]
-steps_table = pd.DataFrame(steps_table)
+steps_table = pd.DataFrame(steps_table, columns=["mode", "threshold", "staleness", "action drift"])
 fig = px.box(steps_table, x="staleness", y="action drift", color="mode",
              title="Action drift of the inferences that reused, by the vision K/V's age (inferences)")
 figures.append(common.save_figure(fig, "stability_cliff_staleness", config.figures_dir)); fig
 
 # %% [markdown]
-# ## What the gate sees: similarities of consecutive inferences
+# ## What the gates see: similarities and pixel change of consecutive inferences
 
 # %%
 sims = pd.concat([pd.DataFrame({"vision": ds.vision_similarity.values, "state": ds.state_similarity.values}).assign(episode=episode)
-                  for (mode, _, episode), ds in runs.items() if mode == "none"]).melt(id_vars="episode", var_name="embedding",
-                                                                                   value_name="cosine similarity").dropna()
+                  for (mode, _, _, episode), ds in runs.items() if mode == "none"]).melt(id_vars="episode", var_name="embedding",
+                                                                                      value_name="cosine similarity").dropna()
 fig = px.histogram(sims, x="cosine similarity", color="embedding", barmode="overlay", nbins=60,
                    title="Cosine similarity to the previous inference (dashed: the swept thresholds)")
 for t in config.thresholds:

@@ -60,14 +60,24 @@ def pi0():
 
 
 @pytest.fixture(scope="session")
+def pi05():
+    """The shared pi05-tiny model (random weights; the state's bins in the prompt) behind a no-reuse policy."""
+    from dcvla.pi0 import Pi0Policy, ReuseConfig
+
+    return Pi0Policy.from_preset("pi05-tiny", seed=0, config=ReuseConfig(mode="none"))
+
+
+@pytest.fixture(scope="session")
 def pi0_clip():
-    """Frames 0, 5, .., 20 of the first shipped libero_spatial episode (uncropped), their states, the task."""
+    """Frames 0, 5, .., 20 of the first shipped libero_spatial episode (uncropped): [agent view, wrist view] each,
+    their states, the task."""
     from dcvla.libero.episodes import list_episodes, load_episode
     from dcvla.libero.protocol import policy_input
 
     ep = load_episode(list_episodes(suite="libero_spatial")[0])
     idx = range(0, 25, 5)
-    return [policy_input(ep.frames[i], crop=False) for i in idx], [ep.states[i] for i in idx], ep.instruction
+    images = [[policy_input(ep.frames[i], crop=False), policy_input(ep.wrist_frames[i], crop=False)] for i in idx]
+    return images, [ep.states[i] for i in idx], ep.instruction
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ from dcvla.devices import parse_dtype, place, rotary_modules
 from dcvla.openvla.checkpoint import load_pretrained, save_pretrained
 from dcvla.openvla.config import get_preset
 from dcvla.openvla.model import llama_config, random_model
-from dcvla.pi0.config import get_pi0_preset
-from dcvla.pi0.model import _gemma_config, random_pi0
+from dcvla.pi0.config import get_preset as get_pi_preset
+from dcvla.pi0.model import gemma_config
+from dcvla.pi0.model import random_model as random_pi
 from dcvla.studies.common import StudyConfig, base_policy
 from dcvla.studies.stability_cliff import CliffConfig, pi0_base
 
@@ -32,9 +33,9 @@ def max_rope_error(model: nn.Module, reference: list[tuple[torch.Tensor, torch.T
 
 def rope_7b_dims() -> nn.Module:
     """The rotary embeddings at the published dims (head_dim 128 for Llama-2-7B, 256 for Gemma): bf16 hurts most."""
-    pi0 = get_pi0_preset("pi0")
+    pi0 = get_pi_preset("pi0")
     return nn.ModuleList([LlamaRotaryEmbedding(llama_config(get_preset("openvla-7b").llm)),
-                          GemmaRotaryEmbedding(_gemma_config(pi0.lm, pi0, pi0.vocab_size))])
+                          GemmaRotaryEmbedding(gemma_config(pi0.lm, pi0, pi0.vocab_size))])
 
 
 def rope_llama3_scaled() -> nn.Module:
@@ -49,7 +50,8 @@ def rope_llama3_scaled() -> nn.Module:
 
 BUILDERS = {
     "openvla-tiny (Llama)": lambda: random_model(get_preset("tiny")),
-    "pi0-tiny (Gemma prefix LM + expert)": lambda: random_pi0("pi0-tiny"),
+    "pi0-tiny (Gemma prefix LM + expert)": lambda: random_pi("pi0-tiny"),
+    "pi05-tiny (Gemma prefix LM + adaRMS expert)": lambda: random_pi("pi05-tiny"),
     "published dims": rope_7b_dims,
     "scaled RoPE (llama3)": rope_llama3_scaled,
 }

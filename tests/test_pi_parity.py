@@ -1,4 +1,4 @@
-"""pi0 and pi0.5 (`dcvla.pi0.published`) against lerobot 0.6.1's own modules, at tiny dims.
+"""pi0 and pi0.5 (`dcvla.pi0`) against lerobot 0.6.1's own modules, at tiny dims.
 
 `tests/fixtures/pi0_tiny` and `pi05_tiny` were made by `scripts/make_pi_parity_fixture.py` in a throwaway Python
 3.12 environment (lerobot 0.6.1, torch 2.11.0, transformers 5.5.4; the fixture's `fixture.json` records them):
@@ -16,11 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcvla.pi0.published import load_pretrained, run_prefix
+from dcvla.pi0 import get_preset, load_pretrained, run_prefix
+from dcvla.pi0.config import with_dims
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ATOL = 1e-4
-CASES = {"pi0_tiny": "pi0-tiny", "pi05_tiny": "pi05-tiny"}
+# the tiny presets at the fixture's vocabulary (lerobot's 257,152 shrunk to 320 there; the presets keep 32,000 for
+# dcvla's offline tokenizer)
+CASES = {"pi0_tiny": with_dims(get_preset("pi0-tiny"), vocab_size=320),
+         "pi05_tiny": with_dims(get_preset("pi05-tiny"), vocab_size=320)}
 
 
 @pytest.fixture(scope="module", params=list(CASES))

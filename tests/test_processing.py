@@ -63,20 +63,3 @@ def test_an_instruction_past_the_position_limit_raises_saying_by_how_much(proces
         Processor(processor.tokenizer, TINY.with_llm(max_position_embeddings=needed - 1)).encode_prompt(instruction)
     with pytest.raises(ValueError, match="max_position_embeddings of 2048; shorten the instruction by at least"):
         processor.encode_prompt("pick up the bowl " * 600)  # the tiny preset's real limit
-
-
-def test_a_pi0_instruction_past_the_gemma_limit_raises(pi0, monkeypatch):
-    """Pi0: image tokens + text + the state token, then the expert's action positions, within the Gemma's limit."""
-    cfg = pi0.model.config
-    ids = pi0.encode_prompt("put the bowl on the plate")[0]
-    needed = cfg.num_image_tokens + len(ids) + 1 + cfg.action_horizon
-    monkeypatch.setattr(pi0.model.language_model.config, "max_position_embeddings", needed)
-    assert pi0.encode_prompt("put the bowl on the plate").shape == ids[None].shape
-    monkeypatch.setattr(pi0.model.language_model.config, "max_position_embeddings", needed - 1)
-    with pytest.raises(ValueError, match=rf"the Gemma would see {needed} positions \({cfg.num_image_tokens} image \+ {len(ids)} "
-                                         rf"text \+ 1 state tokens, then {cfg.action_horizon} action positions\), past its "
-                                         rf"max_position_embeddings of {needed - 1}; shorten the instruction by at least 1 tokens"):
-        pi0.encode_prompt("put the bowl on the plate")
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="max_position_embeddings of 8192"):
-        pi0.encode_prompt("pick up the bowl " * 2500)

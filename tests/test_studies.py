@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import fields
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -134,25 +135,60 @@ def test_study_config_and_parameters_are_checked():
 
 def test_stability_cliff_smoke(tmp_path):
     run_study("stability_cliff", tmp_path, "-p", "steps", "3", "-p", "thresholds", "[-1.0, 0.95, 1.01]",
-              "-p", "modes", '["full", "vision_only", "synchronized"]')
-    table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe().set_index(["mode", "threshold"])
-    never = table.xs(1.01, level="threshold")  # a cosine similarity never exceeds 1: nothing reused, no drift
+              "-p", "modes", '["full", "vision_only", "synchronized"]', "-p", "max_ages", "[1, 2]",
+              "-p", "pixel_thresholds", "[0.0, 1.0]")
+    table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe().set_index(["mode", "gate", "value"])
+    own = table.xs("cosine", level="gate")
+    never = own.xs(1.01, level="value")  # a cosine similarity never exceeds 1: nothing reused, no drift
     assert (never["reuse rate"] == 0).all() and (never["action drift"] == 0).all() and (never["FLOPs ratio"] == 1).all()
-    always = table.xs(-1.0, level="threshold")  # every inference after the first reuses
+    always = own.xs(-1.0, level="value")  # every inference after the first reuses
     assert (always["reuse rate"] == 2 / 3).all() and (always["action drift"] > 0).all()
     assert always.loc["full", "FLOPs ratio"] > always.loc["vision_only", "FLOPs ratio"] > 1
+    assert table.loc[("synchronized", "synchronized", -1.0), "reuse rate"] == 2 / 3  # the mode's own gate
+    ages = table.xs(("full", "max_age"), level=("mode", "gate"))["reuse rate"]
+    assert ages.loc[1] == 0 and ages.loc[2] == 1 / 3  # interval 2 over 3 inferences: compute, reuse, compute
+    pixels = table.xs(("full", "pixel_mae"), level=("mode", "gate"))["reuse rate"]
+    assert pixels.loc[0.0] == 0 and pixels.loc[1.0] == 2 / 3  # any change refreshes / nothing does
+    assert {"phase_aware"} <= set(table.index.get_level_values("gate"))
     names = {p.name for p in (tmp_path / "figures").glob("*.png")}
-    assert {"stability_cliff.png", "stability_cliff_staleness.png", "stability_cliff_similarity.png"} <= names
+    assert {"stability_cliff.png", "stability_cliff_gates.png", "stability_cliff_staleness.png",
+            "stability_cliff_similarity.png"} <= names
+
+
+def test_stability_cliff_runs_pi05_and_a_lerobot_checkpoint(tmp_path):
+    """pi0.5 by preset, and a lerobot checkpoint by directory (the tiny parity fixture with dcvla's tokenizer)."""
+    from dcvla.pi0 import get_preset
+    from dcvla.studies.stability_cliff import pi0_base
+
+    run_study("stability_cliff", tmp_path, "-p", "preset", "pi05-tiny", "-p", "steps", "2", "-p", "thresholds", "[-1.0]",
+              "-p", "modes", '["full"]', "-p", "gates", "[]")
+    table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe()
+    assert table["reuse rate"].tolist() == [0.5] and (table["gate"] == "cosine").all()
+    runs = tmp_path / "runs" / "stability_cliff" / "pi05-tiny" / "full"
+    assert read_dataset(next(runs.glob("*.nc"))).attrs["variant"] == "pi05"
+    fixture = Path(__file__).parent / "fixtures" / "pi0_tiny"
+    with pytest.raises(FileNotFoundError, match="no PaliGemma tokenizer in .*pi0_tiny"):
+        pi0_base(CliffConfig(pi0_checkpoint=str(fixture)))
+    tokenizer = Path(__file__).parents[1] / "dcvla" / "assets"
+    assert get_preset("pi0-tiny").vocab_size > 320  # the fixture's vocabulary is the parity test's 320: give the preset
+    with pytest.raises(Exception, match="does not fit"):
+        pi0_base(CliffConfig(pi0_checkpoint=str(fixture), pi0_tokenizer=str(tokenizer)))
 
 
 def test_cliff_config_is_checked():
-    assert CliffConfig(preset="small").pi0_preset() == "pi0-small" and CliffConfig(preset="pi0").pi0_preset() == "pi0"
-    with pytest.raises(ValueError, match="no Pi0 preset for 'huge'"):
+    assert CliffConfig(preset="small").pi0_preset() == "pi0-small" and CliffConfig(preset="pi05-small").pi0_preset() == "pi05-small"
+    with pytest.raises(ValueError, match="no pi0/pi0.5 preset for 'huge'"):
         CliffConfig(preset="huge")
     with pytest.raises(ValueError, match="CliffConfig.modes: unknown \\['none'\\]"):
         CliffConfig(modes=["none"])
+    with pytest.raises(ValueError, match="CliffConfig.gates: unknown \\['lucky'\\]"):
+        CliffConfig(gates=["lucky"])
+    with pytest.raises(ValueError, match="max_ages must be >= 1"):
+        CliffConfig(max_ages=[0])
     with pytest.raises(ValueError, match="steps must be >= 2"):
         CliffConfig(steps=1)
+    grid = CliffConfig(modes=["full"], thresholds=[0.9], gates=["max_age"], max_ages=[2, 3]).grid()
+    assert grid == [("full", "cosine", 0.9), ("full", "max_age", 2), ("full", "max_age", 3)]
 
 
 def test_benchmark_config_is_checked():

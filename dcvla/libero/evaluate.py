@@ -7,7 +7,7 @@ its message recorded. `evaluate_task` runs trials of one (method, suite, task) w
 rewrites `<run_dir>/<method>/<suite>_task<NN>.nc` atomically after every trial, so a crash loses at most
 the trial in flight and a rerun skips the trials already in the file.
 
-Pi0-style policies (openpi's examples/libero/main.py) are run the openpi way: `uses_state = True` adds the
+pi0 / pi0.5 policies (openpi's examples/libero/main.py) are run the openpi way: `uses_state = True` adds the
 8-dim robot state to each call, an action chunk [horizon, 7] is executed open-loop for its first
 `replan_steps` actions before the policy is called again, and `action_convention = "libero"` skips the
 OpenVLA gripper flip (the gripper is only binarised). Policies without these attributes run as before.

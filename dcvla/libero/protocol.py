@@ -13,7 +13,7 @@ are re-implemented in float32 numpy with TF's exact sampling rules rather than w
 8-bit intermediate between the horizontal and vertical passes adds +-1 level errors. The match against a
 TF-computed reference is tested in tests/test_libero_protocol.py.
 
-For Pi0-style policies (openpi's LIBERO example) the module also gives the 8-dim proprioceptive state
+For pi0 / pi0.5 policies (openpi's LIBERO example) the module also gives the 8-dim proprioceptive state
 (`robot_state`, `obs_state`), action chunks (`action_chunk`) and the LIBERO-convention gripper handling
 (`postprocess_libero_action`); see the section at the end.
 """
@@ -189,7 +189,7 @@ def postprocess_action(action: np.ndarray) -> np.ndarray:
     return a
 
 
-# --- Proprioceptive state and action chunks (Pi0-style policies; the OpenVLA path does not use them) ---
+# --- Proprioceptive state and action chunks (pi0 / pi0.5; the OpenVLA path does not use them) ---
 #
 # openpi's LIBERO example (examples/libero/main.py) feeds Pi0 an 8-dim state:
 #   concat(obs["robot0_eef_pos"], _quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"])

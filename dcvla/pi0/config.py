@@ -1,111 +1,153 @@
-"""The Pi0-style family's configuration: the Gemma stacks, the presets, the prefix spans and the closed-loop
-constants."""
+"""pi0 and pi0.5 as openpi and lerobot build them: dims, presets, the constants of their computation and of the
+LIBERO closed loop.
+
+Facts from lerobot 0.6.1 (`policies/pi0/modeling_pi0.py`, `policies/pi05/modeling_pi05.py`, `policies/pi_gemma.py`,
+`policies/common/vla_utils.py`) and openpi (`models/pi0_config.py`, `models/gemma.py`), checked against lerobot's
+own modules by `tests/test_pi_parity.py`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from ..vision import SIGLIP_MEAN, SIGLIP_STD, ViTConfig
-
-SPANS = ("vision", "text", "state")  # the prefix's token spans, in order
+VARIANTS = ("pi0", "pi05")
+SPANS = ("vision", "text", "state")  # what reuse modes name: the image tokens, the task prompt, the robot state
 REPLAN_STEPS = 5        # openpi's LIBERO client: actions executed from each chunk before the next inference
 LIBERO_ACTION_DIM = 7   # LIBERO executes the first 7 action dims
+IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's IMAGE_KEYS; LIBERO: agent, wrist, empty
+
+
+@dataclass(frozen=True)
+class SiglipDims:
+    """PaliGemma's SigLIP tower: every block runs, then the post-layernorm (no pooling head)."""
+
+    hidden_size: int = 1152
+    num_layers: int = 27
+    num_heads: int = 16
+    intermediate_size: int = 4304   # lerobot and openpi override PaliGemma's default
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 @dataclass(frozen=True)
 class GemmaDims:
-    """One Gemma stack (the prefix LM or the action expert)."""
+    """One Gemma stack (openpi's `gemma.Config`): the PaliGemma LM or the action expert."""
 
-    hidden_size: int
-    num_layers: int
+    width: int
+    depth: int
+    mlp_dim: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"GemmaDims.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
 
+GEMMA_2B = GemmaDims(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256)
+GEMMA_300M = GemmaDims(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
+
+
 @dataclass(frozen=True)
-class Pi0Config:
-    """A Pi0-style model: SigLIP image prefix, Gemma prefix LM, Gemma action expert of the same depth."""
+class PiConfig:
+    """A pi0 or pi0.5 model.
+
+    pi0: the robot state is one token at the head of the expert's suffix (`state_proj`), the flow time is fused into
+    each action token (`action_time_mlp_in/out`). pi0.5: no state token; the time MLP (`time_mlp_in/out`) gives the
+    condition of adaRMSNorm in every expert norm, and the state goes into the prompt as 256-bin tokens
+    (`state_in_prompt`, as lerobot's pi05 processor does; openpi's `pi05_libero` leaves it out).
+    """
 
     name: str
-    vision: ViTConfig                 # SigLIP; every block runs, then the post-layernorm (PaliGemma)
-    lm: GemmaDims
-    expert: GemmaDims
-    vocab_size: int
-    state_dim: int = 8                # the model's state width (LIBERO's 8-dim state is zero-padded to it)
-    action_dim: int = 7               # the model's action width (LIBERO uses the first 7)
-    action_horizon: int = 10          # actions per chunk
-    num_steps: int = 10               # Euler denoising steps
+    variant: str                       # "pi0" | "pi05"
+    vision: SiglipDims = field(default_factory=SiglipDims)
+    lm: GemmaDims = GEMMA_2B
+    expert: GemmaDims = GEMMA_300M
+    vocab_size: int = 257152
+    num_image_slots: int = len(IMAGE_SLOTS)
+    max_state_dim: int = 32             # the state is normalised, then zero-padded to this
+    max_action_dim: int = 32
+    chunk_size: int = 50                # openpi's action_horizon
+    num_steps: int = 10                 # Euler steps from t = 1 to t = 0
+    max_token_len: int = 48             # prompt tokens (padding is masked): pi0 48, pi0.5 200
+    state_in_prompt: bool = False       # pi0.5: "Task: ..., State: b0 b1 ...;\nAction: "
+    delta_action_dims: int = 0          # openpi pi0_libero: the first 6 actions are relative to the state
+    min_period: float = 4e-3            # the sinusoidal time embedding's periods
+    max_period: float = 4.0
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"PiConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         lm, ex = self.lm, self.expert
-        if (lm.num_layers, lm.num_heads, lm.num_kv_heads, lm.head_dim) != (ex.num_layers, ex.num_heads, ex.num_kv_heads, ex.head_dim):
-            raise ValueError(
-                "the action expert attends to the prefix K/V layer by layer, so it needs the prefix LM's depth, heads, "
-                f"K/V heads and head_dim: lm {lm}, expert {ex}"
-            )
-        if self.num_steps < 1 or self.action_horizon < 1:
-            raise ValueError(f"Pi0Config.num_steps and action_horizon must be >= 1, got {self.num_steps}, {self.action_horizon}")
+        if (lm.depth, lm.num_heads, lm.num_kv_heads, lm.head_dim) != (ex.depth, ex.num_heads, ex.num_kv_heads, ex.head_dim):
+            raise ValueError("the expert attends to the prefix K/V layer by layer, so it needs the LM's depth, heads, "
+                             f"K/V heads and head_dim: lm {lm}, expert {ex}")
+        if self.state_in_prompt and self.variant != "pi05":
+            raise ValueError("state_in_prompt is pi0.5's (pi0 projects the state into the expert's suffix)")
+        if not 0 <= self.delta_action_dims <= self.max_action_dim:
+            raise ValueError(f"PiConfig.delta_action_dims must be in 0..{self.max_action_dim}, got {self.delta_action_dims}")
+        if self.num_steps < 1 or self.chunk_size < 1:
+            raise ValueError(f"PiConfig.num_steps and chunk_size must be >= 1, got {self.num_steps}, {self.chunk_size}")
 
     @property
-    def num_image_tokens(self) -> int:
+    def pi05(self) -> bool:
+        return self.variant == "pi05"
+
+    @property
+    def tokens_per_image(self) -> int:
         return self.vision.num_patches
 
     @property
-    def num_layers(self) -> int:
-        return self.lm.num_layers
+    def suffix_state_tokens(self) -> int:
+        """Tokens before the actions in the expert's suffix: pi0's state token, none in pi0.5."""
+        return 0 if self.pi05 else 1
 
 
-def _siglip(hidden: int, depth: int, heads: int, mlp: int) -> ViTConfig:
-    # PaliGemma's SigLIP So400m/14 uses the tanh GELU (unlike OpenVLA's timm tower).
-    return ViTConfig(name="siglip", hidden_size=hidden, depth=depth, num_heads=heads, mlp_dim=mlp,
-                     hidden_act="gelu_pytorch_tanh", mean=SIGLIP_MEAN, std=SIGLIP_STD)
+_SMALL_VISION = SiglipDims(hidden_size=192, num_layers=12, num_heads=3, intermediate_size=768)
+_TINY_VISION = SiglipDims(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=56)
+_SMALL = dict(vision=_SMALL_VISION, lm=GemmaDims(256, 18, 1024, 8, 1, 32), expert=GemmaDims(128, 18, 512, 8, 1, 32),
+              vocab_size=32000, chunk_size=10)
+_TINY = dict(vision=_TINY_VISION, lm=GemmaDims(64, 2, 128, 8, 1, 16), expert=GemmaDims(48, 2, 96, 8, 1, 16),
+             vocab_size=32000, chunk_size=10)
 
-
-PI0_PRESETS: dict[str, Pi0Config] = {
-    # openpi pi0: PaliGemma-3B (SigLIP So400m/14 + Gemma-2B) and the Gemma-300M action expert, 50-step chunks of
-    # 32-dim (padded) actions, 10 Euler steps.
-    "pi0": Pi0Config(
-        name="pi0", vision=_siglip(1152, 27, 16, 4304),
-        lm=GemmaDims(hidden_size=2048, num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256, intermediate_size=16384),
-        expert=GemmaDims(hidden_size=1024, num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256, intermediate_size=4096),
-        vocab_size=257152, state_dim=32, action_dim=32, action_horizon=50,
-    ),
-    # CPU studies: the published depth (18 + 18 layers, 8-to-1 grouped K/V), widths 1/8 of Gemma-2B and of the
-    # expert, MLPs 4x wide, a 12-block SigLIP; 10-action chunks (LIBERO executes 5 per inference).
-    "pi0-small": Pi0Config(
-        name="pi0-small", vision=_siglip(192, 12, 3, 768),
-        lm=GemmaDims(hidden_size=256, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=64, intermediate_size=1024),
-        expert=GemmaDims(hidden_size=128, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=64, intermediate_size=512),
-        vocab_size=32000, action_horizon=10,
-    ),
-    # Tests: milliseconds per step.
-    "pi0-tiny": Pi0Config(
-        name="pi0-tiny", vision=_siglip(32, 3, 2, 64),
-        lm=GemmaDims(hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64),
-        expert=GemmaDims(hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=32),
-        vocab_size=32000, action_horizon=4, num_steps=10,
-    ),
+PRESETS: dict[str, PiConfig] = {
+    # published: PaliGemma-3B (SigLIP So400m/14 at 224 + Gemma-2B) and the Gemma-300M expert, 50-action chunks
+    "pi0": PiConfig("pi0", "pi0"),
+    "pi05": PiConfig("pi05", "pi05", max_token_len=200, state_in_prompt=True),
+    # openpi's pi05_libero: no state in the prompt, 10-action chunks
+    "pi05-libero": PiConfig("pi05-libero", "pi05", max_token_len=200, chunk_size=10),
+    # CPU studies: the published depth (18 + 18, 8 heads to 1 K/V head), widths 1/8, a 12-block SigLIP, 10 actions
+    "pi0-small": PiConfig("pi0-small", "pi0", **_SMALL),
+    "pi05-small": PiConfig("pi05-small", "pi05", max_token_len=200, state_in_prompt=True, **_SMALL),
+    # tests: the parity fixture's dims (tests/fixtures/pi0_tiny, pi05_tiny; their vocabulary is 320)
+    "pi0-tiny": PiConfig("pi0-tiny", "pi0", **_TINY),
+    "pi05-tiny": PiConfig("pi05-tiny", "pi05", max_token_len=200, state_in_prompt=True, **_TINY),
 }
 
 
-def get_pi0_preset(name: str) -> Pi0Config:
+def get_preset(name: str) -> PiConfig:
     try:
-        return PI0_PRESETS[name]
+        return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown Pi0 preset {name!r}; known: {', '.join(sorted(PI0_PRESETS))}") from None
+        raise ValueError(f"unknown pi0/pi0.5 preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def with_dims(config, **changes):
+    """A config (PiConfig, SiglipDims) with other fields (e.g. a checkpoint's chunk size)."""
+    return replace(config, **changes)
 
 
 # Mean and std of the 8-dim LIBERO state (eef pos, axis-angle, gripper qpos) over every frame of the shipped
-# episodes (tests/test_pi0.py recomputes them), std floored at 0.05 so the nearly constant roll (about pi) is not
-# blown up into noise.
+# episodes (tests/test_pi0_model.py recomputes them), std floored at 0.05 so the nearly constant roll (about pi) is
+# not blown up into noise: the statistics of a random preset, as a LIBERO-trained checkpoint would carry its own.
 LIBERO_STATE_STATS = {
     "mean": [-0.0367, 0.0634, 0.649, 3.1412, 0.0, -0.0027, 0.0247, -0.0247],
     "std": [0.0844, 0.1695, 0.3199, 0.05, 0.05, 0.05, 0.05, 0.05],

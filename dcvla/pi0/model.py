@@ -1,18 +1,22 @@
-"""A Pi0-style flow-matching policy, assembled from transformers' own modules.
+"""pi0 and pi0.5 from transformers' modules, in the module tree of lerobot's `PI0Pytorch` / `PI05Pytorch` (so a
+published checkpoint's names are this model's names), with dcvla's own layer loops.
 
-Layout (Black et al., "pi0", and openpi's PyTorch port, with the proprio state in the prefix as the issue asks):
+One inference:
 
-    prefix  = [image tokens (SigLIP -> linear projector) | instruction tokens (x sqrt(width)) | state token]
-              run once per control step through a Gemma decoder, bidirectional attention within the prefix;
-    suffix  = action_horizon tokens (noisy action chunk + flow-matching time embedding, openpi's action_time_mlp)
-              run by the action expert, a smaller Gemma with the same depth, heads and head_dim: at layer l its
-              queries attend to [the prefix's K/V of layer l | its own K/V], so the prefix K/V are all it reads;
-    actions = 10 Euler steps of the learned velocity from t = 1 (noise) to t = 0.
+    prefix = [image tokens of each present camera (SigLIP -> multi_modal_projector, not rescaled) | prompt tokens
+              (Gemma's embedding, x sqrt(width))], bidirectional, run once through the PaliGemma LM; every layer's
+              post-RoPE K/V go to a `KVStore` (one slot per prefix token);
+    suffix = pi0:   [state token (state_proj) | chunk_size action tokens (action_in_proj + time, action_time_mlp)]
+             pi0.5: [chunk_size action tokens (action_in_proj)], every expert norm adaRMS-conditioned on the time MLP;
+             run by the expert, whose layer l attends to [the prefix's K/V of layer l | its own];
+    actions = 10 Euler steps x += -0.1 * v from t = 1 (noise), v = action_out_proj(final-norm suffix) in float32.
 
-`run_prefix` is the prefix loop: it runs the Gemma submodules on the rows each layer carries and fills a `KVStore`
-with the K/V of every prefix position; rows a layer does not carry are neither computed nor stored: their K/V are
-the store's (a previous control step's). The expert reads only the store. Cross-step reuse (dcvla.pi0.policy) is
-therefore a choice of rows, and a skipped row is work not done.
+What dcvla does differently, all exact (the parity test holds it to lerobot's numbers):
+- masked inputs are never computed: an empty camera's 256 tokens and the prompt's padding are attended by nobody
+  (big_vision's mask rule) and do not advance positions (`cumsum(pad) - 1`), so dropping them changes no other
+  token; the prefix is the present tokens, at positions 0..n-1;
+- pi0's state token sees only the prefix and itself, so its expert K/V do not depend on the noisy actions or the
+  time: they are computed once per inference (`expert_state_kv`) instead of at every Euler step.
 """
 
 from __future__ import annotations
@@ -29,202 +33,326 @@ from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMS
 from .. import flops as F
 from ..attention import attend, gather_kv, project_qkv
 from ..kv_store import KVStore, LayerPlan
-from .config import LIBERO_STATE_STATS, Pi0Config, GemmaDims, get_pi0_preset
+from .config import LIBERO_ACTION_DIM, LIBERO_STATE_STATS, GemmaDims, PiConfig, get_preset
+from .normalize import Normalization, random_normalization
 
 
-def _gemma_config(dims: GemmaDims, cfg: Pi0Config, vocab_size: int) -> GemmaConfig:
+def gemma_config(dims: GemmaDims, config: PiConfig, vocab_size: int) -> GemmaConfig:
     return GemmaConfig(
-        vocab_size=vocab_size, hidden_size=dims.hidden_size, intermediate_size=dims.intermediate_size,
-        num_hidden_layers=dims.num_layers, num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_kv_heads,
-        head_dim=dims.head_dim, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, pad_token_id=None,
-        max_position_embeddings=8192,
+        vocab_size=vocab_size, hidden_size=dims.width, intermediate_size=dims.mlp_dim, num_hidden_layers=dims.depth,
+        num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_kv_heads, head_dim=dims.head_dim,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=config.rms_norm_eps, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, max_position_embeddings=8192,
     )
 
 
-class ActionExpert(nn.Module):
-    """The expert's Gemma layers, final norm and rotary embedding (transformers' modules; no token table)."""
+class AdaRMSNorm(nn.Module):
+    """pi0.5's adaptive RMSNorm (lerobot `PiGemmaRMSNorm` with `cond_dim`): `dense(cond)` gives scale, shift and the
+    gate of the residual that follows; `norm(x) * (1 + scale) + shift`, in float32."""
 
-    def __init__(self, hf_config: GemmaConfig) -> None:
+    def __init__(self, dim: int, cond_dim: int, eps: float) -> None:
         super().__init__()
-        self.config = hf_config
-        self.layers = nn.ModuleList(GemmaDecoderLayer(hf_config, i) for i in range(hf_config.num_hidden_layers))
-        self.norm = GemmaRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
-        self.rotary_emb = GemmaRotaryEmbedding(hf_config)
+        self.eps = eps
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps)  # float32
+        scale, shift, gate = self.dense(cond)[:, None].chunk(3, dim=-1)  # [1, 1, dim] each
+        return (normed * (1 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
+
+
+class Projector(nn.Module):
+    """PaliGemma's `multi_modal_projector`: one linear layer, SigLIP width -> LM width."""
+
+    def __init__(self, vision_width: int, lm_width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(vision_width, lm_width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
+class PaliGemmaParts(nn.Module):
+    """`paligemma.model`: the SigLIP tower, the projector and the Gemma LM (its embedding is the tied table that
+    checkpoints store as `paligemma.lm_head.weight`)."""
+
+    def __init__(self, config: PiConfig, attn_implementation: str) -> None:
+        super().__init__()
+        v = config.vision
+        vision = SiglipVisionConfig(
+            hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+            hidden_act="gelu_pytorch_tanh", layer_norm_eps=v.layer_norm_eps, vision_use_head=False)
+        vision._attn_implementation = attn_implementation
+        self.vision_tower = _Level(vision_model=SiglipVisionModel(vision))  # lerobot's transformers nests it
+        self.multi_modal_projector = Projector(v.hidden_size, config.lm.width)
+        self.language_model = GemmaModel(gemma_config(config.lm, config, config.vocab_size))
+
+
+class ExpertStack(nn.Module):
+    """`gemma_expert.model`: the expert's Gemma layers and final norm (adaRMS ones in pi0.5), no token table."""
+
+    def __init__(self, config: PiConfig) -> None:
+        super().__init__()
+        hf = gemma_config(config.expert, config, 1)
+        width, eps = config.expert.width, config.rms_norm_eps
+        self.layers = nn.ModuleList(GemmaDecoderLayer(hf, i) for i in range(config.expert.depth))
+        if config.pi05:
+            for layer in self.layers:
+                layer.input_layernorm = AdaRMSNorm(width, width, eps)
+                layer.post_attention_layernorm = AdaRMSNorm(width, width, eps)
+            self.norm = AdaRMSNorm(width, width, eps)
+        else:
+            self.norm = GemmaRMSNorm(width, eps=eps)
+        self.rotary_emb = GemmaRotaryEmbedding(hf)
+
+
+class _Level(nn.Module):
+    """A level of lerobot's module tree that only names its children (`paligemma.model`, `vision_tower.vision_model`)."""
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+class PaliGemmaWithExpert(nn.Module):
+    def __init__(self, config: PiConfig, attn_implementation: str) -> None:
+        super().__init__()
+        self.paligemma = _Level(model=PaliGemmaParts(config, attn_implementation))
+        self.gemma_expert = _Level(model=ExpertStack(config))
 
 
 @dataclass
 class PrefixInputs:
-    """One control step's prefix embeddings, by span, each [1, tokens, lm_width]."""
+    """One inference's prefix: the present cameras' image tokens, then the prompt's unpadded tokens."""
 
-    vision: torch.Tensor
-    text: torch.Tensor
-    state: torch.Tensor
-
-    @property
-    def spans(self) -> dict[str, slice]:
-        n_v, n_t = self.vision.shape[1], self.text.shape[1]
-        return {"vision": slice(0, n_v), "text": slice(n_v, n_v + n_t), "state": slice(n_v + n_t, n_v + n_t + self.state.shape[1])}
+    images: list[torch.Tensor]  # per present camera [1, tokens_per_image, lm_width]
+    text: torch.Tensor          # [1, text, lm_width]
 
     @property
     def length(self) -> int:
-        return self.vision.shape[1] + self.text.shape[1] + self.state.shape[1]
+        return sum(image.shape[1] for image in self.images) + self.text.shape[1]
+
+    @property
+    def spans(self) -> dict[str, slice]:
+        n_vision = sum(image.shape[1] for image in self.images)
+        return {"vision": slice(0, n_vision), "text": slice(n_vision, self.length)}
 
     def embeddings(self) -> torch.Tensor:
-        return torch.cat([self.vision, self.text, self.state], dim=1)  # [1, prefix, lm_width]
-
-
-class Pi0Model(nn.Module):
-    """SigLIP + projector, Gemma prefix LM, state projection, Gemma action expert and the flow-matching heads.
-
-    Module names follow openpi's PyTorch port where it has one: `vision`, `projector`, `language_model`,
-    `expert`, `state_proj`, `action_in_proj`, `action_time_mlp_in`, `action_time_mlp_out`, `action_out_proj`.
-    """
-
-    def __init__(self, config: Pi0Config, attn_implementation: str = "sdpa") -> None:
-        super().__init__()
-        self.config = config
-        v = config.vision
-        vision_cfg = SiglipVisionConfig(
-            hidden_size=v.hidden_size, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
-            image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps,
-            vision_use_head=False,
-        )
-        vision_cfg._attn_implementation = attn_implementation
-        self.vision = SiglipVisionModel(vision_cfg)
-        self.projector = nn.Linear(v.hidden_size, config.lm.hidden_size)
-        self.language_model = GemmaModel(_gemma_config(config.lm, config, config.vocab_size))
-        self.expert = ActionExpert(_gemma_config(config.expert, config, 1))
-        w_lm, w_ex = config.lm.hidden_size, config.expert.hidden_size
-        self.state_proj = nn.Linear(config.state_dim, w_lm)
-        self.action_in_proj = nn.Linear(config.action_dim, w_ex)
-        self.action_time_mlp_in = nn.Linear(2 * w_ex, w_ex)
-        self.action_time_mlp_out = nn.Linear(w_ex, w_ex)
-        self.action_out_proj = nn.Linear(w_ex, config.action_dim)
-        self.norm_stats: dict = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.projector.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.projector.weight.dtype
-
-    # ------------------------------------------------------------------------------------------------ prefix
-    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[1, 3, 224, 224] in [-1, 1] -> image tokens [1, patches, lm_width] (PaliGemma: not rescaled)."""
-        return self.projector(self.vision(pixel_values=pixel_values).last_hidden_state)
-
-    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[1, text] -> [1, text, lm_width], scaled by sqrt(width): transformers' Gemma token embedding
-        (`GemmaTextScaledWordEmbedding`) applies that scale itself, so it is not applied again here."""
-        return self.language_model.embed_tokens(input_ids)
-
-    def embed_state(self, state: torch.Tensor) -> torch.Tensor:
-        """Normalised state [state_dim] -> the state token [1, 1, lm_width]."""
-        return self.state_proj(state.to(self.dtype))[None, None]
-
-    def new_store(self, prefix_len: int) -> KVStore:
-        lm = self.config.lm
-        return KVStore(lm.num_layers, prefix_len, lm.num_heads, lm.num_kv_heads, lm.head_dim, self.dtype, self.device)
-
-    # ------------------------------------------------------------------------------------------------ suffix
-    def embed_suffix(self, noisy_actions: torch.Tensor, t: float) -> torch.Tensor:
-        """openpi's suffix: action tokens fused with the sinusoidal time embedding by a 2-layer swish MLP."""
-        width = self.config.expert.hidden_size
-        actions = self.action_in_proj(noisy_actions)  # [1, horizon, width]
-        time = sinusoidal_time(torch.tensor([t], device=self.device), width).to(self.dtype)  # [1, width]
-        fused = torch.cat([actions, time[:, None].expand_as(actions)], dim=-1)
-        return self.action_time_mlp_out(nn.functional.silu(self.action_time_mlp_in(fused)))  # swish
-
-    @torch.inference_mode()
-    def velocity(self, store: KVStore, noisy_actions: torch.Tensor, t: float) -> torch.Tensor:
-        """The expert's velocity field [1, horizon, action_dim] at time t, attending to the prefix K/V in `store`."""
-        expert, cfg = self.expert, self.config.expert
-        prefix_len = store.num_slots
-        hidden = self.embed_suffix(noisy_actions, t)
-        positions = torch.arange(prefix_len, prefix_len + hidden.shape[1], device=hidden.device)
-        for layer, block in enumerate(expert.layers):
-            x = block.input_layernorm(hidden)
-            cos, sin = expert.rotary_emb(x, positions[None])
-            q, k, v = project_qkv(block.self_attn, x, None, None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-            keys = torch.cat([store.keys[layer][None], k], dim=2)  # [1, kv_head, prefix + horizon, head_dim]
-            values = torch.cat([store.values[layer][None], v], dim=2)
-            attn, _ = attend(q, keys, values, block.self_attn.scaling, None)
-            hidden = hidden + block.self_attn.o_proj(attn)
-            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        return self.action_out_proj(expert.norm(hidden))
-
-    @torch.inference_mode()
-    def sample_actions(self, store: KVStore, noise: torch.Tensor) -> torch.Tensor:
-        """Euler integration of the velocity from t = 1 (noise [1, horizon, action_dim]) to t = 0, in float32
-        whatever the model's dtype (the expert runs in it): ten bf16 accumulations would round the chunk each step."""
-        steps = self.config.num_steps
-        dt = -1.0 / steps
-        x = noise.float()
-        for i in range(steps):
-            x = x + dt * self.velocity(store, x.to(self.dtype), 1.0 + i * dt).float()
-        return x
-
-    # ------------------------------------------------------------------------------------------------- flops
-    def stage_flops(self, prefix_work: list[F.LayerWork], prefix_len: int) -> dict[str, int]:
-        """FLOPs per stage of one control step: vision (SigLIP + projector, state projection), prefix (as computed),
-        expert."""
-        cfg, v = self.config, self.config.vision
-        n = v.num_patches
-        vision = F.vit_flops(v, [F.LayerWork(n, n, n)] * v.depth) + 2 * n * v.hidden_size * cfg.lm.hidden_size
-        vision += 2 * cfg.state_dim * cfg.lm.hidden_size  # the state token
-        lm, ex = cfg.lm, cfg.expert
-        kv = lambda d: d.num_kv_heads * d.head_dim  # noqa: E731
-        attn = lambda d: d.num_heads * d.head_dim  # noqa: E731
-        prefix = sum(F.attention_layer_flops(w, lm.hidden_size, kv(lm), lm.intermediate_size, 3, attn(lm)) for w in prefix_work)
-        h = cfg.action_horizon
-        per_layer = F.attention_layer_flops(F.LayerWork(h, h, prefix_len + h), ex.hidden_size, kv(ex), ex.intermediate_size, 3, attn(ex))
-        heads = 2 * h * (cfg.action_dim * ex.hidden_size * 2 + 2 * ex.hidden_size * ex.hidden_size + ex.hidden_size * ex.hidden_size)
-        expert = cfg.num_steps * (ex.num_layers * per_layer + heads)
-        return {"vision": vision, "prefix": prefix, "expert": expert}
-
-
-def sinusoidal_time(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
-    """openpi's `create_sinusoidal_pos_embedding`: [batch] times -> [batch, dim] (sin half, then cos half)."""
-    if dim % 2:
-        raise ValueError(f"time embedding width must be even, got {dim}")
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
-    period = min_period * (max_period / min_period) ** fraction
-    angle = (2 * math.pi / period)[None] * t.double()[:, None]
-    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).float()
+        return torch.cat([*self.images, self.text], dim=1)  # [1, prefix, lm_width]
 
 
 @dataclass
 class PrefixOutput:
     work: list[F.LayerWork]   # per layer
-    reused: torch.Tensor      # [layer, prefix] bool: K/V taken from the store
+    reused: torch.Tensor      # [layer, prefix] bool (host): K/V taken from the store
+
+
+class PiModel(nn.Module):
+    """pi0 or pi0.5 (`config.variant`), module names as lerobot's: `paligemma_with_expert.{paligemma,gemma_expert}`,
+    `action_in_proj`, `action_out_proj`, and `state_proj` + `action_time_mlp_{in,out}` (pi0) or `time_mlp_{in,out}`
+    (pi0.5)."""
+
+    def __init__(self, config: PiConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        width = config.expert.width
+        self.paligemma_with_expert = PaliGemmaWithExpert(config, attn_implementation)
+        self.action_in_proj = nn.Linear(config.max_action_dim, width)
+        self.action_out_proj = nn.Linear(width, config.max_action_dim)
+        if config.pi05:
+            self.time_mlp_in = nn.Linear(width, width)
+            self.time_mlp_out = nn.Linear(width, width)
+        else:
+            self.state_proj = nn.Linear(config.max_state_dim, width)
+            self.action_time_mlp_in = nn.Linear(2 * width, width)
+            self.action_time_mlp_out = nn.Linear(width, width)
+        self.normalization: Normalization | None = None  # the checkpoint's (or a random preset's) statistics
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_in_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.action_in_proj.weight.dtype
+
+    @property
+    def language_model(self) -> GemmaModel:
+        return self.paligemma_with_expert.paligemma.model.language_model
+
+    @property
+    def expert(self) -> ExpertStack:
+        return self.paligemma_with_expert.gemma_expert.model
+
+    # ------------------------------------------------------------------------------------------------ prefix
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[camera, 3, H, W] in [-1, 1] -> image tokens [camera, tokens_per_image, lm_width] (PaliGemma's
+        `get_image_features`: SigLIP's last hidden state through the projector, not rescaled)."""
+        parts = self.paligemma_with_expert.paligemma.model
+        features = parts.vision_tower.vision_model(pixel_values=pixel_values.to(self.dtype)).last_hidden_state
+        return parts.multi_modal_projector(features)
+
+    @torch.inference_mode()
+    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[1, text] -> [1, text, lm_width], x sqrt(width) (transformers' Gemma embedding scales it)."""
+        return self.language_model.embed_tokens(token_ids)
+
+    def prefix_inputs(self, pixel_values: torch.Tensor, image_present: list[bool], token_ids: torch.Tensor) -> PrefixInputs:
+        """The prefix of present cameras (their pixels [present camera, 3, H, W]) and unpadded prompt tokens
+        [1, text]; `image_present` (host booleans, one per image slot) only checks the count."""
+        if sum(image_present) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images for {sum(image_present)} present cameras")
+        images = self.embed_images(pixel_values)
+        return PrefixInputs([images[i : i + 1] for i in range(images.shape[0])], self.embed_text(token_ids))
+
+    def new_store(self, prefix_len: int) -> KVStore:
+        lm = self.config.lm
+        return KVStore(lm.depth, prefix_len, lm.num_heads, lm.num_kv_heads, lm.head_dim, self.dtype, self.device)
+
+    # ------------------------------------------------------------------------------------------------ suffix
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """openpi's `create_sinusoidal_pos_embedding` of t [batch] (float32) -> [batch, expert width], float64 inside."""
+        width, cfg = self.config.expert.width, self.config
+        fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64, device=t.device)
+        period = cfg.min_period * (cfg.max_period / cfg.min_period) ** fraction
+        angle = (1.0 / period * 2 * math.pi)[None, :] * t[:, None]
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).to(t.dtype)
+
+    def embed_actions(self, noisy_actions: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The action tokens [1, chunk, width] and pi0.5's adaRMS condition [1, width] (None for pi0)."""
+        time = self.time_embedding(t).to(self.dtype)  # [1, width]
+        actions = self.action_in_proj(noisy_actions.to(self.dtype))
+        if self.config.pi05:
+            cond = nn.functional.silu(self.time_mlp_out(nn.functional.silu(self.time_mlp_in(time))))
+            return actions, cond
+        fused = torch.cat([actions, time[:, None].expand_as(actions)], dim=-1)
+        return self.action_time_mlp_out(nn.functional.silu(self.action_time_mlp_in(fused))), None
+
+    def _expert_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, cond: torch.Tensor | None, own_kv: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One expert layer over `hidden` [1, row, width] attending to [keys | its own K/V]; returns the new hidden and
+        its own K/V (post-RoPE)."""
+        block, dims = self.expert.layers[layer], self.config.expert
+        x, gate = block.input_layernorm(hidden, cond) if cond is not None else (block.input_layernorm(hidden), None)
+        cos, sin = self.expert.rotary_emb(x, positions[None])
+        q, k, v = project_qkv(block.self_attn, x, None, None, cos, sin, dims.num_heads, dims.num_kv_heads, dims.head_dim)
+        all_k = torch.cat([keys, k], dim=2) if own_kv else keys
+        all_v = torch.cat([values, v], dim=2) if own_kv else values
+        attn, _ = attend(q, all_k, all_v, block.self_attn.scaling, None)
+        out = block.self_attn.o_proj(attn)
+        hidden = hidden + (out if gate is None else out * gate)
+        x, gate = (block.post_attention_layernorm(hidden, cond) if cond is not None
+                   else (block.post_attention_layernorm(hidden), None))
+        out = block.mlp(x)
+        return hidden + (out if gate is None else out * gate), k, v
+
+    @torch.inference_mode()
+    def expert_state_kv(self, store: KVStore, state: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """pi0: the state token's expert K/V per layer ([1, kv_head, 1, head_dim] each). It attends to the prefix and
+        itself only (big_vision's rule with its ar flag 1), so they hold for every Euler step of the inference."""
+        if self.config.pi05:
+            raise ValueError("pi0.5 has no state token in the expert (its state is in the prompt)")
+        hidden = self.state_proj(state.to(self.dtype))[None, None]  # [1, 1, width]
+        position = torch.tensor([store.num_slots], device=hidden.device)
+        kv = []
+        for layer in range(self.config.expert.depth):
+            hidden, k, v = self._expert_layer(layer, hidden, position, store.keys[layer][None], store.values[layer][None],
+                                              None, own_kv=True)
+            kv.append((k, v))
+        return kv
+
+    @torch.inference_mode()
+    def velocity(self, store: KVStore, noisy_actions: torch.Tensor, t: torch.Tensor,
+                 state_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The velocity [1, chunk, max_action_dim] (float32) at time t [1] of the action tokens, attending to the
+        prefix K/V in `store` (and pi0's state token's, `expert_state_kv`)."""
+        if self.config.pi05 == (state_kv is not None):
+            raise ValueError("pi0 needs the state token's K/V (expert_state_kv); pi0.5 has none")
+        hidden, cond = self.embed_actions(noisy_actions, t)
+        start = store.num_slots + self.config.suffix_state_tokens
+        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
+        for layer in range(self.config.expert.depth):
+            keys, values = store.keys[layer][None], store.values[layer][None]
+            if state_kv is not None:
+                keys, values = torch.cat([keys, state_kv[layer][0]], dim=2), torch.cat([values, state_kv[layer][1]], dim=2)
+            hidden, _, _ = self._expert_layer(layer, hidden, positions, keys, values, cond, own_kv=True)
+        out = self.expert.norm(hidden, cond)[0] if cond is not None else self.expert.norm(hidden)
+        proj = self.action_out_proj
+        return nn.functional.linear(out.float(), proj.weight.float(), proj.bias.float())  # in float32, as published
+
+    @torch.inference_mode()
+    def sample_actions(self, store: KVStore, noise: torch.Tensor, state: torch.Tensor | None = None,
+                       state_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Euler integration from t = 1 (noise [1, chunk, max_action_dim]) to t = 0, in float32 (lerobot's
+        `euler_integrate`: t = 1 + step * dt). pi0: `state` [max_state_dim] (normalised, padded), its expert K/V
+        computed here unless given (`state_kv`, e.g. reused from an earlier inference)."""
+        if not self.config.pi05 and state_kv is None:
+            state_kv = self.expert_state_kv(store, state)
+        steps = self.config.num_steps
+        dt = -1.0 / steps
+        x = noise.float()
+        for step in range(steps):
+            t = torch.tensor([1.0 + step * dt], dtype=torch.float32, device=x.device)
+            x = x + dt * self.velocity(store, x, t, state_kv)
+        return x
+
+    # ------------------------------------------------------------------------------------------------- flops
+    def stage_flops(self, prefix_work: list[F.LayerWork], prefix_len: int, num_images: int,
+                    state_reused: bool = False) -> dict[str, int]:
+        """FLOPs per stage of one inference: vision (SigLIP + projector per present camera), prefix (as computed),
+        expert (pi0's state token once unless its K/V were reused, the action tokens at every Euler step, the
+        heads)."""
+        cfg, v = self.config, self.config.vision
+        n = v.num_patches
+        siglip = 2 * n * v.hidden_size * 3 * v.patch_size**2 + sum(
+            F.attention_layer_flops(F.LayerWork(n, n, n), v.hidden_size, v.hidden_size, v.intermediate_size, 2)
+            for _ in range(v.num_layers))
+        vision = num_images * (siglip + 2 * n * v.hidden_size * cfg.lm.width)
+        lm, ex = cfg.lm, cfg.expert
+        kv = lambda d: d.num_kv_heads * d.head_dim  # noqa: E731
+        attn = lambda d: d.num_heads * d.head_dim  # noqa: E731
+        prefix = sum(F.attention_layer_flops(w, lm.width, kv(lm), lm.mlp_dim, 3, attn(lm)) for w in prefix_work)
+        h, s, w = cfg.chunk_size, cfg.suffix_state_tokens, ex.width
+        per_step = ex.depth * F.attention_layer_flops(F.LayerWork(h, h, prefix_len + s + h), w, kv(ex), ex.mlp_dim, 3, attn(ex))
+        per_step += 2 * h * (cfg.max_action_dim * w * 2)  # action_in_proj, action_out_proj
+        per_step += 2 * (2 * w * w if cfg.pi05 else h * 3 * w * w)  # time MLP (pi0.5) / action-time MLP (pi0)
+        if cfg.pi05:
+            per_step += 2 * (2 * ex.depth + 1) * w * 3 * w  # adaRMS modulations
+        state = 0 if cfg.pi05 or state_reused else 2 * cfg.max_state_dim * w + ex.depth * F.attention_layer_flops(
+            F.LayerWork(1, 1, prefix_len + 1), w, kv(ex), ex.mlp_dim, 3, attn(ex))
+        return {"vision": vision, "prefix": prefix, "expert": state + cfg.num_steps * per_step}
 
 
 @torch.inference_mode()
-def run_prefix(model: Pi0Model, inputs: PrefixInputs, plans: list[LayerPlan], store: KVStore, step: int) -> PrefixOutput:
-    """Run the prefix LM under per-layer plans, leaving every layer's K/V of every prefix position in `store`.
+def run_prefix(model: PiModel, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int) -> PrefixOutput:
+    """Run the PaliGemma LM over the prefix under per-layer plans, leaving every layer's K/V of every prefix
+    position in `store`.
 
     Args:
-        inputs: the step's prefix embeddings.
         plans: one per layer; a layer's rows are a subset of the previous layer's (a dropped row stays dropped).
             Rows a layer carries are computed and their K/V stored (computed_at = step); the others' K/V are the
-            store's. Every K/V row is fresh (Pi0 has no Q reuse): `kv_fresh` must be all True.
-        store: the episode's store (prefix_len slots); a fresh one for a no-reuse pass.
-        step: this control step's index.
+            store's. None: every row of every layer.
+        store: the episode's store (one slot per prefix token); a fresh one for a no-reuse pass.
+        step: this inference's index.
     """
     lm, cfg = model.language_model, model.config.lm
     prefix_len = inputs.length
-    if len(plans) != cfg.num_layers:
-        raise ValueError(f"{len(plans)} layer plans for {cfg.num_layers} prefix layers")
     if store.num_slots != prefix_len:
         raise ValueError(f"the store holds {store.num_slots} prefix positions, this prefix has {prefix_len}")
+    if plans is None:
+        plans = [LayerPlan.full(prefix_len, model.device)] * cfg.depth
+    if len(plans) != cfg.depth:
+        raise ValueError(f"{len(plans)} layer plans for {cfg.depth} prefix layers")
     rows = plans[0].rows
     hidden = inputs.embeddings()  # [1, prefix, width]
     if rows.numel() != prefix_len:
         hidden = hidden[:, rows]  # [1, row, width]
-    reused = np.ones((cfg.num_layers, prefix_len), dtype=bool)
+    reused = np.ones((cfg.depth, prefix_len), dtype=bool)
     work = []
     for layer, (block, plan) in enumerate(zip(lm.layers, plans)):
         if plan.rows.numel() != rows.numel():  # rows dropped from this layer on (a subset of the previous rows)
@@ -235,10 +363,9 @@ def run_prefix(model: Pi0Model, inputs: PrefixInputs, plans: list[LayerPlan], st
         if n == 0:
             continue
         if plan.n_kv != n:
-            raise ValueError("the Pi0 prefix projects K/V for every row it carries")
+            raise ValueError("the prefix projects K/V for every row it carries")
         x = block.input_layernorm(hidden)
-        cos, sin = lm.rotary_emb(x, rows[None])
-        # every carried row projects Q and K/V
+        cos, sin = lm.rotary_emb(x, rows[None])  # positions: the present tokens are 0..prefix_len-1
         q, k, v = project_qkv(block.self_attn, x, None, None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         keys, values = gather_kv(store, layer, prefix_len, rows, k, v)  # bidirectional: every prefix position
         store.update(layer, rows, k[0], v[0], step)
@@ -248,21 +375,13 @@ def run_prefix(model: Pi0Model, inputs: PrefixInputs, plans: list[LayerPlan], st
     return PrefixOutput(work, torch.from_numpy(reused))
 
 
-def random_pi0(config: Pi0Config | str, seed: int = 0, attn_implementation: str = "sdpa") -> Pi0Model:
-    """A Pi0Model with seeded random weights (transformers' init for its modules); the global RNG is untouched.
-
-    `norm_stats` holds one entry, `"random"`: actions mean 0, std 1 (the flow's output is the action); the state
-    is z-scored with LIBERO's statistics (`LIBERO_STATE_STATS`), as a LIBERO-trained Pi0's norm stats would do.
-    """
-    config = get_pi0_preset(config) if isinstance(config, str) else config
+def random_model(config: PiConfig | str, seed: int = 0, attn_implementation: str = "sdpa") -> PiModel:
+    """A PiModel with seeded random weights (transformers' and PyTorch's init; adaRMS modulations random too, where
+    lerobot zero-initialises them, so a random pi0.5 is conditioned on time); the global RNG is left as it was.
+    Its normalisation is `random_normalization`'s: LIBERO's state statistics, the action as the flow gives it."""
+    config = get_preset(config) if isinstance(config, str) else config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Pi0Model(config, attn_implementation)
-    model.eval()
-    pad = config.state_dim - len(LIBERO_STATE_STATS["mean"])
-    model.norm_stats = {"random": {
-        "state": {"mean": LIBERO_STATE_STATS["mean"] + [0.0] * pad, "std": LIBERO_STATE_STATS["std"] + [1.0] * pad},
-        "action": {"mean": [0.0] * config.action_dim, "std": [1.0] * config.action_dim},
-    }}
-    return model
-
+        model = PiModel(config, attn_implementation)
+    model.normalization = random_normalization(config.variant, LIBERO_STATE_STATS, LIBERO_ACTION_DIM)
+    return model.eval()

@@ -1,134 +1,94 @@
-"""Prefix K/V reuse across control steps for the Pi0-style policy: one config, one registry of modes, one policy.
+"""`Pi0Policy`: pi0 or pi0.5 behind the streaming API with K/V reuse across inferences, under a mode and a gate of
+`dcvla.pi0.reuse` (which spans each mode reuses, per model, and each gate's rule are tabled there).
 
-Every control step computes the image tokens (the gate needs them), then a gate compares them, flattened, with
-the reference step's by cosine similarity (and the state tokens too, for the synchronized gate). When the gate
-opens, the mode's spans of the prefix take their K/V from the episode's store instead of being computed:
-
-| mode         | spans reused when the gate opens              | gate                                  |
-|--------------|-----------------------------------------------|---------------------------------------|
-| none         | nothing (the no-reuse reference)              | never opens                           |
-| full         | vision + text + state: the prefix is skipped  | vision similarity >= threshold        |
-| vision_only  | vision                                        | vision similarity >= threshold        |
-| state_only   | state                                         | vision similarity >= threshold        |
-| text_fixed   | text                                          | vision similarity >= threshold        |
-| layer_wise   | vision, in layers >= layer_wise_from only     | vision similarity >= threshold        |
-| synchronized | vision + text + state                         | vision AND state similarity >= threshold |
-
-A reused span's rows are not computed in the layers where they are reused (the prefix attention is bidirectional,
-so the recomputed rows attend to the stale K/V; layer_wise recomputes the vision rows below `layer_wise_from` and
-drops them above). Cosine similarity never exceeds 1, so a threshold above 1 never reuses and every step is the
-no-reuse computation exactly. The store is per episode: `reset()` empties it and the first step recomputes all.
+One inference: the images are embedded (every gate needs them); the gate compares with its reference; the prefix
+runs on the rows not reused (layer plans made on the host); pi0's state token goes through the expert once unless
+reused; the flow integrates the chunk from the episode's seeded noise. The store is per episode.
 """
-
 from __future__ import annotations
 
-import math
-import numbers
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..images import resize_image, validate_image
 from ..kv_store import KVStore, LayerPlan
-from ..stats import resolve_unnorm_key
 from ..streaming import EpisodeGuard, StageClock
 from ..tokenizer import load_tokenizer
-from .config import LIBERO_ACTION_DIM, REPLAN_STEPS, SPANS
-from .model import Pi0Model, PrefixInputs, random_pi0, run_prefix
+from .checkpoint import load_pretrained
+from .config import LIBERO_ACTION_DIM, SPANS
+from .model import PiModel, PrefixInputs, random_model, run_prefix
+from .normalize import ACTION, STATE
+from .reuse import COMPARE_TO, GATES, GRIPPER, MODES, ReuseConfig, ReuseMode, gate_opens, near_contact
 
-
-@dataclass(frozen=True)
-class ReuseMode:
-    spans: tuple[str, ...]          # prefix spans whose K/V are reused when the gate opens
-    gate: str                       # "never" | "vision" | "vision+state"
-    upper_layers_only: bool = False  # reuse only in layers >= layer_wise_from (layer_wise)
-
-
-MODES: dict[str, ReuseMode] = {
-    "none": ReuseMode((), "never"),
-    "full": ReuseMode(SPANS, "vision"),
-    "vision_only": ReuseMode(("vision",), "vision"),
-    "state_only": ReuseMode(("state",), "vision"),
-    "text_fixed": ReuseMode(("text",), "vision"),
-    "layer_wise": ReuseMode(("vision",), "vision", upper_layers_only=True),
-    "synchronized": ReuseMode(SPANS, "vision+state"),
-}
-COMPARE_TO = ("previous", "anchor")
+__all__ = ["COMPARE_TO", "GATES", "MODES", "Pi0Policy", "Pi0StepRecord", "ReuseConfig", "ReuseMode", "StepInputs"]
 
 
 @dataclass
-class ReuseConfig:
-    """Everything that decides what the Pi0 policy reuses. Flat; the stability_cliff notebook mirrors it."""
+class StepInputs:
+    """One inference's inputs, as the shadow pass needs them again."""
 
-    mode: str = "full"                 # a name from MODES
-    threshold: float = 0.985           # cosine similarity at or above which the gate opens (> 1: never)
-    compare_to: str = "previous"       # "previous": the last step's embeddings (the report's gate);
-                                       # "anchor": those of the step that last computed the reused spans
-    layer_wise_from: int | None = None  # layer_wise: first prefix layer whose vision K/V are reused (None: depth // 2)
-    replan_steps: int = REPLAN_STEPS   # closed loop: actions of each chunk executed before the next inference
-    unnorm_key: str | None = None      # dataset statistics (None: the model's only entry)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"ReuseConfig.mode: unknown mode {self.mode!r}; known: {', '.join(MODES)}")
-        if not isinstance(self.threshold, numbers.Real) or not math.isfinite(self.threshold) or self.threshold < -1:
-            raise ValueError(f"ReuseConfig.threshold must be a finite cosine similarity >= -1 (> 1 never reuses), got {self.threshold!r}")
-        if self.compare_to not in COMPARE_TO:
-            raise ValueError(f"ReuseConfig.compare_to must be one of {COMPARE_TO}, got {self.compare_to!r}")
-        if self.layer_wise_from is not None and self.layer_wise_from < 0:
-            raise ValueError(f"ReuseConfig.layer_wise_from must be >= 0, got {self.layer_wise_from}")
-        if self.replan_steps < 1:
-            raise ValueError(f"ReuseConfig.replan_steps must be >= 1, got {self.replan_steps}")
+    prefix: PrefixInputs
+    state: torch.Tensor | None    # pi0: the normalised state padded to max_state_dim; None for pi0.5
+    spans: dict[str, np.ndarray]  # span -> prefix rows (pi0's state span is in the expert: no rows)
+    noise: torch.Tensor
+    raw_state: np.ndarray         # as given (relative-action checkpoints add it back to their chunk)
 
 
 @dataclass
 class Pi0StepRecord:
-    """What one control step did."""
+    """What one inference did."""
 
     step: int
     gate: bool                          # the gate opened (the mode's spans were reused)
-    vision_similarity: float            # cosine similarity to the reference step's image tokens (NaN: no reference)
-    state_similarity: float             # the same for the state token
+    vision_similarity: float            # cosine similarity of the image tokens to the reference's (NaN: none)
+    state_similarity: float             # the same for the normalised state
+    pixel_change: float                 # mean |pixel change| of the cameras since the reference (NaN: none)
+    near_contact: bool                  # phase_aware's detector: the gripper command flipped
+    moved: tuple[str, ...]              # spans whose rows moved (pi0.5's prompt changed length): computed afresh
+    spans: dict[str, np.ndarray]        # span -> its prefix rows (pi0's state: none, it is the expert's token)
     span_reuse: torch.Tensor            # [span, layer] bool: the span's K/V came from the store at that layer
-    staleness: torch.Tensor             # [span] long: steps since the span's K/V were last computed (oldest layer)
+    staleness: torch.Tensor             # [span] long: inferences since the span's K/V were last computed
     reuse_fraction: float               # share of the prefix's (token, layer) K/V taken from the store
-    chunk: np.ndarray                   # [horizon, 7] un-normalised actions
-    chunk_normalized: torch.Tensor      # [1, horizon, action_dim] the flow's output
-    noise: torch.Tensor                 # [1, horizon, action_dim] the flow's starting point
+    chunk: np.ndarray                   # [chunk, 7] un-normalised actions
+    chunk_normalized: torch.Tensor      # [1, chunk, max_action_dim] the flow's output
+    noise: torch.Tensor                 # [1, chunk, max_action_dim] the flow's starting point
     flops: dict[str, int]
     latency_ms: dict[str, float]
-    inputs: PrefixInputs | None = field(default=None, repr=False)  # kept while an observer needs a shadow pass
+    inputs: StepInputs | None = field(default=None, repr=False)  # kept while an observer needs a shadow pass
 
 
 class Pi0Policy:
-    """The Pi0-style policy behind the streaming API: `reset()` per episode, `step(image, instruction, state)`.
+    """pi0 or pi0.5 behind the streaming API: `reset()` per episode, `step(images, instruction, state)` per
+    inference -> the un-normalised chunk [chunk_size, 7].
 
     Args:
-        model: the Pi0 model.
-        tokenizer: prompt tokenizer (BOS first).
-        config: the reuse mode and its parameters.
+        model: the model (`PiModel`, pi0 or pi0.5), with its normalisation.
+        tokenizer: the prompt tokenizer (BOS first; a fast tokenizer: pi0.5 locates the state's tokens by offsets).
+        config: the reuse mode, gate and their parameters.
         seed: seeds the flow's noise; every episode (every `reset()`) draws the same noise sequence, so runs of
             different modes on the same frames differ only by what they reuse.
     """
 
     uses_state = True              # LIBERO runners pass the robot state
-    action_convention = "libero"   # gripper -1 open / +1 close, no flip (Pi0 is trained on LIBERO's convention)
+    uses_wrist = True              # and [agent view, wrist view]: openpi's base and left-wrist cameras
+    action_convention = "libero"   # gripper -1 open / +1 close, no flip (trained on LIBERO's convention)
 
-    def __init__(self, model: Pi0Model, tokenizer, config: ReuseConfig | None = None, seed: int = 0) -> None:
+    def __init__(self, model: PiModel, tokenizer, config: ReuseConfig | None = None, seed: int = 0) -> None:
+        if model.normalization is None:
+            raise ValueError("the model has no normalisation statistics (a checkpoint without policy_preprocessor.json?)")
         self.model, self.tokenizer = model, tokenizer
         self.config = config or ReuseConfig()
         self.mode = MODES[self.config.mode]
-        self.name = self.config.mode
+        self.name, self.gate_name = self.config.mode, self.config.gate_name
         self.seed = seed
-        depth = model.config.num_layers
+        depth = model.config.lm.depth
         self.layer_wise_from = depth // 2 if self.config.layer_wise_from is None else self.config.layer_wise_from
         if self.layer_wise_from >= depth:
             raise ValueError(f"ReuseConfig.layer_wise_from={self.layer_wise_from} is past the prefix LM's {depth} layers")
-        key = resolve_unnorm_key(model.norm_stats, self.config.unnorm_key)
-        stats = model.norm_stats[key]
-        self.state_mean, self.state_std = (torch.tensor(stats["state"][k], dtype=torch.float32) for k in ("mean", "std"))
-        self.action_mean, self.action_std = (np.asarray(stats["action"][k], np.float32) for k in ("mean", "std"))
         self.replan_steps = self.config.replan_steps
         self.observer = None           # a Recorder attaches itself here while it records
         self.keep_records = True
@@ -137,12 +97,25 @@ class Pi0Policy:
 
     @classmethod
     def from_preset(cls, preset: str = "pi0-tiny", seed: int = 0, config: ReuseConfig | None = None) -> "Pi0Policy":
-        """Random weights of a preset's architecture with dcvla's offline tokenizer; `seed` seeds both the weights
-        and the flow's noise."""
-        return cls(random_pi0(preset, seed), load_tokenizer(), config, seed=seed)
+        """Random weights of a preset with dcvla's offline tokenizer; `seed` seeds the weights and the noise."""
+        return cls(random_model(preset, seed), load_tokenizer(), config, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: ReuseConfig | None = None, preset: str | None = None,
+                        dtype: torch.dtype | str = torch.float32, device: str = "cpu", tokenizer: str | None = None,
+                        seed: int = 0) -> "Pi0Policy":
+        """A lerobot pi0 / pi0.5 checkpoint (`dcvla.pi0.load_pretrained`, strict). The PaliGemma tokenizer is not in
+        lerobot's checkpoints: give its directory (`tokenizer`, e.g. a download of google/paligemma-3b-pt-224), or the
+        checkpoint's own if it ships one."""
+        folder = Path(tokenizer or path)
+        if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+            raise FileNotFoundError(f"no PaliGemma tokenizer in {folder} (tokenizer.json or tokenizer.model); pass "
+                                    "tokenizer= a directory holding google/paligemma-3b-pt-224's")
+        model = load_pretrained(path, preset, dtype=dtype, device=device)
+        return cls(model, load_tokenizer(folder), config, seed=seed)
 
     def with_config(self, config: ReuseConfig) -> "Pi0Policy":
-        """Another mode on the same model and tokenizer (no weights copied)."""
+        """Another mode or gate on the same model and tokenizer (no weights copied)."""
         return Pi0Policy(self.model, self.tokenizer, config, self.seed)
 
     # ------------------------------------------------------------------------------------------- episode state
@@ -150,111 +123,133 @@ class Pi0Policy:
         """Forget the episode: the K/V store, the gate's reference, the step counter, the noise sequence."""
         self.step_index = 0
         self.store: KVStore | None = None
-        self.ref_vision: torch.Tensor | None = None
-        self.ref_state: torch.Tensor | None = None
+        self.layout: tuple | None = None         # the stored prefix's (image tokens, text rows, state rows)
+        self.moved: tuple[str, ...] = ()         # spans whose rows moved this inference (computed afresh)
+        self.state_kv: list | None = None        # pi0: the state token's expert K/V
+        self.state_kv_step = -1
+        self.ref: dict | None = None             # the gate's reference: image tokens, state, pixels
+        self.computed_step = -1                  # the last inference whose gate was closed (everything fresh)
+        self.gripper: list[float] = []           # the executed gripper commands' signs, per inference
         self.guard.reset()
         self.generator = torch.Generator().manual_seed(self.seed)
         self.last: Pi0StepRecord | None = None
         self.records: list[Pi0StepRecord] = []
-
-    # ---------------------------------------------------------------------------------------------- inputs
-    def encode_prompt(self, instruction: str) -> torch.Tensor:
-        """openpi's prompt: the instruction cleaned (underscores, newlines to spaces), BOS first, "\\n" last; a
-        ValueError when the prefix and the action positions would pass the Gemma's `max_position_embeddings`."""
-        if not isinstance(instruction, str):
-            raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
-        cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
-        if not cleaned:
-            raise ValueError("instruction is empty; the policy needs a task description")
-        ids = self.tokenizer(cleaned + "\n").input_ids
-        if ids[0] != self.tokenizer.bos_token_id:
-            ids = [self.tokenizer.bos_token_id, *ids]
-        # the prefix [image | text | state] and then the expert's action positions share one RoPE position range
-        cfg = self.model.config
-        limit = min(self.model.language_model.config.max_position_embeddings, self.model.expert.config.max_position_embeddings)
-        total = cfg.num_image_tokens + len(ids) + 1 + cfg.action_horizon
-        if total > limit:
-            over = total - limit
-            raise ValueError(
-                f"instruction too long: the Gemma would see {total} positions ({cfg.num_image_tokens} image + {len(ids)} "
-                f"text + 1 state tokens, then {cfg.action_horizon} action positions), past its max_position_embeddings "
-                f"of {limit}; shorten the instruction by at least {over} tokens (about "
-                f"{-(-over * len(instruction) // len(ids))} of its {len(instruction)} characters)"
-            )
-        return torch.tensor([ids], dtype=torch.long)
-
-    def normalize_state(self, state) -> torch.Tensor:
-        """A 1-D finite robot state (LIBERO: 8 values) -> zero-padded, normalised [state_dim] float32."""
-        dim = self.model.config.state_dim
-        arr = np.asarray(state, dtype=np.float64)
-        if arr.ndim != 1 or not 1 <= arr.shape[0] <= dim:
-            raise ValueError(f"state must be a 1-D array of at most {dim} values (LIBERO: 8), got shape {arr.shape}")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"state has non-finite values: {arr}")
-        padded = torch.zeros(dim, dtype=torch.float32)
-        padded[: arr.shape[0]] = torch.from_numpy(arr).float()
-        return (padded - self.state_mean) / self.state_std
-
-    def pixel_values(self, image) -> torch.Tensor:
-        """uint8 RGB [H, W, 3] -> [1, 3, 224, 224] in [-1, 1] (SigLIP's normalisation)."""
-        return self._pixels(validate_image(image))
-
-    def _pixels(self, image: np.ndarray) -> torch.Tensor:
-        """`pixel_values` of an image `validate_image` has already checked."""
-        size = self.model.config.vision.image_size
-        if image.shape[:2] != (size, size):
-            image = resize_image(image, size)
-        px = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0
-        return ((px - 0.5) / 0.5).to(self.model.device, self.model.dtype)
 
     @property
     def broken(self) -> bool:
         """A step failed mid-way: the store may mix two steps, and every step is refused until `reset()`."""
         return self.guard.broken
 
+    # ---------------------------------------------------------------------------------------------- inputs
+    def normalize_state(self, state) -> np.ndarray:
+        """A 1-D finite robot state (LIBERO: 8 values) -> normalised with the checkpoint's statistics (float64)."""
+        arr = np.asarray(state, dtype=np.float64)
+        if arr.ndim != 1 or not 1 <= arr.shape[0] <= self.model.config.max_state_dim:
+            raise ValueError(f"state must be a 1-D array of at most {self.model.config.max_state_dim} values "
+                             f"(LIBERO: 8), got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"state has non-finite values: {arr}")
+        expected = self.model.normalization.stats.get(STATE, {})
+        dims = {len(v) for v in expected.values()}
+        if dims and dims != {arr.shape[0]}:
+            raise ValueError(f"state has {arr.shape[0]} values; the checkpoint's statistics have {dims.pop()}")
+        return self.model.normalization.normalize(arr, STATE)
+
+    def encode_prompt(self, instruction: str, state: np.ndarray | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The prompt's token ids (BOS first), and which of them are words (`text`) and which the state (`state`).
+
+        pi0 (and openpi's pi05_libero): the instruction cleaned (underscores and newlines to spaces) + "\\n".
+        pi0.5 with `state_in_prompt` (lerobot): "Task: {cleaned}, State: {bins};\\nAction: ", the normalised state
+        cut into 256 bins over [-1, 1] (`np.digitize(x, linspace(-1, 1, 257)[:-1]) - 1`).
+        """
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+        cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
+        if not cleaned:
+            raise ValueError("instruction is empty; the policy needs a task description")
+        cfg = self.model.config
+        if cfg.state_in_prompt:
+            bins = np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+            head, numbers = f"Task: {cleaned}, State: ", " ".join(map(str, bins))
+            prompt, state_chars = f"{head}{numbers};\nAction: ", (len(head), len(head) + len(numbers))
+        else:
+            prompt, state_chars = cleaned + "\n", (0, 0)
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+        ids, offsets = list(encoded.input_ids), list(encoded.offset_mapping)
+        if ids[0] != self.tokenizer.bos_token_id:
+            ids, offsets = [self.tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
+        if len(ids) > cfg.max_token_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens, past the model's {cfg.max_token_len} (tokenizer_max_length); "
+                             f"shorten the instruction ({len(instruction)} characters)")
+        in_state = np.array([state_chars[0] <= a and b <= state_chars[1] and b > a for a, b in offsets])
+        return ids, np.flatnonzero(~in_state), np.flatnonzero(in_state)
+
+    def pixel_values(self, images) -> tuple[list[np.ndarray], torch.Tensor]:
+        """One RGB image or a list of 1..3 (agent view, wrist view): the checked images (as given, uint8) and their
+        pixels [camera, 3, size, size] at the model's size in [-1, 1] (SigLIP's normalisation, lerobot's
+        `x * 2 - 1`)."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        slots = self.model.config.num_image_slots
+        if not 1 <= len(images) <= slots:
+            raise ValueError(f"{len(images)} images; the model has {slots} camera slots (give 1..{slots})")
+        size = self.model.config.vision.image_size
+        checked = [validate_image(image) for image in images]
+        sized = [image if image.shape[:2] == (size, size) else resize_image(image, size) for image in checked]
+        px = torch.from_numpy(np.stack(sized)).permute(0, 3, 1, 2).float() / 255.0
+        return checked, (px * 2.0 - 1.0).to(self.model.device)
+
     # --------------------------------------------------------------------------------------------- one step
     @torch.inference_mode()
-    def step(self, image, instruction: str, state) -> np.ndarray:
-        """One control step -> the un-normalised action chunk [horizon, 7]; `self.last` keeps the record.
+    def step(self, images, instruction: str, state) -> np.ndarray:
+        """One inference -> the un-normalised action chunk [chunk_size, 7]; `self.last` keeps the record.
 
         Inputs are checked before anything changes; an error after that (out of memory in the expert, say, after the
         prefix has refreshed the store) marks the policy broken, and every later step raises until `reset()`."""
         self.guard.check_usable()
-        input_ids = self.encode_prompt(instruction)
+        model, cfg = self.model, self.model.config
         state_n = self.normalize_state(state)
-        image = validate_image(image)
-        self.guard.check(image.shape, input_ids)
+        ids, text_rows, state_rows = self.encode_prompt(instruction, state_n)
+        checked, pixels = self.pixel_values(images)
+        task_ids = torch.tensor([[ids[i] for i in text_rows]])  # the episode's key: the words, not the state bins
+        self.guard.check(tuple(image.shape for image in checked), task_ids)
         with self.guard.changing():  # from here on the step changes the episode's state
-            model, cfg = self.model, self.model.config
             clock = StageClock(model.device)
             with clock.stage("vision"):
-                inputs = PrefixInputs(model.embed_image(self._pixels(image)), model.embed_text(input_ids.to(model.device)),
-                                      model.embed_state(state_n.to(model.device)))
+                present = [True] * len(checked) + [False] * (cfg.num_image_slots - len(checked))
+                prefix = model.prefix_inputs(pixels, present, torch.tensor([ids], device=model.device))
+                n_vision = prefix.spans["vision"].stop
+                spans = {"vision": np.arange(n_vision), "text": n_vision + text_rows,
+                         "state": n_vision + state_rows if cfg.state_in_prompt else np.zeros(0, np.int64)}
+                padded = None if cfg.pi05 else _padded(state_n, cfg.max_state_dim, model.device)
             with clock.stage("gate"):
-                vision_sim, state_sim = _cosine(inputs.vision, self.ref_vision), _cosine(inputs.state, self.ref_state)
-                gate = self._gate(vision_sim, state_sim)
-                if self.store is None:
-                    self.store = model.new_store(inputs.length)
+                pixels01 = ((pixels.float().cpu().numpy() + 1.0) / 2.0)  # [camera, 3, size, size] in [0, 1]
+                gate, sims = self._gate(prefix, state_n, pixels01, spans)
                 span_reuse = self._span_reuse(gate)  # [span, layer]
-                plans = self._plans(inputs, span_reuse)
+                gate = gate and bool(span_reuse.any())  # a gate whose spans all moved reuses nothing
+                plans = self._plans(prefix.length, spans, span_reuse)
             with clock.stage("prefix"):
-                out = run_prefix(model, inputs, plans, self.store, self.step_index)
+                out = run_prefix(model, prefix, plans, self.store, self.step_index)
             with clock.stage("expert"):
-                noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=self.generator).to(model.device)
-                actions = model.sample_actions(self.store, noise)
-            if self.config.compare_to == "previous" or not gate:
-                self.ref_vision, self.ref_state = inputs.vision, inputs.state
+                noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=self.generator).to(model.device)
+                state_reused = gate and "state" in self.mode.spans and not cfg.pi05
+                if not cfg.pi05 and not state_reused:
+                    self.state_kv, self.state_kv_step = model.expert_state_kv(self.store, padded), self.step_index
+                actions = model.sample_actions(self.store, noise, padded, self.state_kv)
+            chunk = self.unnormalize(actions, state)
+            self._update_reference(gate, prefix, state_n, pixels01, chunk)
             record = Pi0StepRecord(
-                step=self.step_index, gate=gate, vision_similarity=vision_sim, state_similarity=state_sim,
-                span_reuse=span_reuse, staleness=self._staleness(inputs), reuse_fraction=float(out.reused.float().mean()),
-                chunk=self.unnormalize(actions), chunk_normalized=actions, noise=noise,
-                flops=model.stage_flops(out.work, inputs.length), latency_ms=clock.ms,
+                step=self.step_index, gate=gate, vision_similarity=sims["vision"], state_similarity=sims["state"],
+                pixel_change=sims["pixels"], near_contact=sims["contact"], moved=self.moved, spans=spans,
+                span_reuse=span_reuse,
+                staleness=self._staleness(spans), reuse_fraction=float(out.reused.float().mean()), chunk=chunk,
+                chunk_normalized=actions, noise=noise, latency_ms=clock.ms,
+                flops=model.stage_flops(out.work, prefix.length, len(checked), state_reused),
             )
-            self._emit(record, inputs)
+            self._emit(record, StepInputs(prefix, padded, spans, noise, np.asarray(state, np.float64)))
             return record.chunk
 
-    def _emit(self, record: Pi0StepRecord, inputs: PrefixInputs) -> None:
-        """Keep the record and hand it to the observer (with the prefix inputs its shadow pass needs)."""
+    def _emit(self, record: Pi0StepRecord, inputs: StepInputs) -> None:
+        """Keep the record and hand it to the observer (with the inputs its shadow pass needs)."""
         self.last = record
         if self.keep_records:
             self.records.append(record)
@@ -264,33 +259,61 @@ class Pi0Policy:
             record.inputs = None
         self.step_index += 1
 
-    def _gate(self, vision_sim: float, state_sim: float) -> bool:
-        threshold, kind = self.config.threshold, self.mode.gate
-        if kind == "never" or math.isnan(vision_sim):  # NaN: the episode's first step has nothing to reuse
-            return False
-        if kind == "vision+state":
-            return vision_sim >= threshold and state_sim >= threshold
-        return vision_sim >= threshold
+    # ------------------------------------------------------------------------------------------------ gates
+    def _gate(self, prefix: PrefixInputs, state_n: np.ndarray, pixels01: np.ndarray, spans: dict[str, np.ndarray]
+              ) -> tuple[bool, dict]:
+        """Whether the mode's spans may reuse, and what the gate measured. A prefix laid out unlike the stored one
+        (a new episode, or pi0.5's state bins changing the prompt's length) is computed afresh."""
+        vision = torch.cat(prefix.images, dim=1)
+        ref = self.ref
+        sims = {"vision": float("nan"), "state": float("nan"), "pixels": float("nan"), "contact": near_contact(self.gripper)}
+        if ref is not None:
+            sims["vision"] = _cosine(vision, ref["vision"])
+            sims["state"] = _cosine(torch.from_numpy(state_n), torch.from_numpy(ref["state"]))
+            sims["pixels"] = float(np.abs(pixels01 - ref["pixels"]).mean()) if ref["pixels"].shape == pixels01.shape else float("inf")
+        self.moved = ()
+        n_vision = len(spans["vision"])
+        layout = (n_vision, tuple(spans["text"]), tuple(spans["state"]))
+        if self.store is None or self.layout is None or n_vision != self.layout[0]:  # a new episode, or new cameras
+            self.store, self.layout, self.state_kv = self.model.new_store(prefix.length), layout, None
+            return False, sims
+        if layout != self.layout:  # pi0.5's state bins changed the prompt's tokens: its spans moved
+            self.moved, self.layout = ("text", "state"), layout
+            if prefix.length != self.store.num_slots:  # the image tokens come first: their slots and K/V carry over
+                self.store = _carry_over(self.store, self.model.new_store(prefix.length), n_vision)
+        if not self.mode.spans or ref is None:
+            return False, sims
+        return gate_opens(self.config, sims, self.step_index - self.computed_step), sims
 
+    def _update_reference(self, gate: bool, prefix: PrefixInputs, state_n: np.ndarray, pixels01: np.ndarray,
+                          chunk: np.ndarray) -> None:
+        if not gate:
+            self.computed_step = self.step_index
+        if self.config.compare_to == "previous" or not gate:
+            self.ref = {"vision": torch.cat(prefix.images, dim=1), "state": state_n, "pixels": pixels01}
+        self.gripper.append(chunk[: self.replan_steps, GRIPPER].copy())
+
+    # ------------------------------------------------------------------------------------------------ plans
     def _span_reuse(self, gate: bool) -> torch.Tensor:
-        depth = self.model.config.num_layers
+        depth = self.model.config.lm.depth
         reuse = torch.zeros(len(SPANS), depth, dtype=torch.bool)
         if gate:
             first = self.layer_wise_from if self.mode.upper_layers_only else 0
             for span in self.mode.spans:
-                reuse[SPANS.index(span), first:] = True
+                if span not in self.moved:
+                    reuse[SPANS.index(span), first:] = True
         return reuse
 
-    def _plans(self, inputs: PrefixInputs, span_reuse: torch.Tensor) -> list[LayerPlan]:
+    def _plans(self, length: int, spans: dict[str, np.ndarray], span_reuse: torch.Tensor) -> list[LayerPlan]:
         """Per layer, the prefix rows computed: all but the reused spans' (a layer's rows shrink monotonically).
         Made on the host; a layer whose rows are the previous layer's shares its plan (one copy to the device each)."""
-        spans, reuse = inputs.spans, span_reuse.numpy()  # [span, layer]
+        reuse = span_reuse.numpy()  # [span, layer]
         plans: list[LayerPlan] = []
         for layer in range(reuse.shape[1]):
             if layer and np.array_equal(reuse[:, layer], reuse[:, layer - 1]):
                 plans.append(plans[-1])
                 continue
-            keep = np.ones(inputs.length, dtype=bool)
+            keep = np.ones(length, dtype=bool)
             for i, span in enumerate(SPANS):
                 if reuse[i, layer]:
                     keep[spans[span]] = False
@@ -299,29 +322,56 @@ class Pi0Policy:
             plans.append(LayerPlan.from_host(rows, ones, ones, self.model.device))
         return plans
 
-    def _staleness(self, inputs: PrefixInputs) -> torch.Tensor:
+    def _staleness(self, spans: dict[str, np.ndarray]) -> torch.Tensor:
+        """[span]: inferences since each span's K/V were computed (its oldest layer); pi0's state: its expert K/V."""
         computed = self.store.computed_at.cpu()  # [layer, slot]
-        return torch.stack([self.step_index - computed[:, s].min() for s in inputs.spans.values()])
+        out = []
+        for span in SPANS:
+            rows = spans[span]
+            if len(rows):
+                out.append(self.step_index - int(computed[:, torch.from_numpy(rows)].min()))
+            else:  # pi0's state token lives in the expert
+                out.append(self.step_index - self.state_kv_step if not self.model.config.pi05 else 0)
+        return torch.tensor(out)
 
-    def unnormalize(self, actions: torch.Tensor) -> np.ndarray:
-        """[1, horizon, action_dim] normalised -> [horizon, 7] with the dataset's mean/std (LIBERO's 7 dims)."""
-        a = actions[0, :, :LIBERO_ACTION_DIM].float().cpu().numpy()
-        return a * self.action_std[:LIBERO_ACTION_DIM] + self.action_mean[:LIBERO_ACTION_DIM]
+    def unnormalize(self, actions: torch.Tensor, state) -> np.ndarray:
+        """[1, chunk, max_action_dim] normalised -> [chunk, 7] with the checkpoint's statistics; the dims a
+        pi0_libero-style checkpoint predicts relative to the state get the raw state added back."""
+        a = actions[0, :, :LIBERO_ACTION_DIM].float().cpu().numpy().astype(np.float64)
+        a = self.model.normalization.normalize(a, ACTION, inverse=True)
+        delta = self.model.config.delta_action_dims
+        if delta:
+            a[:, :delta] += np.asarray(state, np.float64)[:delta]
+        return a
 
     # ------------------------------------------------------------------------------------------ shadow pass
     @torch.inference_mode()
-    def no_reuse_pass(self, inputs: PrefixInputs, noise: torch.Tensor) -> tuple[torch.Tensor, KVStore]:
-        """A full recompute of one step's prefix into a throwaway store, then the flow from the same noise:
-        the reference of drift recording. Returns (actions [1, horizon, action_dim], the fresh store)."""
-        store = self.model.new_store(inputs.length)
-        depth = self.model.config.num_layers
-        run_prefix(self.model, inputs, [LayerPlan.full(inputs.length, self.model.device)] * depth, store, 0)
-        return self.model.sample_actions(store, noise), store
+    def no_reuse_pass(self, inputs: StepInputs) -> tuple[torch.Tensor, KVStore]:
+        """A full recompute of one inference (prefix into a throwaway store, pi0's state token, the flow from the
+        same noise): the reference of drift recording. Returns (actions [1, chunk, max_action_dim], the store)."""
+        store = self.model.new_store(inputs.prefix.length)
+        run_prefix(self.model, inputs.prefix, None, store, 0)
+        state_kv = None if inputs.state is None else self.model.expert_state_kv(store, inputs.state)
+        return self.model.sample_actions(store, inputs.noise, inputs.state, state_kv), store
+
+
+def _carry_over(old: KVStore, new: KVStore, slots: int) -> KVStore:
+    """`new` holding `old`'s K/V and computation steps for the first `slots` slots (the image tokens)."""
+    new.keys[:, :, :slots] = old.keys[:, :, :slots]
+    new.values[:, :, :slots] = old.values[:, :, :slots]
+    new.computed_at[:, :slots] = old.computed_at[:, :slots]
+    return new
+
+
+def _padded(state_n: np.ndarray, dim: int, device) -> torch.Tensor:
+    out = torch.zeros(dim, dtype=torch.float32)
+    out[: len(state_n)] = torch.from_numpy(state_n).float()
+    return out.to(device)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor | None) -> float:
     """Cosine similarity of two embeddings, flattened, in float32, clamped to [-1, 1] (float32 rounding can give
     1.0000002 for identical inputs, and a threshold above 1 must never open the gate). NaN without a reference."""
-    if b is None:
+    if b is None or a.shape != b.shape:
         return float("nan")
     return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).clamp(-1.0, 1.0))

@@ -1,10 +1,11 @@
-"""Recording the Pi0-style policy: its schema and the recorder that writes it (`recorder_for(pi0_policy)`).
+"""Recording pi0 / pi0.5 with reuse: the schema and the recorder that writes it (`recorder_for(pi0_policy)`).
 
-Per control step: the gate's decision and both similarities, which spans were reused at which layer, the
-reused share of the prefix K/V, each span's staleness, the action chunk, FLOPs and latency per stage. With
-`drift=True` a no-reuse shadow pass of the same step from the same noise gives `action_ref`, `action_drift`
-and the drift of the prefix K/V the expert read (`k_drift`, `v_drift`). A step that reused nothing is the
-no-reuse computation itself, so it is its own reference (drift exactly 0) and the shadow is skipped there.
+Per inference: the gate's decision and what it measured (image-token and state similarity, pixel change, the
+phase detector), which spans were reused at which layer, the reused share of the prefix K/V, each span's staleness,
+the action chunk, FLOPs and latency per stage. With `drift=True` a no-reuse shadow pass of the same inference from
+the same noise gives `action_ref`, `action_drift` and the drift of the prefix K/V the expert read (`k_drift`,
+`v_drift`; pi0's state span lives in the expert and has none). An inference that reused nothing is the no-reuse
+computation itself, so it is its own reference (drift exactly 0) and the shadow is skipped there.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import torch
 
 from ..recording import METRICS, Recorder, Schema, distances, register_recorder
 from .config import LIBERO_ACTION_DIM, SPANS
@@ -21,8 +23,10 @@ from .policy import Pi0Policy, Pi0StepRecord
 PI0_STAGES = ("vision", "gate", "prefix", "expert")
 PI0_VARIABLES: dict[str, tuple[str, ...]] = {
     "gate": (),                                   # the gate opened: the mode's spans were reused
-    "vision_similarity": (),                      # cosine similarity of the image tokens to the reference step's
-    "state_similarity": (),                       # the same for the state token
+    "vision_similarity": (),                      # cosine similarity of the image tokens to the reference's
+    "state_similarity": (),                       # the same for the normalised state
+    "pixel_change": (),                           # mean |pixel change| in [0, 1] since the reference
+    "near_contact": (),                           # phase_aware's detector: the gripper command flipped
     "span_reuse": ("span", "layer"),              # K/V of the span taken from the store at that prefix layer
     "reuse_fraction": (),                         # share of the prefix's (token, layer) K/V taken from the store
     "staleness": ("span",),                       # steps since the span's K/V were computed (oldest layer)
@@ -35,7 +39,8 @@ PI0_VARIABLES: dict[str, tuple[str, ...]] = {
     "v_drift": ("span", "layer", "metric"),
 }
 PI0_VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
-    "reuse": ("gate", "vision_similarity", "state_similarity", "span_reuse", "reuse_fraction"),
+    "reuse": ("gate", "vision_similarity", "state_similarity", "pixel_change", "near_contact", "span_reuse",
+              "reuse_fraction"),
     "staleness": ("staleness",),
     "actions": ("action",),
     "flops": ("flops",),
@@ -46,7 +51,7 @@ SCHEMA = Schema(PI0_VARIABLES, PI0_VARIABLE_GROUPS)
 
 @register_recorder(Pi0Policy)
 class Pi0Recorder(Recorder):
-    """Records a `Pi0Policy`'s steps into an `xarray.Dataset` (dims frame = control step, span, layer, horizon,
+    """Records a `Pi0Policy`'s inferences into an `xarray.Dataset` (dims frame = inference, span, layer, horizon,
     action_dim, stage, metric).
 
     Args:
@@ -66,9 +71,9 @@ class Pi0Recorder(Recorder):
         if not isinstance(policy, Pi0Policy):
             raise TypeError(f"Pi0Recorder needs a dcvla.pi0.Pi0Policy, got {type(policy).__name__}")
         super().__init__(policy, what, drift, path, labels, control_hz)
-        self.n_layers = policy.model.config.num_layers
-        self.attrs.update({"family": "pi0", "threshold": float(policy.config.threshold),
-                           "layer_wise_from": policy.layer_wise_from})
+        self.n_layers = policy.model.config.lm.depth
+        self.attrs.update({"family": "pi0", "variant": policy.model.config.variant, "gate": policy.gate_name,
+                           "threshold": float(policy.config.threshold), "layer_wise_from": policy.layer_wise_from})
 
     def coords(self) -> dict[str, np.ndarray]:
         return {"span": np.array(SPANS), "layer": np.arange(self.n_layers), "stage": np.array(PI0_STAGES),
@@ -76,7 +81,7 @@ class Pi0Recorder(Recorder):
 
     def sizes(self) -> dict[str, int]:
         cfg = self.policy.model.config
-        return {"span": len(SPANS), "layer": self.n_layers, "horizon": cfg.action_horizon, "action_dim": LIBERO_ACTION_DIM,
+        return {"span": len(SPANS), "layer": self.n_layers, "horizon": cfg.chunk_size, "action_dim": LIBERO_ACTION_DIM,
                 "stage": len(PI0_STAGES), "metric": len(METRICS)}
 
     def frame_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
@@ -85,6 +90,8 @@ class Pi0Recorder(Recorder):
             out["gate"] = np.array(record.gate)
             out["vision_similarity"] = np.array(record.vision_similarity, np.float32)
             out["state_similarity"] = np.array(record.state_similarity, np.float32)
+            out["pixel_change"] = np.array(record.pixel_change, np.float32)
+            out["near_contact"] = np.array(record.near_contact)
             out["span_reuse"] = record.span_reuse.numpy()
             out["reuse_fraction"] = np.array(record.reuse_fraction, np.float32)
         if "staleness" in self.what:
@@ -103,12 +110,15 @@ class Pi0Recorder(Recorder):
         if record.reuse_fraction == 0:  # nothing reused: the step is the no-reuse pass itself
             chunk_ref = record.chunk
         else:
-            ref_actions, fresh = policy.no_reuse_pass(record.inputs, record.noise)
-            chunk_ref = policy.unnormalize(ref_actions)
-            for i, span in enumerate(record.inputs.spans.values()):
+            ref_actions, fresh = policy.no_reuse_pass(record.inputs)
+            chunk_ref = policy.unnormalize(ref_actions, record.inputs.raw_state)
+            for i, span in enumerate(SPANS):
+                rows = torch.from_numpy(record.inputs.spans[span])
+                if not len(rows):
+                    continue  # pi0's state token: its K/V are the expert's, not the prefix's
                 for layer in range(self.n_layers):
-                    kv["k"][i, layer] = distances(policy.store.keys[layer][:, span], fresh.keys[layer][:, span]).mean(0)
-                    kv["v"][i, layer] = distances(policy.store.values[layer][:, span], fresh.values[layer][:, span]).mean(0)
+                    kv["k"][i, layer] = distances(policy.store.keys[layer][:, rows], fresh.keys[layer][:, rows]).mean(0)
+                    kv["v"][i, layer] = distances(policy.store.values[layer][:, rows], fresh.values[layer][:, rows]).mean(0)
         drift = np.linalg.norm(record.chunk - chunk_ref, axis=-1).mean()
         return {"action_ref": chunk_ref.astype(np.float32), "action_drift": np.array(drift, np.float32),
                 "k_drift": kv["k"], "v_drift": kv["v"]}

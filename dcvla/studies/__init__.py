@@ -5,5 +5,5 @@
     cache_behaviour          reuse, savings and drift per method
     long_horizon_stability   drift over long episodes, parameter sweeps, where drift jumps
     libero_benchmark         closed-loop LIBERO success per method (BenchmarkConfig, evaluate, success_table)
-    stability_cliff          the Pi0-style policy's prefix K/V reuse per mode and threshold
+    stability_cliff          pi0 / pi0.5 K/V reuse across inferences per mode, gate and threshold
 """

@@ -1,4 +1,5 @@
-"""The stability cliff study on the Pi0-style policy: prefix K/V reuse gated by frame similarity, per mode and threshold."""
+"""The stability cliff study on pi0 / pi0.5: K/V reuse across inferences under each mode and gate, swept over the
+gate's parameter (a cosine threshold, a cache interval, a pixel-change bound), against the no-reuse run."""
 
 from __future__ import annotations
 
@@ -13,42 +14,62 @@ from ..devices import parse_dtype, place
 from ..io import open_recording
 from ..libero.episodes import Episode
 from ..libero.protocol import policy_input
-from ..pi0 import PI0_PRESETS
-from ..pi0.policy import COMPARE_TO, MODES, Pi0Policy, ReuseConfig
+from ..pi0 import PRESETS as PI0_PRESETS
+from ..pi0.policy import COMPARE_TO, GATES, MODES, Pi0Policy, ReuseConfig
 from ..recording import record_episode
 from .common import SUITES, Parameters, check_device, check_names, episodes, find_cliff
 
 CLIFF_MODES = ("full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized")
 CLIFF_THRESHOLDS = (0.97, 0.98, 0.985, 0.99, 0.995)  # the report's
+EXTRA_GATES = ("max_age", "pixel_mae", "phase_aware")  # beyond the report's cosine gate (and its synchronized mode)
+#: The gate's swept parameter, per gate: its ReuseConfig field and the CliffConfig list of values.
+GATE_PARAMETER = {"cosine": ("threshold", "thresholds"), "synchronized": ("threshold", "thresholds"),
+                  "phase_aware": ("threshold", "thresholds"), "max_age": ("max_age", "max_ages"),
+                  "pixel_mae": ("pixel_threshold", "pixel_thresholds")}
+Key = tuple[str, str, float | None, str]  # (mode, gate, value, episode); the reference: ("none", "", None, episode)
 
 
 @dataclass
 class CliffConfig(Parameters):
     """The stability_cliff notebook's parameters (the shared ones keep StudyConfig's names)."""
 
-    preset: str = "small"                # "small"/"tiny" run pi0-small/pi0-tiny; or any Pi0 preset name
+    preset: str = "small"                # "small"/"tiny": pi0-small/pi0-tiny; or any pi0/pi0.5 preset (pi05-small)
+    pi0_checkpoint: str = ""             # a lerobot pi0 / pi0.5 checkpoint directory instead of random weights
+    pi0_tokenizer: str = ""              # the PaliGemma tokenizer's directory, for a checkpoint that ships none
     seed: int = 0                        # weights seed; also seeds the flow's noise (the same for every mode)
     device: str = "cpu"
     dtype: str = "float32"
-    modes: list[str] = field(default_factory=lambda: list(CLIFF_MODES))
+    modes: list[str] = field(default_factory=lambda: list(CLIFF_MODES))  # run under each mode's own gate
     thresholds: list[float] = field(default_factory=lambda: list(CLIFF_THRESHOLDS))
+    gates: list[str] = field(default_factory=lambda: list(EXTRA_GATES))  # run on `gate_modes`, swept as below
+    gate_modes: list[str] = field(default_factory=lambda: ["full"])
+    max_ages: list[int] = field(default_factory=lambda: [2, 3, 4])        # max_age: cache intervals
+    pixel_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.04])  # pixel_mae
+    phase_threshold: float = 0.995       # phase_aware near a grasp or a place (thresholds elsewhere)
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     episodes_per_suite: int = 1          # shipped episodes per suite (0 = all)
-    steps: int = 6                       # control steps (inferences) per episode
+    steps: int = 6                       # inferences per episode
     replan_steps: int = 5                # frames between inferences: openpi's LIBERO client executes 5 actions
-    compare_to: str = "previous"         # the gate's reference: "previous" step (the report) or "anchor"
+    compare_to: str = "previous"         # the gate's reference: "previous" inference (the report) or "anchor"
     runs_dir: str = "data/runs"
     figures_dir: str = "figures"
 
     def __post_init__(self) -> None:
         self.check_types()
-        self.pi0_preset()  # an unknown preset fails here, naming the known ones
+        if not self.pi0_checkpoint:
+            self.pi0_preset()  # an unknown preset fails here, naming the known ones
         parse_dtype(self.dtype, "CliffConfig.dtype")
         check_device(self.device, "CliffConfig.device")
-        check_names("CliffConfig.modes", self.modes, tuple(m for m in MODES if m != "none"), "known")
+        reusing = tuple(m for m in MODES if m != "none")
+        check_names("CliffConfig.modes", self.modes, reusing, "known")
+        check_names("CliffConfig.gate_modes", self.gate_modes, reusing, "known")
+        check_names("CliffConfig.gates", self.gates, GATES, "known")
         check_names("CliffConfig.suites", self.suites, SUITES, "shipped suites")
-        if not self.thresholds:
-            raise ValueError("CliffConfig.thresholds is empty")
+        for name in ("thresholds",) + tuple(GATE_PARAMETER[g][1] for g in self.gates):
+            if not getattr(self, name):
+                raise ValueError(f"CliffConfig.{name} is empty")
+        if any(age < 1 for age in self.max_ages):
+            raise ValueError(f"CliffConfig.max_ages must be >= 1 (1 never reuses), got {self.max_ages}")
         if self.steps < 2 or self.replan_steps < 1 or self.episodes_per_suite < 0:
             raise ValueError(f"CliffConfig: steps must be >= 2 (the first has nothing to reuse), replan_steps >= 1, "
                              f"episodes_per_suite >= 0; got {self.steps}, {self.replan_steps}, {self.episodes_per_suite}")
@@ -59,106 +80,136 @@ class CliffConfig(Parameters):
         for name in (self.preset, f"pi0-{self.preset}"):
             if name in PI0_PRESETS:
                 return name
-        raise ValueError(f"CliffConfig.preset: no Pi0 preset for {self.preset!r}; known: {', '.join(PI0_PRESETS)} "
+        raise ValueError(f"CliffConfig.preset: no pi0/pi0.5 preset for {self.preset!r}; known: {', '.join(PI0_PRESETS)} "
                          "(or small, tiny)")
 
+    def model_name(self) -> str:
+        return Path(self.pi0_checkpoint).name if self.pi0_checkpoint else self.pi0_preset()
 
-def pi0_base(config: CliffConfig):
-    """The no-reuse Pi0 policy (random weights of the configured preset) whose model every mode shares."""
+    def grid(self) -> list[tuple[str, str, float]]:
+        """(mode, gate, value) of every run but the reference: each mode under its own gate over `thresholds`, then
+        each of `gates` on `gate_modes` over that gate's values."""
+        own = [(m, MODES[m].gate, t) for m in self.modes for t in self.thresholds]
+        extra = [(m, g, v) for m in self.gate_modes for g in self.gates for v in getattr(self, GATE_PARAMETER[g][1])]
+        return list(dict.fromkeys(own + extra))
+
+    def reuse_config(self, mode: str, gate: str, value: float | None) -> ReuseConfig:
+        common = dict(compare_to=self.compare_to, replan_steps=self.replan_steps, phase_threshold=self.phase_threshold)
+        if value is None:  # the reference: nothing reused
+            return ReuseConfig(mode="none", **common)
+        return ReuseConfig(mode=mode, gate=gate, **common, **{GATE_PARAMETER[gate][0]: value})
+
+
+def pi0_base(config: CliffConfig) -> Pi0Policy:
+    """The no-reuse policy whose model every mode shares: a checkpoint, or the random weights of the preset."""
     dtype = parse_dtype(config.dtype, "CliffConfig.dtype")
-    policy = Pi0Policy.from_preset(config.pi0_preset(), seed=config.seed,
-                                   config=ReuseConfig(mode="none", replan_steps=config.replan_steps))
+    none = ReuseConfig(mode="none", replan_steps=config.replan_steps)
+    if config.pi0_checkpoint:
+        return Pi0Policy.from_pretrained(config.pi0_checkpoint, none, dtype=dtype, device=config.device,
+                                         tokenizer=config.pi0_tokenizer or None, seed=config.seed)
+    policy = Pi0Policy.from_preset(config.pi0_preset(), seed=config.seed, config=none)
     place(policy.model, config.device, dtype)  # RoPE's inverse frequencies stay float32
     return policy
 
 
 def pi0_episode_inputs(episode: Episode, steps: int, replan_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """The frames and robot states the policy sees at each inference: every `replan_steps`-th frame from the start,
-    `steps` of them, resized to 224 without the OpenVLA center crop (openpi resizes the whole view)."""
+    """The images and robot states the policy sees at each inference: every `replan_steps`-th frame from the start,
+    `steps` of them, [inference, camera (agent view, wrist view), 224, 224, 3] resized without the OpenVLA center
+    crop (openpi resizes the whole view)."""
     index = np.arange(0, len(episode), replan_steps)[:steps]
-    return np.stack([policy_input(episode.frames[i], crop=False) for i in index]), episode.states[index]
+    cameras = [episode.frames] + ([episode.wrist_frames] if episode.has_wrist else [])
+    images = np.stack([np.stack([policy_input(frames[i], crop=False) for frames in cameras]) for i in index])
+    return images, episode.states[index]
 
 
-def cliff_run_path(config: CliffConfig, mode: str, episode: Episode, threshold: float | None) -> Path:
+def cliff_run_path(config: CliffConfig, mode: str, gate: str, episode: Episode, value: float | None) -> Path:
     name = episode.name.replace("/", "_") + f"_s{config.steps}_r{config.replan_steps}_{config.compare_to}"
-    tag = "" if threshold is None else f"_t{threshold:g}"
-    return Path(config.runs_dir) / "stability_cliff" / config.pi0_preset() / mode / f"{name}{tag}.nc"
+    tag = "" if value is None else f"_{gate}{value:g}"
+    if gate == "phase_aware":
+        tag += f"_p{config.phase_threshold:g}"
+    return Path(config.runs_dir) / "stability_cliff" / config.model_name() / mode / f"{name}{tag}.nc"
 
 
-def record_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> dict[tuple[str, float | None, str], Path]:
-    """Record the no-reuse reference and every (mode, threshold) on the configured episodes (resumable).
+def record_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> dict[Key, Path]:
+    """Record the no-reuse reference and every (mode, gate, value) of `config.grid()` on the configured episodes
+    (resumable).
 
     Every run of an episode draws the same noise (the policy's seed), so a run's action drift against the
-    reference run is exactly its drift against a no-reuse shadow pass of each step (tests/test_pi0.py checks this),
-    at half the cost. Returns {(mode, threshold, episode): path}; the reference has mode "none", threshold None.
+    reference run is exactly its drift against a no-reuse shadow pass of each inference (tests/test_pi0_record.py
+    checks this), at half the cost. Returns {(mode, gate, value, episode): path}; the reference is
+    ("none", "", None, episode).
     """
     base = base or pi0_base(config)
     eps = episodes(config)
-    grid = [("none", None)] + [(m, t) for m in config.modes for t in config.thresholds]
+    grid = [("none", "", None)] + config.grid()
     if eps:  # warm up (allocator, kernels) so the reference run's latency is not the cold start's
-        frames, states = pi0_episode_inputs(eps[0], 2, config.replan_steps)
-        for frame, state in zip(frames, states):
-            base.step(frame, eps[0].instruction, state)
+        images, states = pi0_episode_inputs(eps[0], 2, config.replan_steps)
+        for image, state in zip(images, states):
+            base.step(list(image), eps[0].instruction, state)
         base.reset()
     paths = {}
     for episode in eps:
-        frames, states = pi0_episode_inputs(episode, config.steps, config.replan_steps)
-        for mode, threshold in grid:
-            policy = base.with_config(ReuseConfig(mode=mode, threshold=2.0 if threshold is None else threshold,
-                                                  compare_to=config.compare_to, replan_steps=config.replan_steps))
-            path = cliff_run_path(config, mode, episode, threshold)
+        images, states = pi0_episode_inputs(episode, config.steps, config.replan_steps)
+        for mode, gate, value in grid:
+            policy = base.with_config(config.reuse_config(mode, gate, value))
+            path = cliff_run_path(config, mode, gate, episode, value)
             if progress and not path.exists():
-                print(f"[stability_cliff] {mode:<12} {'' if threshold is None else threshold:<6} {episode.name}", flush=True)
+                print(f"[stability_cliff] {mode:<12} {gate:<12} {'' if value is None else value:<6} {episode.name}", flush=True)
             labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": "stability_cliff"}
-            paths[(mode, threshold, episode.name)] = record_episode(
-                policy, frames, episode.instruction, path, states=states, labels=labels, control_hz=20.0 / config.replan_steps)
+            paths[(mode, gate, value, episode.name)] = record_episode(
+                policy, images, episode.instruction, path, states=states, labels=labels,
+                control_hz=20.0 / config.replan_steps)
     return paths
 
 
-def load_cliff_runs(paths: dict[tuple[str, float | None, str], Path]) -> dict[tuple[str, float | None, str], xr.Dataset]:
+def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:
     """`record_cliff_runs`' files, opened once, under the same keys."""
     return {key: open_recording(p) for key, p in paths.items()}
 
 
-def cliff_table(runs: dict[tuple[str, float | None, str], xr.Dataset]) -> pd.DataFrame:
-    """Per (mode, threshold): reuse rate (share of inferences whose gate opened), K/V reuse (share of the prefix's
-    token-layer K/V reused, "KV reuse"), latency and Hz (mean per inference), speedup and FLOPs ratio against the no-reuse
-    reference, and the action drift to the reference (mean L2 per action over chunk and steps; also its max)."""
+def cliff_table(runs: dict[Key, xr.Dataset]) -> pd.DataFrame:
+    """Per (mode, gate, value): reuse rate (share of inferences whose gate opened), K/V reuse (share of the prefix's
+    token-layer K/V reused, "KV reuse"), latency and Hz (mean per inference), speedup and FLOPs ratio against the
+    no-reuse reference, the action drift to the reference (mean L2 per action over chunk and inferences; also its
+    max) and the drift per reuse (action drift / reuse rate: what one reusing inference costs)."""
     rows = []
-    for (mode, threshold, episode), ds in runs.items():
+    for (mode, gate, value, episode), ds in runs.items():
         if mode == "none":
             continue
-        ref = runs[("none", None, episode)]
+        ref = runs[("none", "", None, episode)]
         drift = np.linalg.norm(ds.action.values - ref.action.values, axis=-1).mean(-1)  # [frame]
         ms = ds.latency_ms.sum("stage").values
-        rows.append({"mode": mode, "threshold": threshold, "episode": episode,
+        rows.append({"mode": mode, "gate": gate, "value": value, "episode": episode,
                      "reuse rate": float(ds.gate.mean()), "KV reuse": float(ds.reuse_fraction.mean()),
                      "latency ms": float(ms.mean()), "reference ms": float(ref.latency_ms.sum("stage").mean()),
                      "flops": float(ds.flops.sum()), "reference flops": float(ref.flops.sum()),
                      "action drift": float(drift.mean()), "max action drift": float(drift.max()),
                      "vision staleness": float(ds.staleness.sel(span="vision").mean()), "steps": ds.sizes["frame"]})
     per_episode = pd.DataFrame(rows)
-    table = per_episode.groupby(["mode", "threshold"], as_index=False).agg(
+    table = per_episode.groupby(["mode", "gate", "value"], as_index=False).agg(
         {"reuse rate": "mean", "KV reuse": "mean", "latency ms": "mean", "reference ms": "mean", "flops": "sum",
          "reference flops": "sum", "action drift": "mean", "max action drift": "max", "vision staleness": "mean", "steps": "sum"})
     table["Hz"] = 1000.0 / table["latency ms"]
     table["speedup"] = table["reference ms"] / table["latency ms"]
     table["FLOPs ratio"] = table["reference flops"] / table["flops"]
+    table["drift per reuse"] = table["action drift"] / table["reuse rate"].replace(0, np.nan)
     return table.drop(columns=["flops", "reference flops"])
 
 
 def locate_cliff(table: pd.DataFrame, metric: str = "action drift") -> pd.DataFrame:
-    """Per mode: the threshold step where `metric` rises the most as the threshold is lowered (find_cliff's rule)."""
-    cliffs = find_cliff(table.rename(columns={"mode": "method", "threshold": "value"}).assign(parameter="threshold"), metric)
-    return cliffs.rename(columns={"method": "mode", "from": "threshold low", "to": "threshold high",
-                                  f"{metric} before": f"{metric} at low", f"{metric} after": f"{metric} at high"})
+    """Per (gate, mode): the step between consecutive values of the gate's parameter where `metric` jumps the most
+    (find_cliff's rule), with the jump as a multiple of the median step."""
+    cliffs = find_cliff(table.rename(columns={"mode": "method", "gate": "parameter"}), metric)
+    return cliffs.rename(columns={"method": "mode", "parameter": "gate", f"{metric} before": f"{metric} at from",
+                                  f"{metric} after": f"{metric} at to"})
 
 
 def consistency_vs_freshness(table: pd.DataFrame, consistent: str = "full", fresh: str = "vision_only") -> pd.DataFrame:
-    """H4 on the Pi0-style policy: at each threshold (the same gate, so the same reuse rate under compare_to
+    """H4 on pi0 / pi0.5: at each cosine threshold (the same gate, so the same reuse rate under compare_to
     "previous"), the drift of reusing every span together vs reusing vision with a freshly computed text and state."""
-    a = table[table["mode"] == consistent].set_index("threshold")
-    b = table[table["mode"] == fresh].set_index("threshold")
+    cosine = table[table["gate"] == "cosine"]
+    a = cosine[cosine["mode"] == consistent].set_index("value").rename_axis("threshold")
+    b = cosine[cosine["mode"] == fresh].set_index("value").rename_axis("threshold")
     common = a.index.intersection(b.index)
     out = pd.DataFrame({
         f"reuse rate {consistent}": a.loc[common, "reuse rate"], f"reuse rate {fresh}": b.loc[common, "reuse rate"],
@@ -176,3 +227,21 @@ def consistency_vs_freshness(table: pd.DataFrame, consistent: str = "full", fres
 
 
 SAME_DRIFT = 0.05  # drift ratios within 5% of 1 count as no difference between two modes
+
+
+def gates_at_equal_reuse(table: pd.DataFrame, mode: str = "full", grid: int = 5) -> pd.DataFrame:
+    """The gates compared at equal reuse: per gate, its action drift interpolated (linearly, in reuse rate) at
+    `grid` reuse rates every gate's sweep covers; the lower drift reuses more wisely."""
+    rows = table[table["mode"] == mode]
+    curves = {g: c.groupby("reuse rate")["action drift"].mean().sort_index() for g, c in rows.groupby("gate")}
+    curves = {g: c for g, c in curves.items() if len(c) >= 2}
+    if not curves:
+        return pd.DataFrame()
+    lo, hi = max(c.index.min() for c in curves.values()), min(c.index.max() for c in curves.values())
+    if lo > hi:
+        return pd.DataFrame()
+    rates = np.linspace(lo, hi, grid)
+    out = pd.DataFrame({"reuse rate": rates})
+    for gate, curve in curves.items():
+        out[f"drift {gate}"] = np.interp(rates, curve.index.to_numpy(), curve.to_numpy())
+    return out

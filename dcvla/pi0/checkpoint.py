@@ -6,7 +6,7 @@ A lerobot policy directory holds `model.safetensors` (or shards with an index), 
 names a `normalizer_processor` step whose statistics are in the safetensors file it names (`<feature>.<stat>`), with
 the mode per feature type (`norm_map`: pi0 MEAN_STD, pi0.5 QUANTILES, or what a fine-tune chose).
 
-Key names are the model's (`dcvla.pi0.published.model.PiModel` mirrors lerobot's module tree), read as lerobot's
+Key names are the model's (`dcvla.pi0.model.PiModel` mirrors lerobot's module tree), read as lerobot's
 `_fix_pytorch_state_dict_keys` and `from_pretrained` read them:
 - a leading `model.` (checkpoints lerobot saves) is dropped; the published base checkpoints have none;
 - the PaliGemma embedding, tied to its LM head, is stored as `paligemma_with_expert.paligemma.lm_head.weight`: it is
@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ...devices import (INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_files, misfit_message, parse_dtype, place,
+from ..devices import (INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_files, misfit_message, parse_dtype, place,
                         read_headers, refuse_pickle, resolve_checkpoint_dir, stream_tensors)
 from .config import PiConfig, get_preset, with_dims
 from .model import PiModel
+from .normalize import read_normalization
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-PREPROCESSOR_FILE = "policy_preprocessor.json"
 EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 TIED_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
 IGNORED = {
@@ -109,27 +107,36 @@ def read_lerobot_config(folder: Path) -> dict:
 
 def config_for(folder: Path, preset: str | PiConfig | None) -> PiConfig:
     """The model config: `preset` (a name or a config) if given, else the published dims of the variant lerobot's
-    `config.json` names; the checkpoint's own chunk size, state/action widths, image size, prompt length and Euler
-    steps override the preset's."""
+    `config.json` names (which must agree with the preset's); for a preset name, the checkpoint's own chunk size,
+    state/action widths, image size, prompt length, Euler steps and relative actions override the preset's."""
     lerobot = read_lerobot_config(folder)
-    if isinstance(preset, PiConfig):
-        return preset
     variant = lerobot.get("type")
-    if preset is None:
-        if variant not in ("pi0", "pi05"):
-            raise CheckpointError(f"cannot tell which model {folder} holds: its {CONFIG_FILE} has type {variant!r} "
-                                  "(pi0 or pi05 expected); pass preset=")
-        preset = variant
-    config = get_preset(preset)
+    if preset is None and variant not in ("pi0", "pi05"):
+        raise CheckpointError(f"cannot tell which model {folder} holds: its {CONFIG_FILE} has type {variant!r} "
+                              "(pi0 or pi05 expected); pass preset=")
+    config = preset if isinstance(preset, PiConfig) else get_preset(preset or variant)
     if variant is not None and variant != config.variant:
         raise CheckpointError(f"{folder / CONFIG_FILE} says type {variant!r}, but preset {config.name!r} is {config.variant}")
+    if isinstance(preset, PiConfig):
+        return config  # a config object is taken as given
     changes = {field: lerobot[key] for key, field in (("chunk_size", "chunk_size"), ("max_state_dim", "max_state_dim"),
                                                       ("max_action_dim", "max_action_dim"),
                                                       ("num_inference_steps", "num_steps"),
                                                       ("tokenizer_max_length", "max_token_len")) if key in lerobot}
+    if lerobot.get("use_relative_actions"):
+        excluded, dims = lerobot.get("relative_exclude_joints") or [], _action_dims(lerobot)
+        if excluded != ["gripper"] or dims is None:
+            raise CheckpointError(f"{folder / CONFIG_FILE}: relative actions excluding {excluded} on an action of "
+                                  f"{dims} dims; dcvla adds the state back to every dim but the last (the gripper)")
+        changes["delta_action_dims"] = dims - 1
     if "image_resolution" in lerobot:
         changes["vision"] = with_dims(config.vision, image_size=int(lerobot["image_resolution"][0]))
     return with_dims(config, **changes) if changes else config
+
+
+def _action_dims(lerobot: dict) -> int | None:
+    shape = (lerobot.get("output_features") or {}).get("action", {}).get("shape")
+    return int(shape[0]) if shape else None
 
 
 def load_pretrained(path_or_id: str | os.PathLike, preset: str | PiConfig | None = None,
@@ -164,68 +171,3 @@ def _init_buffers(model: PiModel) -> None:
         embed.embed_scale.fill_(embed.scalar_embed_scale)
         ids = model.paligemma_with_expert.paligemma.model.vision_tower.vision_model.embeddings.position_ids
         ids.copy_(torch.arange(ids.shape[-1], device=ids.device)[None])
-
-
-# ------------------------------------------------------------------------------------------------ normalisation
-MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10")
-_STATS = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
-
-
-@dataclass
-class Normalization:
-    """lerobot's normalizer for the state and the action (`NormalizerProcessorStep`), as a checkpoint declares it."""
-
-    modes: dict[str, str]                     # feature -> mode ("observation.state", "action")
-    stats: dict[str, dict[str, np.ndarray]]   # feature -> stat -> values
-    eps: float = 1e-8
-
-    def normalize(self, values: np.ndarray, feature: str, inverse: bool = False) -> np.ndarray:
-        """lerobot's formulas in float64: MEAN_STD (x - mean) / (std + eps) (inverse x * std + mean); MIN_MAX and the
-        quantile modes map [lo, hi] to [-1, 1] (a zero range becomes eps); IDENTITY leaves x."""
-        mode = self.modes.get(feature, "IDENTITY")
-        if mode == "IDENTITY":
-            return np.asarray(values, np.float64)
-        lo_name, hi_name = _STATS[mode]
-        x = np.asarray(values, np.float64)
-        lo, hi = self.stats[feature][lo_name], self.stats[feature][hi_name]
-        if mode == "MEAN_STD":
-            return x * hi + lo if inverse else (x - lo) / (hi + self.eps)
-        span = np.where(hi - lo == 0, self.eps, hi - lo)
-        return (x + 1.0) * span / 2.0 + lo if inverse else 2.0 * (x - lo) / span - 1.0
-
-
-def read_normalization(folder: Path) -> Normalization | None:
-    """The normalizer step of `policy_preprocessor.json` and its statistics; None when the directory has no
-    preprocessor (a bare weights file). A step that names a missing file or stat raises, naming it."""
-    from safetensors.torch import load_file
-
-    path = folder / PREPROCESSOR_FILE
-    if not path.exists():
-        return None
-    try:
-        steps = json.loads(path.read_text())["steps"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path} is not a lerobot processor config (a JSON object with 'steps'): {err}") from err
-    step = next((s for s in steps if s.get("registry_name") == "normalizer_processor"), None)
-    if step is None:
-        return None
-    config, state_file = step.get("config", {}), step.get("state_file")
-    features, norm_map = config.get("features", {}), config.get("norm_map", {})
-    modes = {name: norm_map.get(f.get("type"), "IDENTITY") for name, f in features.items()}
-    bad = sorted({m for m in modes.values() if m not in MODES})
-    if bad:
-        raise CheckpointError(f"{path}: unknown normalisation mode(s) {bad}; known: {', '.join(MODES)}")
-    if not state_file or not (folder / state_file).exists():
-        raise CheckpointError(f"{path}: the normalizer step's statistics file {state_file!r} is not in {folder}")
-    flat = load_file(folder / state_file)
-    stats: dict[str, dict[str, np.ndarray]] = {}
-    for key, tensor in flat.items():
-        feature, _, stat = key.rpartition(".")
-        stats.setdefault(feature, {})[stat] = tensor.double().numpy()
-    for feature, mode in modes.items():
-        needed = _STATS.get(mode, ())
-        missing = [s for s in needed if s not in stats.get(feature, {})]
-        if missing:
-            raise CheckpointError(f"{folder / state_file}: {feature} is normalised with {mode}, which needs "
-                                  f"{', '.join(missing)}; the file has {sorted(stats.get(feature, {}))}")
-    return Normalization(modes, stats, float(config.get("eps", 1e-8)))

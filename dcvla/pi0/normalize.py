@@ -1,0 +1,98 @@
+"""lerobot's normalisation of the robot state and the action (`NormalizerProcessorStep`), read from a checkpoint's
+`policy_preprocessor.json` and the statistics file its normalizer step names, or made for a random preset.
+
+Modes per feature type (`norm_map`): IDENTITY, MEAN_STD ((x - mean) / (std + eps)), MIN_MAX, QUANTILES (q01/q99 to
+[-1, 1]) and QUANTILE10 (q10/q90); pi0 checkpoints declare MEAN_STD, pi0.5 ones QUANTILES (lerobot's pi0.5 LIBERO
+recipe overrides it to MEAN_STD: whatever the file says is what is used).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..devices import CheckpointError
+
+PREPROCESSOR_FILE = "policy_preprocessor.json"
+STATE, ACTION = "observation.state", "action"  # lerobot's feature names
+
+MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10")
+_STATS = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
+
+
+@dataclass
+class Normalization:
+    """lerobot's normalizer for the state and the action (`NormalizerProcessorStep`), as a checkpoint declares it."""
+
+    modes: dict[str, str]                     # feature -> mode ("observation.state", "action")
+    stats: dict[str, dict[str, np.ndarray]]   # feature -> stat -> values
+    eps: float = 1e-8
+
+    def normalize(self, values: np.ndarray, feature: str, inverse: bool = False) -> np.ndarray:
+        """lerobot's formulas in float64: MEAN_STD (x - mean) / (std + eps) (inverse x * std + mean); MIN_MAX and the
+        quantile modes map [lo, hi] to [-1, 1] (a zero range becomes eps); IDENTITY leaves x."""
+        mode = self.modes.get(feature, "IDENTITY")
+        if mode == "IDENTITY":
+            return np.asarray(values, np.float64)
+        lo_name, hi_name = _STATS[mode]
+        x = np.asarray(values, np.float64)
+        lo, hi = self.stats[feature][lo_name], self.stats[feature][hi_name]
+        if mode == "MEAN_STD":
+            return x * hi + lo if inverse else (x - lo) / (hi + self.eps)
+        span = np.where(hi - lo == 0, self.eps, hi - lo)
+        return (x + 1.0) * span / 2.0 + lo if inverse else 2.0 * (x - lo) / span - 1.0
+
+
+def random_normalization(variant: str, state_stats: dict, action_dim: int) -> Normalization:
+    """A random preset's statistics: the state's from LIBERO's shipped episodes (`state_stats`: mean, std), as the
+    variant's mode wants them (pi0 MEAN_STD; pi0.5 QUANTILES at mean -/+ 2 std); the action left as the flow
+    gives it (mean 0 std 1, or q01 -1 q99 1)."""
+    mean, std = np.asarray(state_stats["mean"], np.float64), np.asarray(state_stats["std"], np.float64)
+    if variant == "pi05":
+        stats = {STATE: {"q01": mean - 2 * std, "q99": mean + 2 * std},
+                 ACTION: {"q01": -np.ones(action_dim), "q99": np.ones(action_dim)}}
+        mode = "QUANTILES"
+    else:
+        stats = {STATE: {"mean": mean, "std": std}, ACTION: {"mean": np.zeros(action_dim), "std": np.ones(action_dim)}}
+        mode = "MEAN_STD"
+    return Normalization({STATE: mode, ACTION: mode}, stats)
+
+
+def read_normalization(folder: Path) -> Normalization | None:
+    """The normalizer step of `policy_preprocessor.json` and its statistics; None when the directory has no
+    preprocessor (a bare weights file). A step that names a missing file or stat raises, naming it."""
+    from safetensors.torch import load_file
+
+    path = folder / PREPROCESSOR_FILE
+    if not path.exists():
+        return None
+    try:
+        steps = json.loads(path.read_text())["steps"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a lerobot processor config (a JSON object with 'steps'): {err}") from err
+    step = next((s for s in steps if s.get("registry_name") == "normalizer_processor"), None)
+    if step is None:
+        return None
+    config, state_file = step.get("config", {}), step.get("state_file")
+    features, norm_map = config.get("features", {}), config.get("norm_map", {})
+    modes = {name: norm_map.get(f.get("type"), "IDENTITY") for name, f in features.items()}
+    bad = sorted({m for m in modes.values() if m not in MODES})
+    if bad:
+        raise CheckpointError(f"{path}: unknown normalisation mode(s) {bad}; known: {', '.join(MODES)}")
+    if not state_file or not (folder / state_file).exists():
+        raise CheckpointError(f"{path}: the normalizer step's statistics file {state_file!r} is not in {folder}")
+    flat = load_file(folder / state_file)
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in flat.items():
+        feature, _, stat = key.rpartition(".")
+        stats.setdefault(feature, {})[stat] = tensor.double().numpy()
+    for feature, mode in modes.items():
+        needed = _STATS.get(mode, ())
+        missing = [s for s in needed if s not in stats.get(feature, {})]
+        if missing:
+            raise CheckpointError(f"{folder / state_file}: {feature} is normalised with {mode}, which needs "
+                                  f"{', '.join(missing)}; the file has {sorted(stats.get(feature, {}))}")
+    return Normalization(modes, stats, float(config.get("eps", 1e-8)))
