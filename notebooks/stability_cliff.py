@@ -47,6 +47,9 @@ episodes_per_suite = 1    # shipped episodes per suite (0: all)
 steps = 6                 # inferences per episode
 replan_steps = 5          # frames between inferences (openpi executes 5 actions of each chunk)
 compare_to = "previous"   # the gate compares with the previous inference (the report), or with the "anchor" one
+success_trials = 0        # closed-loop LIBERO trials per run and task (with a checkpoint; 0: none)
+success_tasks = [0]       # task ids of each suite for success_trials
+max_steps = 0             # env steps per trial (0: the protocol's budget)
 
 # %%
 import numpy as np, pandas as pd, plotly.express as px
@@ -61,6 +64,19 @@ runs = stability_cliff.load_cliff_runs(stability_cliff.record_cliff_runs(config,
 table = stability_cliff.cliff_table(runs)
 common.write_table(table, "stability_cliff", config)
 table.round(4)
+
+# %% [markdown]
+# ## Closed-loop success (with `success_trials`)
+#
+# Each (mode, gate, value) and the no-reuse reference on LIBERO with openpi's protocol; with random weights a
+# success is chance, so this runs only when asked.
+
+# %%
+if config.success_trials:
+    success = stability_cliff.success_table(config, base=base)
+    display(success.round(3))
+    table = table.merge(success[success["mode"] != "none"], on=["mode", "gate", "value"], how="left")
+    common.write_table(table, "stability_cliff", config)
 
 # %% [markdown]
 # ## Reuse rate, speed and drift against the threshold (each mode under its own gate)

@@ -51,6 +51,9 @@ class CliffConfig(Parameters):
     steps: int = 6                       # inferences per episode
     replan_steps: int = 5                # frames between inferences: openpi's LIBERO client executes 5 actions
     compare_to: str = "previous"         # the gate's reference: "previous" inference (the report) or "anchor"
+    success_trials: int = 0              # closed-loop LIBERO trials per run and task (0: none; for a checkpoint)
+    success_tasks: list[int] = field(default_factory=lambda: [0])  # task ids of each suite, for success_trials
+    max_steps: int = 0                   # env steps per trial (0: the protocol's per-suite budget)
     runs_dir: str = "data/runs"
     figures_dir: str = "figures"
 
@@ -75,6 +78,9 @@ class CliffConfig(Parameters):
                              f"episodes_per_suite >= 0; got {self.steps}, {self.replan_steps}, {self.episodes_per_suite}")
         if self.compare_to not in COMPARE_TO:
             raise ValueError(f"CliffConfig.compare_to must be one of {COMPARE_TO}, got {self.compare_to!r}")
+        if self.success_trials < 0 or self.max_steps < 0 or any(t < 0 for t in self.success_tasks):
+            raise ValueError(f"CliffConfig: success_trials, max_steps and success_tasks must be >= 0, got "
+                             f"{self.success_trials}, {self.max_steps}, {self.success_tasks}")
 
     def pi0_preset(self) -> str:
         for name in (self.preset, f"pi0-{self.preset}"):
@@ -160,6 +166,33 @@ def record_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> 
                 policy, images, episode.instruction, path, states=states, labels=labels,
                 control_hz=20.0 / config.replan_steps)
     return paths
+
+
+def run_label(mode: str, gate: str, value: float | None) -> str:
+    """One (mode, gate, value) as a result-file method name: "none", "full-cosine-0.985"."""
+    return mode if value is None else f"{mode}-{gate}-{value:g}"
+
+
+def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.DataFrame:
+    """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included: `success_trials` trials
+    of each task in `success_tasks` of each suite, openpi's protocol (`dcvla.libero.evaluate`: both cameras, the
+    state, `replan_steps` actions per chunk; no center crop). Resumable: trials already in a result file are kept.
+    Meaningful with a trained checkpoint (`pi0_checkpoint`); random weights succeed by chance only."""
+    from ..libero.evaluate import evaluate_task, load_results  # the simulator only when success is asked for
+
+    base = base or pi0_base(config)
+    run_dir = Path(config.runs_dir) / "stability_cliff_success" / config.model_name()
+    keys = [("none", "", None)] + config.grid()
+    for mode, gate, value in keys:
+        policy = base.with_config(config.reuse_config(mode, gate, value))
+        for suite in config.suites:
+            for task in config.success_tasks:
+                evaluate_task(policy, suite, task, run_dir, method=run_label(mode, gate, value),
+                              trials=config.success_trials, max_steps=config.max_steps or None, center_crop=False,
+                              progress=progress)
+    rates = load_results(run_dir).success.mean(("suite", "task", "trial")).to_series()
+    return pd.DataFrame([{"mode": m, "gate": g, "value": v, "success rate": float(rates[run_label(m, g, v)])}
+                         for m, g, v in keys])
 
 
 def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:
