@@ -344,3 +344,16 @@ def test_stability_cliff_measures_closed_loop_success(tmp_path):
     assert table["success rate"].between(0, 1).all()
     files = sorted(p.parent.name for p in (tmp_path / "runs" / "stability_cliff_success" / "pi0-tiny").glob("*/*.nc"))
     assert files == sorted(run_label(*key) for key in [("none", "", None), ("full", "cosine", 0.9), ("full", "max_age", 2)])
+
+
+def test_gates_are_compared_with_cosine_at_equal_reuse():
+    from dcvla.studies.stability_cliff import gates_at_equal_reuse
+
+    rows = [("cosine", 0.98, 0.2, 0.02), ("cosine", 0.97, 0.6, 0.10), ("max_age", 2, 0.5, 0.12),
+            ("pixel_mae", 0.01, 0.0, 0.0), ("pixel_mae", 0.04, 0.4, 0.03), ("max_age", 4, 0.9, 0.5)]
+    table = pd.DataFrame([{"mode": "full", "gate": g, "value": v, "reuse rate": r, "action drift": d} for g, v, r, d in rows])
+    out = gates_at_equal_reuse(table).set_index(["gate", "value"])
+    assert list(out.index) == [("max_age", 2), ("pixel_mae", 0.04)]  # nothing reused, or past cosine's sweep: left out
+    assert out.loc[("max_age", 2), "cosine drift at equal reuse"] == pytest.approx(0.08)  # between (0.2, .02), (0.6, .10)
+    assert out.loc[("max_age", 2), "drift ratio"] == pytest.approx(1.5)
+    assert out.loc[("pixel_mae", 0.04), "drift ratio"] == pytest.approx(0.5)

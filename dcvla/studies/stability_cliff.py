@@ -262,19 +262,15 @@ def consistency_vs_freshness(table: pd.DataFrame, consistent: str = "full", fres
 SAME_DRIFT = 0.05  # drift ratios within 5% of 1 count as no difference between two modes
 
 
-def gates_at_equal_reuse(table: pd.DataFrame, mode: str = "full", grid: int = 5) -> pd.DataFrame:
-    """The gates compared at equal reuse: per gate, its action drift interpolated (linearly, in reuse rate) at
-    `grid` reuse rates every gate's sweep covers; the lower drift reuses more wisely."""
-    rows = table[table["mode"] == mode]
-    curves = {g: c.groupby("reuse rate")["action drift"].mean().sort_index() for g, c in rows.groupby("gate")}
-    curves = {g: c for g, c in curves.items() if len(c) >= 2}
-    if not curves:
-        return pd.DataFrame()
-    lo, hi = max(c.index.min() for c in curves.values()), min(c.index.max() for c in curves.values())
-    if lo > hi:
-        return pd.DataFrame()
-    rates = np.linspace(lo, hi, grid)
-    out = pd.DataFrame({"reuse rate": rates})
-    for gate, curve in curves.items():
-        out[f"drift {gate}"] = np.interp(rates, curve.index.to_numpy(), curve.to_numpy())
-    return out
+def gates_at_equal_reuse(table: pd.DataFrame, mode: str = "full", baseline: str = "cosine") -> pd.DataFrame:
+    """Each gate against the `baseline` gate at equal reuse, on `mode`: per run of the gate, its action drift and the
+    baseline's drift interpolated (linearly, in reuse rate) at the same reuse rate, where the baseline's sweep covers
+    it; a ratio below 1 means the gate reuses at better moments. Runs that reused nothing are left out."""
+    rows = table[(table["mode"] == mode) & (table["reuse rate"] > 0)]
+    base = rows[rows["gate"] == baseline].groupby("reuse rate")["action drift"].mean().sort_index()
+    base = pd.concat([pd.Series({0.0: 0.0}), base])  # reusing nothing drifts nothing
+    out = rows[rows["gate"] != baseline][["gate", "value", "reuse rate", "action drift"]].copy()
+    out = out[out["reuse rate"] <= base.index.max()]
+    out[f"{baseline} drift at equal reuse"] = np.interp(out["reuse rate"], base.index.to_numpy(), base.to_numpy())
+    out["drift ratio"] = out["action drift"] / out[f"{baseline} drift at equal reuse"].replace(0, np.nan)
+    return out.sort_values(["gate", "reuse rate"]).reset_index(drop=True)
