@@ -228,6 +228,7 @@ def load_openvla_state_dict(model: OpenVLA, state_dict: dict[str, torch.Tensor])
 
 
 OFT_HEADS = ("action_head", "proprio_projector")  # OpenVLA-OFT's heads: `{name}--<step>_checkpoint.pt` beside the backbone
+OFT_PATTERNS = tuple(f"{name}--*" for name in OFT_HEADS)  # what a hub download of an OFT checkpoint must fetch too
 
 
 def is_oft_checkpoint(directory: str | os.PathLike) -> bool:

@@ -14,12 +14,11 @@ import torch
 
 from ..devices import place
 from .cache_policy import CachePolicyBase
-from .checkpoint import is_oft_checkpoint, resolve_checkpoint_dir
+from .checkpoint import OFT_PATTERNS, is_oft_checkpoint, resolve_checkpoint_dir
 from .config import PRESETS as OPENVLA_PRESETS
 from .methods import CacheConfig
 from .oft import PRESETS as OFT_PRESETS
 from .oft import OFTCachedPolicy
-from .oft.checkpoint import COMPONENTS
 from .policy import CachedPolicy
 
 PRESETS = (*OPENVLA_PRESETS, *OFT_PRESETS)  # every OpenVLA-family preset name
@@ -36,8 +35,7 @@ def policy_type(preset: str = "", checkpoint: str | os.PathLike = "") -> type[Ca
     """`OFTCachedPolicy` for an OpenVLA-OFT preset or checkpoint (a checkpoint is resolved, and fetched when it is a
     hub id), else `CachedPolicy`."""
     if checkpoint:
-        patterns = tuple(f"{name}--*" for name in COMPONENTS)
-        return OFTCachedPolicy if is_oft_checkpoint(resolve_checkpoint_dir(checkpoint, patterns)) else CachedPolicy
+        return OFTCachedPolicy if is_oft_checkpoint(resolve_checkpoint_dir(checkpoint, OFT_PATTERNS)) else CachedPolicy
     check_preset(preset)
     return OFTCachedPolicy if preset in OFT_PRESETS else CachedPolicy
 
@@ -46,9 +44,10 @@ def vanilla_policy(preset: str = "small", checkpoint: str | os.PathLike = "", un
                    seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CachePolicyBase:
     """The `vanilla` policy of a checkpoint (loaded strictly in `dtype` on `device`), or of a preset's random
     weights (seeded; RoPE's inverse frequencies stay float32 when placed). Other methods: `with_config`."""
-    cls = policy_type(preset, checkpoint)
     if checkpoint:
-        return cls.from_pretrained(checkpoint, CacheConfig("vanilla", unnorm_key=unnorm_key), dtype=dtype, device=device)
-    policy = cls.from_preset(preset, seed=seed, config=CacheConfig("vanilla", unnorm_key=unnorm_key))
+        directory = resolve_checkpoint_dir(checkpoint, OFT_PATTERNS)  # once: a hub id is fetched here, not twice
+        cls = policy_type(checkpoint=directory)
+        return cls.from_pretrained(directory, CacheConfig("vanilla", unnorm_key=unnorm_key), dtype=dtype, device=device)
+    policy = policy_type(preset).from_preset(preset, seed=seed, config=CacheConfig("vanilla", unnorm_key=unnorm_key))
     place(policy.model, device, dtype)
     return policy

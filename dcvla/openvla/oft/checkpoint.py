@@ -25,7 +25,7 @@ from torch import nn
 from ...devices import CheckpointError, misfit_message, parse_dtype
 from ...io import atomic_path
 from ...tokenizer import load_tokenizer
-from ..checkpoint import OFT_HEADS, STATS_FILE, detect_preset, materialize, plan_backbone, resolve_checkpoint_dir
+from ..checkpoint import OFT_HEADS, OFT_PATTERNS, STATS_FILE, detect_preset, materialize, plan_backbone, resolve_checkpoint_dir
 from ..checkpoint import save_pretrained as save_backbone
 from .config import FROM_OPENVLA_PRESET, OFTConfig, get_preset
 from .model import OpenVLAOFT
@@ -122,7 +122,7 @@ def load_pretrained(path_or_id: str | os.PathLike, preset: str | OFTConfig | Non
         CheckpointError: naming the file and every missing, unexpected or misshapen key, a refused pickle, a missing
             or ill-formed statistics file.
     """
-    directory = resolve_checkpoint_dir(path_or_id, extra_patterns=tuple(f"{name}--*" for name in COMPONENTS))
+    directory = resolve_checkpoint_dir(path_or_id, extra_patterns=OFT_PATTERNS)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory; an OpenVLA-OFT checkpoint is the backbone's shards plus "
                               f"{' and '.join(f'{name}--*.pt' for name in COMPONENTS)} and {STATS_FILE}")

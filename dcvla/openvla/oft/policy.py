@@ -37,10 +37,10 @@ from ...images import validate_image
 from ...streaming import StageClock
 from ..actions import unnormalize_action
 from ..cache_policy import CachePolicyBase, Forward
-from ..checkpoint import resolve_checkpoint_dir
+from ..checkpoint import OFT_PATTERNS, resolve_checkpoint_dir
 from ..llm_cache import PrefillOutput
 from ..methods import CacheConfig
-from .checkpoint import COMPONENTS, load_pretrained, load_processor
+from .checkpoint import load_pretrained, load_processor
 from .config import get_preset
 from .flops import stage_flops
 from .model import UNNORM_EPS, OpenVLAOFT, random_model
@@ -90,7 +90,7 @@ class OFTCachedPolicy(CachePolicyBase):
     def from_pretrained(cls, path_or_id: str | os.PathLike, config: CacheConfig | None = None, preset: str | None = None,
                         dtype: torch.dtype = torch.float32, device: str = "cpu") -> "OFTCachedPolicy":
         """A checkpoint in the published OpenVLA-OFT layout (`dcvla.openvla.oft.load_pretrained`, strict)."""
-        directory = resolve_checkpoint_dir(path_or_id, extra_patterns=tuple(f"{name}--*" for name in COMPONENTS))
+        directory = resolve_checkpoint_dir(path_or_id, extra_patterns=OFT_PATTERNS)
         model = load_pretrained(directory, preset, dtype=dtype, device=device)
         return cls(model, load_processor(directory, model.config), config)
 
