@@ -223,7 +223,8 @@ class Pi0Policy:
                 padded = None if cfg.pi05 else _padded(state_n, cfg.max_state_dim, model.device)
             with clock.stage("gate"):
                 pixels01 = ((pixels.float().cpu().numpy() + 1.0) / 2.0)  # [camera, 3, size, size] in [0, 1]
-                gate, sims = self._gate(prefix, state_n, pixels01, spans)
+                vision = torch.cat(prefix.images, dim=1)  # every camera's image tokens, the gates' embedding
+                gate, sims = self._gate(vision, state_n, pixels01, self._fit_store(prefix.length, spans))
                 span_reuse = self._span_reuse(gate)  # [span, layer]
                 gate = gate and bool(span_reuse.any())  # a gate whose spans all moved reuses nothing
                 plans = self._plans(prefix.length, spans, span_reuse)
@@ -236,7 +237,7 @@ class Pi0Policy:
                     self.state_kv, self.state_kv_step = model.expert_state_kv(self.store, padded), self.step_index
                 actions = model.sample_actions(self.store, noise, padded, self.state_kv)
             chunk = self.unnormalize(actions, state)
-            self._update_reference(gate, prefix, state_n, pixels01, chunk)
+            self._update_reference(gate, vision, state_n, pixels01, chunk)
             record = Pi0StepRecord(
                 step=self.step_index, gate=gate, vision_similarity=sims["vision"], state_similarity=sims["state"],
                 pixel_change=sims["pixels"], near_contact=sims["contact"], moved=self.moved, spans=spans,
@@ -260,37 +261,42 @@ class Pi0Policy:
         self.step_index += 1
 
     # ------------------------------------------------------------------------------------------------ gates
-    def _gate(self, prefix: PrefixInputs, state_n: np.ndarray, pixels01: np.ndarray, spans: dict[str, np.ndarray]
+    def _fit_store(self, length: int, spans: dict[str, np.ndarray]) -> bool:
+        """Lay the store out for this prefix; False when nothing stored can be reused (a new episode, other
+        cameras). When pi0.5's state bins change the prompt's tokens, its spans moved (`self.moved`): they are
+        computed afresh, while the image tokens, first in the prefix, keep their slots and K/V."""
+        self.moved = ()
+        n_vision = len(spans["vision"])
+        layout = (n_vision, tuple(spans["text"]), tuple(spans["state"]))
+        if self.store is None or self.layout is None or n_vision != self.layout[0]:
+            self.store, self.layout, self.state_kv = self.model.new_store(length), layout, None
+            return False
+        if layout != self.layout:
+            self.moved, self.layout = ("text", "state"), layout
+            if length != self.store.num_slots:
+                self.store = _carry_over(self.store, self.model.new_store(length), n_vision)
+        return True
+
+    def _gate(self, vision: torch.Tensor, state_n: np.ndarray, pixels01: np.ndarray, reusable: bool
               ) -> tuple[bool, dict]:
-        """Whether the mode's spans may reuse, and what the gate measured. A prefix laid out unlike the stored one
-        (a new episode, or pi0.5's state bins changing the prompt's length) is computed afresh."""
-        vision = torch.cat(prefix.images, dim=1)
+        """Whether the mode's spans may reuse (`reusable`: the store fits this prefix), and what the gate measured
+        against the reference: image-token and state similarity, pixel change, the contact detector."""
         ref = self.ref
         sims = {"vision": float("nan"), "state": float("nan"), "pixels": float("nan"), "contact": near_contact(self.gripper)}
         if ref is not None:
             sims["vision"] = _cosine(vision, ref["vision"])
             sims["state"] = _cosine(torch.from_numpy(state_n), torch.from_numpy(ref["state"]))
             sims["pixels"] = float(np.abs(pixels01 - ref["pixels"]).mean()) if ref["pixels"].shape == pixels01.shape else float("inf")
-        self.moved = ()
-        n_vision = len(spans["vision"])
-        layout = (n_vision, tuple(spans["text"]), tuple(spans["state"]))
-        if self.store is None or self.layout is None or n_vision != self.layout[0]:  # a new episode, or new cameras
-            self.store, self.layout, self.state_kv = self.model.new_store(prefix.length), layout, None
-            return False, sims
-        if layout != self.layout:  # pi0.5's state bins changed the prompt's tokens: its spans moved
-            self.moved, self.layout = ("text", "state"), layout
-            if prefix.length != self.store.num_slots:  # the image tokens come first: their slots and K/V carry over
-                self.store = _carry_over(self.store, self.model.new_store(prefix.length), n_vision)
-        if not self.mode.spans or ref is None:
+        if not reusable or not self.mode.spans or ref is None:
             return False, sims
         return gate_opens(self.config, sims, self.step_index - self.computed_step), sims
 
-    def _update_reference(self, gate: bool, prefix: PrefixInputs, state_n: np.ndarray, pixels01: np.ndarray,
+    def _update_reference(self, gate: bool, vision: torch.Tensor, state_n: np.ndarray, pixels01: np.ndarray,
                           chunk: np.ndarray) -> None:
         if not gate:
             self.computed_step = self.step_index
         if self.config.compare_to == "previous" or not gate:
-            self.ref = {"vision": torch.cat(prefix.images, dim=1), "state": state_n, "pixels": pixels01}
+            self.ref = {"vision": vision, "state": state_n, "pixels": pixels01}
         self.gripper.append(chunk[: self.replan_steps, GRIPPER].copy())
 
     # ------------------------------------------------------------------------------------------------ plans
