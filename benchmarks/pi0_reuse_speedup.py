@@ -29,7 +29,7 @@ from _setup import DTYPES, place_model, timer  # noqa: E402
 
 from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
 from dcvla.pi0 import MODES, Pi0Policy, ReuseConfig  # noqa: E402
-from dcvla.pi0.record import PI0_STAGES  # noqa: E402
+from dcvla.flow_record import FLOW_STAGES  # noqa: E402
 from dcvla.studies.stability_cliff import pi0_episode_inputs  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def run(preset: str, modes: list[str], threshold: float, steps: int, replan_step
                 s["ms"].append(timed["ms"])
                 s["flops"].append(sum(record.flops.values()))
                 s["reused"].append(record.gate)
-                for stage in PI0_STAGES:
+                for stage in FLOW_STAGES:
                     s[f"{stage}_ms"].append(record.latency_ms[stage])
         print(f"  {episode.name}: {len(frames)} inferences x {len(modes)} modes", flush=True)
     return stats
@@ -82,15 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
                 args.episodes, args.gate)
     ref = stats["none"]
     print("\n| mode | reuse rate | GFLOP/inference | FLOPs ratio | measured (total) | of ideal | paired (reused) "
-          "| median ms | Hz | " + " | ".join(f"{s} ms" for s in PI0_STAGES) + " |")
-    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(PI0_STAGES))
+          "| median ms | Hz | " + " | ".join(f"{s} ms" for s in FLOW_STAGES) + " |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(FLOW_STAGES))
     for mode, s in stats.items():
         flops_ratio = sum(ref["flops"]) / sum(s["flops"])
         measured = sum(ref["ms"]) / sum(s["ms"])
         reused = [(tr / tm) / (fr / fm) for tr, tm, fr, fm, g in zip(ref["ms"], s["ms"], ref["flops"], s["flops"], s["reused"]) if g]
         paired = f"{statistics.median(reused):.2f}" if reused else "-"
         median_ms = statistics.median(s["ms"])
-        stages = " | ".join(f"{statistics.median(s[f'{stage}_ms']):.1f}" for stage in PI0_STAGES)
+        stages = " | ".join(f"{statistics.median(s[f'{stage}_ms']):.1f}" for stage in FLOW_STAGES)
         print(f"| {mode} | {statistics.mean(s['reused']):.1%} | {statistics.mean(s['flops']) / 1e9:.2f} | {flops_ratio:.2f}x "
               f"| {measured:.2f}x | {measured / flops_ratio:.2f} | {paired} | {median_ms:.0f} | {1e3 / median_ms:.1f} | {stages} |")
     return stats

@@ -1,11 +1,11 @@
-"""Recording the Pi0-style policy (Pi0Recorder): the registry finds it, drift against the no-reuse shadow pass,
+"""Recording the Pi0-style policy (FlowRecorder): the registry finds it, drift against the no-reuse shadow pass,
 a crash leaves no file, and the robot state per frame."""
 
 import numpy as np
 import pytest
 
 from dcvla.io import read_dataset
-from dcvla.pi0 import Pi0Recorder, ReuseConfig
+from dcvla.pi0 import FlowRecorder, ReuseConfig
 from dcvla.pi0.config import SPANS
 from dcvla.recording import record_episode, recorder_for
 
@@ -21,9 +21,9 @@ def reference(pi0, pi0_clip):
 
 
 def test_the_registry_finds_the_pi0_recorder(pi0, make_policy):
-    assert type(recorder_for(pi0.with_config(ReuseConfig(mode="full")))) is Pi0Recorder
-    with pytest.raises(TypeError, match="Pi0Recorder needs a dcvla.pi0.Pi0Policy, got CachedPolicy"):
-        Pi0Recorder(make_policy())
+    assert type(recorder_for(pi0.with_config(ReuseConfig(mode="full")))) is FlowRecorder
+    with pytest.raises(TypeError, match="FlowRecorder needs a dcvla.flow_policy.FlowPolicy"):
+        FlowRecorder(make_policy())
 
 
 def test_record_episode_with_drift(pi0, pi0_clip, reference, tmp_path):

@@ -29,7 +29,7 @@ from ..devices import (INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_
                         read_headers, refuse_pickle, resolve_checkpoint_dir, stream_tensors)
 from .config import PiConfig, get_preset, with_dims
 from .model import PiModel
-from .normalize import read_normalization
+from ..normalization import read_normalization
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

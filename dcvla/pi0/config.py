@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..prefix_reuse import REPLAN_STEPS, SPANS  # noqa: F401 (the family's names for them)
+
 VARIANTS = ("pi0", "pi05")
-SPANS = ("vision", "text", "state")  # what reuse modes name: the image tokens, the task prompt, the robot state
-REPLAN_STEPS = 5        # openpi's LIBERO client: actions executed from each chunk before the next inference
 LIBERO_ACTION_DIM = 7   # LIBERO executes the first 7 action dims
 IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's IMAGE_KEYS; LIBERO: agent, wrist, empty
 
@@ -104,6 +104,20 @@ class PiConfig:
     @property
     def tokens_per_image(self) -> int:
         return self.vision.num_patches
+
+    @property
+    def state_token(self) -> str:
+        """Where the robot state enters (`dcvla.flow_policy`): pi0's expert token, pi0.5's prompt bins, or nowhere
+        (openpi's pi05_libero)."""
+        return "prompt" if self.state_in_prompt else "none" if self.pi05 else "expert"
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def prefix_depth(self) -> int:
+        return self.lm.depth
 
     @property
     def suffix_state_tokens(self) -> int:

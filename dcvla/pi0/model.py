@@ -21,9 +21,6 @@ What dcvla does differently, all exact (the parity test holds it to lerobot's nu
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
@@ -32,9 +29,10 @@ from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMS
 
 from .. import flops as F
 from ..attention import attend, gather_kv, project_qkv
+from ..flow import PrefixInputs, PrefixOutput, euler, time_embedding
 from ..kv_store import KVStore, LayerPlan
 from .config import LIBERO_ACTION_DIM, LIBERO_STATE_STATS, GemmaDims, PiConfig, get_preset
-from .normalize import Normalization, random_normalization
+from ..normalization import Normalization, random_normalization
 
 
 def gemma_config(dims: GemmaDims, config: PiConfig, vocab_size: int) -> GemmaConfig:
@@ -124,32 +122,6 @@ class PaliGemmaWithExpert(nn.Module):
         self.gemma_expert = _Level(model=ExpertStack(config))
 
 
-@dataclass
-class PrefixInputs:
-    """One inference's prefix: the present cameras' image tokens, then the prompt's unpadded tokens."""
-
-    images: list[torch.Tensor]  # per present camera [1, tokens_per_image, lm_width]
-    text: torch.Tensor          # [1, text, lm_width]
-
-    @property
-    def length(self) -> int:
-        return sum(image.shape[1] for image in self.images) + self.text.shape[1]
-
-    @property
-    def spans(self) -> dict[str, slice]:
-        n_vision = sum(image.shape[1] for image in self.images)
-        return {"vision": slice(0, n_vision), "text": slice(n_vision, self.length)}
-
-    def embeddings(self) -> torch.Tensor:
-        return torch.cat([*self.images, self.text], dim=1)  # [1, prefix, lm_width]
-
-
-@dataclass
-class PrefixOutput:
-    work: list[F.LayerWork]   # per layer
-    reused: torch.Tensor      # [layer, prefix] bool (host): K/V taken from the store
-
-
 class PiModel(nn.Module):
     """pi0 or pi0.5 (`config.variant`), module names as lerobot's: `paligemma_with_expert.{paligemma,gemma_expert}`,
     `action_in_proj`, `action_out_proj`, and `state_proj` + `action_time_mlp_{in,out}` (pi0) or `time_mlp_{in,out}`
@@ -201,9 +173,13 @@ class PiModel(nn.Module):
         """[1, text] -> [1, text, lm_width], x sqrt(width) (transformers' Gemma embedding scales it)."""
         return self.language_model.embed_tokens(token_ids)
 
-    def prefix_inputs(self, pixel_values: torch.Tensor, image_present: list[bool], token_ids: torch.Tensor) -> PrefixInputs:
+    def prefix_inputs(self, pixel_values: torch.Tensor, image_present: list[bool], token_ids: torch.Tensor,
+                      state: None = None) -> PrefixInputs:
         """The prefix of present cameras (their pixels [present camera, 3, H, W]) and unpadded prompt tokens
-        [1, text]; `image_present` (host booleans, one per image slot) only checks the count."""
+        [1, text]; `image_present` (host booleans, one per image slot) only checks the count. pi0's prefix holds no
+        state (its token is the expert's, pi0.5's are prompt bins)."""
+        if state is not None:
+            raise ValueError("pi0 / pi0.5 put no state token in the prefix")
         if sum(image_present) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images for {sum(image_present)} present cameras")
         images = self.embed_images(pixel_values)
@@ -215,12 +191,8 @@ class PiModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ suffix
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        """openpi's `create_sinusoidal_pos_embedding` of t [batch] (float32) -> [batch, expert width], float64 inside."""
-        width, cfg = self.config.expert.width, self.config
-        fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64, device=t.device)
-        period = cfg.min_period * (cfg.max_period / cfg.min_period) ** fraction
-        angle = (1.0 / period * 2 * math.pi)[None, :] * t[:, None]
-        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).to(t.dtype)
+        """The sinusoidal embedding of t [batch] (float32) -> [batch, expert width] (`dcvla.flow.time_embedding`)."""
+        return time_embedding(t, self.config.expert.width, self.config.min_period, self.config.max_period)
 
     def embed_actions(self, noisy_actions: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The action tokens [1, chunk, width] and pi0.5's adaRMS condition [1, width] (None for pi0)."""
@@ -293,13 +265,11 @@ class PiModel(nn.Module):
         computed here unless given (`state_kv`, e.g. reused from an earlier inference)."""
         if not self.config.pi05 and state_kv is None:
             state_kv = self.expert_state_kv(store, state)
-        steps = self.config.num_steps
-        dt = -1.0 / steps
-        x = noise.float()
-        for step in range(steps):
-            t = torch.tensor([1.0 + step * dt], dtype=torch.float32, device=x.device)
-            x = x + dt * self.velocity(store, x, t, state_kv)
-        return x
+        return euler(lambda x, t: self.velocity(store, x, t, state_kv), noise, self.config.num_steps)
+
+    def run_prefix(self, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int) -> PrefixOutput:
+        """`run_prefix` on this model (what `dcvla.flow_policy.FlowPolicy` calls)."""
+        return run_prefix(self, inputs, plans, store, step)
 
     # ------------------------------------------------------------------------------------------------- flops
     def stage_flops(self, prefix_work: list[F.LayerWork], prefix_len: int, num_images: int,
@@ -383,5 +353,5 @@ def random_model(config: PiConfig | str, seed: int = 0, attn_implementation: str
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = PiModel(config, attn_implementation)
-    model.normalization = random_normalization(config.variant, LIBERO_STATE_STATS, LIBERO_ACTION_DIM)
+    model.normalization = random_normalization("QUANTILES" if config.pi05 else "MEAN_STD", LIBERO_STATE_STATS, LIBERO_ACTION_DIM)
     return model.eval()

@@ -1,15 +1,15 @@
-"""Cross-inference K/V reuse in pi0 and pi0.5: the registry of modes and gates, their config and the gates' rules
-(`dcvla.pi0.policy.Pi0Policy` runs them).
+"""Cross-inference K/V reuse in flow-matching VLAs (pi0, pi0.5, SmolVLA): the registry of modes and gates, their
+config and the gates' rules (`dcvla.flow_policy.FlowPolicy` runs them).
 
 Every inference embeds its images (the gates need them), then a gate decides whether the mode's spans may take
-their K/V from the episode's store instead of being computed. The spans, per model:
+their K/V from the episode's store instead of being computed. Every family lays out three spans (`SPANS`); where
+each one lives is the family's (its policy module tables it):
 
-| span   | pi0                                                  | pi0.5                                             |
-|--------|------------------------------------------------------|---------------------------------------------------|
-| vision | the present cameras' image tokens (prefix)           | the same                                          |
-| text   | the prompt (prefix)                                  | the prompt's words ("Task: ..., State:" / ";\\nAction: ") |
-| state  | the state token's K/V in the expert (it attends only | the state's bin tokens in the prompt (prefix)     |
-|        | to the prefix and itself: computed once per inference)|                                                  |
+| span   | pi0                                 | pi0.5                              | SmolVLA                              |
+|--------|-------------------------------------|------------------------------------|--------------------------------------|
+| vision | the present cameras' image tokens   | the same                           | the same (64 per camera after the pixel shuffle) |
+| text   | the prompt                          | the prompt's words                 | the prompt                           |
+| state  | the state token's K/V in the expert | the state's bin tokens in the prompt | the state token, last in the prefix |
 
 | mode         | spans reused when the gate opens               |
 |--------------|------------------------------------------------|
@@ -32,8 +32,8 @@ Gates (`ReuseConfig.gate`; "" = the mode's own: synchronized for `synchronized`,
 | phase_aware  | the cosine gate, with `phase_threshold` instead of `threshold` near a grasp or a place: when the gripper command (action dim 6) of the previous chunk's executed actions changes sign, or differs in sign from the chunk before |
 
 The reference is the previous inference (`compare_to="previous"`) or the one that last computed the spans
-(`"anchor"`). A reused span's rows are not computed in the layers where they are reused (the prefix attention is
-bidirectional, so recomputed rows attend to the stale K/V; layer_wise recomputes the vision rows below
+(`"anchor"`). A reused span's rows are not computed in the layers where they are reused (the rows recomputed attend
+to the stale K/V wherever the prefix's mask lets them; layer_wise recomputes the vision rows below
 `layer_wise_from`). Only spans laid out as the stored ones can reuse: pi0.5's state bins can change the prompt's
 token count: then the prompt's spans (text, state) moved and are computed afresh, while the image tokens, first in
 the prefix, keep their positions and may still reuse (their K/V carry over). Cosine similarity never
@@ -49,7 +49,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import REPLAN_STEPS, SPANS
+SPANS = ("vision", "text", "state")  # what reuse modes name: the image tokens, the task prompt, the robot state
+REPLAN_STEPS = 5  # LIBERO clients (openpi, lerobot): actions executed from each chunk before the next inference
+
 
 @dataclass(frozen=True)
 class ReuseMode:

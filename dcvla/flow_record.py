@@ -1,4 +1,5 @@
-"""Recording pi0 / pi0.5 with reuse: the schema and the recorder that writes it (`recorder_for(pi0_policy)`).
+"""Recording a flow-matching VLA (pi0, pi0.5, SmolVLA) with reuse: the schema and the recorder that writes it
+(`recorder_for(policy)` for any `dcvla.flow_policy.FlowPolicy`).
 
 Per inference: the gate's decision and what it measured (image-token and state similarity, pixel change, the
 phase detector), which spans were reused at which layer, the reused share of the prefix K/V, each span's staleness,
@@ -16,12 +17,12 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..recording import METRICS, Recorder, Schema, distances, register_recorder
-from .config import LIBERO_ACTION_DIM, SPANS
-from .policy import Pi0Policy, Pi0StepRecord
+from .flow_policy import LIBERO_ACTION_DIM, FlowPolicy, FlowStepRecord
+from .prefix_reuse import SPANS
+from .recording import METRICS, Recorder, Schema, distances, register_recorder
 
-PI0_STAGES = ("vision", "gate", "prefix", "expert")
-PI0_VARIABLES: dict[str, tuple[str, ...]] = {
+FLOW_STAGES = ("vision", "gate", "prefix", "expert")
+FLOW_VARIABLES: dict[str, tuple[str, ...]] = {
     "gate": (),                                   # the gate opened: the mode's spans were reused
     "vision_similarity": (),                      # cosine similarity of the image tokens to the reference's
     "state_similarity": (),                       # the same for the normalised state
@@ -38,7 +39,7 @@ PI0_VARIABLES: dict[str, tuple[str, ...]] = {
     "k_drift": ("span", "layer", "metric"),       # used vs fresh prefix K, mean over the span's tokens
     "v_drift": ("span", "layer", "metric"),
 }
-PI0_VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
+FLOW_VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "reuse": ("gate", "vision_similarity", "state_similarity", "pixel_change", "near_contact", "span_reuse",
               "reuse_fraction"),
     "staleness": ("staleness",),
@@ -46,12 +47,13 @@ PI0_VARIABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "flops": ("flops",),
     "latency": ("latency_ms",),
 }
-SCHEMA = Schema(PI0_VARIABLES, PI0_VARIABLE_GROUPS)
+SCHEMA = Schema(FLOW_VARIABLES, FLOW_VARIABLE_GROUPS)
 
 
-@register_recorder(Pi0Policy)
-class Pi0Recorder(Recorder):
-    """Records a `Pi0Policy`'s inferences into an `xarray.Dataset` (dims frame = inference, span, layer, horizon,
+@register_recorder(FlowPolicy)
+class FlowRecorder(Recorder):
+    """Records a `FlowPolicy`'s (`Pi0Policy`, `SmolVLAPolicy`) inferences into an `xarray.Dataset` (dims frame =
+    inference, span, layer, horizon,
     action_dim, stage, metric).
 
     Args:
@@ -63,28 +65,29 @@ class Pi0Recorder(Recorder):
     """
 
     schema = SCHEMA
-    default_what = tuple(PI0_VARIABLE_GROUPS)
+    default_what = tuple(FLOW_VARIABLE_GROUPS)
     drift_note = "action and K/V drift from a no-reuse shadow pass (same noise) of every step that reused"
 
-    def __init__(self, policy: Pi0Policy, what: Iterable[str] | None = None, drift: bool = False,
+    def __init__(self, policy: FlowPolicy, what: Iterable[str] | None = None, drift: bool = False,
                  path: str | Path | None = None, labels: dict | None = None, control_hz: float = 4.0) -> None:
-        if not isinstance(policy, Pi0Policy):
-            raise TypeError(f"Pi0Recorder needs a dcvla.pi0.Pi0Policy, got {type(policy).__name__}")
+        if not isinstance(policy, FlowPolicy):
+            raise TypeError(f"FlowRecorder needs a dcvla.flow_policy.FlowPolicy (pi0, pi0.5, SmolVLA), got "
+                            f"{type(policy).__name__}")
         super().__init__(policy, what, drift, path, labels, control_hz)
-        self.n_layers = policy.model.config.lm.depth
-        self.attrs.update({"family": "pi0", "variant": policy.model.config.variant, "gate": policy.gate_name,
+        self.n_layers = policy.model.config.prefix_depth
+        self.attrs.update({"family": policy.family, "variant": policy.model.config.variant, "gate": policy.gate_name,
                            "threshold": float(policy.config.threshold), "layer_wise_from": policy.layer_wise_from})
 
     def coords(self) -> dict[str, np.ndarray]:
-        return {"span": np.array(SPANS), "layer": np.arange(self.n_layers), "stage": np.array(PI0_STAGES),
+        return {"span": np.array(SPANS), "layer": np.arange(self.n_layers), "stage": np.array(FLOW_STAGES),
                 "metric": np.array(METRICS)}
 
     def sizes(self) -> dict[str, int]:
         cfg = self.policy.model.config
         return {"span": len(SPANS), "layer": self.n_layers, "horizon": cfg.chunk_size, "action_dim": LIBERO_ACTION_DIM,
-                "stage": len(PI0_STAGES), "metric": len(METRICS)}
+                "stage": len(FLOW_STAGES), "metric": len(METRICS)}
 
-    def frame_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
+    def frame_arrays(self, record: FlowStepRecord) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {"frame": np.array(record.step), "time": np.array(record.step / self.control_hz)}
         if "reuse" in self.what:
             out["gate"] = np.array(record.gate)
@@ -99,12 +102,12 @@ class Pi0Recorder(Recorder):
         if "actions" in self.what:
             out["action"] = record.chunk.astype(np.float32)
         if "flops" in self.what:
-            out["flops"] = np.array([record.flops.get(s, 0) for s in PI0_STAGES], np.float64)
+            out["flops"] = np.array([record.flops.get(s, 0) for s in FLOW_STAGES], np.float64)
         if "latency" in self.what:
-            out["latency_ms"] = np.array([record.latency_ms[s] for s in PI0_STAGES], np.float32)
+            out["latency_ms"] = np.array([record.latency_ms[s] for s in FLOW_STAGES], np.float32)
         return out
 
-    def drift_arrays(self, record: Pi0StepRecord) -> dict[str, np.ndarray]:
+    def drift_arrays(self, record: FlowStepRecord) -> dict[str, np.ndarray]:
         policy = self.policy
         kv = {x: np.zeros((len(SPANS), self.n_layers, 2), np.float32) for x in "kv"}
         if record.reuse_fraction == 0:  # nothing reused: the step is the no-reuse pass itself

@@ -2,8 +2,8 @@
 `policy_preprocessor.json` and the statistics file its normalizer step names, or made for a random preset.
 
 Modes per feature type (`norm_map`): IDENTITY, MEAN_STD ((x - mean) / (std + eps)), MIN_MAX, QUANTILES (q01/q99 to
-[-1, 1]) and QUANTILE10 (q10/q90); pi0 checkpoints declare MEAN_STD, pi0.5 ones QUANTILES (lerobot's pi0.5 LIBERO
-recipe overrides it to MEAN_STD: whatever the file says is what is used).
+[-1, 1]) and QUANTILE10 (q10/q90); pi0 and SmolVLA checkpoints declare MEAN_STD, pi0.5 ones QUANTILES (lerobot's
+pi0.5 LIBERO recipe overrides it to MEAN_STD: whatever the file says is what is used).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..devices import CheckpointError
+from .devices import CheckpointError
 
 PREPROCESSOR_FILE = "policy_preprocessor.json"
 STATE, ACTION = "observation.state", "action"  # lerobot's feature names
@@ -46,18 +46,18 @@ class Normalization:
         return (x + 1.0) * span / 2.0 + lo if inverse else 2.0 * (x - lo) / span - 1.0
 
 
-def random_normalization(variant: str, state_stats: dict, action_dim: int) -> Normalization:
-    """A random preset's statistics: the state's from LIBERO's shipped episodes (`state_stats`: mean, std), as the
-    variant's mode wants them (pi0 MEAN_STD; pi0.5 QUANTILES at mean -/+ 2 std); the action left as the flow
-    gives it (mean 0 std 1, or q01 -1 q99 1)."""
+def random_normalization(mode: str, state_stats: dict, action_dim: int) -> Normalization:
+    """A random preset's statistics in `mode` (MEAN_STD or QUANTILES, as the family's checkpoints declare it): the
+    state's from LIBERO's shipped episodes (`state_stats`: mean, std; quantiles at mean -/+ 2 std), the action left as
+    the flow gives it (mean 0 std 1, or q01 -1 q99 1)."""
     mean, std = np.asarray(state_stats["mean"], np.float64), np.asarray(state_stats["std"], np.float64)
-    if variant == "pi05":
+    if mode == "QUANTILES":
         stats = {STATE: {"q01": mean - 2 * std, "q99": mean + 2 * std},
                  ACTION: {"q01": -np.ones(action_dim), "q99": np.ones(action_dim)}}
-        mode = "QUANTILES"
-    else:
+    elif mode == "MEAN_STD":
         stats = {STATE: {"mean": mean, "std": std}, ACTION: {"mean": np.zeros(action_dim), "std": np.ones(action_dim)}}
-        mode = "MEAN_STD"
+    else:
+        raise ValueError(f"random_normalization: mode must be MEAN_STD or QUANTILES, got {mode!r}")
     return Normalization({STATE: mode, ACTION: mode}, stats)
 
 
