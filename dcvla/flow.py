@@ -11,10 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as TF
 
 from . import flops as F
+from .attention import attend, gather_kv, project_qkv
+from .kv_store import KVStore, LayerPlan
 
 
 @dataclass
@@ -87,3 +90,59 @@ def resize_with_pad(images: torch.Tensor, height: int, width: int, pad_value: fl
     resized = TF.interpolate(images, size=(int(h / ratio), int(w / ratio)), mode="bilinear", align_corners=False)
     pad_h, pad_w = max(0, height - resized.shape[2]), max(0, width - resized.shape[3])
     return TF.pad(resized, (pad_w, 0, pad_h, 0), value=pad_value)
+
+
+Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (x, rows) -> cos, sin
+
+
+@torch.inference_mode()
+def run_prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int,
+                      heads: tuple[int, int, int], rope: Rope, mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> PrefixOutput:
+    """Run a prefix LM's decoder layers (transformers' Llama / Gemma layers) over the prefix under per-layer plans,
+    leaving every layer's post-RoPE K/V of every prefix position in `store`. The last layer's output is read by
+    nobody (the expert reads the prefix's K/V only), so the last layer projects K/V and stops.
+
+    Args:
+        plans: one per layer, a layer's rows a subset of the previous layer's; rows carried are computed and their K/V
+            stored (computed_at = step), the others' K/V are the store's. None: every row of every layer.
+        store, step: the episode's store (one slot per prefix token; a fresh one for a no-reuse pass), the inference.
+        heads, rope: (query heads, K/V heads, head_dim); cos and sin [1, row, head_dim] of the rows carried
+            (positions 0..n-1), float32 where the family rotates in float32 (SmolVLA): Q/K are cast back.
+        mask: [row, prefix] bool of the rows carried, True where a row may attend (None: bidirectional).
+    """
+    prefix_len, depth, hidden = inputs.length, len(layers), inputs.embeddings()  # hidden: [1, prefix, width]
+    if store.num_slots != prefix_len:
+        raise ValueError(f"the store holds {store.num_slots} prefix positions, this prefix has {prefix_len}")
+    if plans is None:
+        plans = [LayerPlan.full(prefix_len, hidden.device)] * depth
+    if len(plans) != depth:
+        raise ValueError(f"{len(plans)} layer plans for {depth} prefix layers")
+    rows = plans[0].rows
+    if rows.numel() != prefix_len:
+        hidden = hidden[:, rows]  # [1, row, width]
+    reused = np.ones((depth, prefix_len), dtype=bool)
+    work = []
+    for layer, (block, plan) in enumerate(zip(layers, plans)):
+        if plan.rows.numel() != rows.numel():  # rows dropped from this layer on (a subset of the previous rows)
+            hidden, rows = hidden[:, torch.searchsorted(rows, plan.rows)], plan.rows
+        n, last = rows.numel(), layer == depth - 1
+        work.append(F.LayerWork(0 if last else n, n, prefix_len if n and not last else 0))
+        reused[layer, plan.host[0]] = False  # the plan's host copy: no read of the device
+        if n == 0:
+            continue
+        if plan.n_kv != n:
+            raise ValueError("the prefix projects K/V for every row it carries")
+        x = block.input_layernorm(hidden)
+        cos, sin = rope(x, rows)
+        no_rows = torch.arange(0, device=rows.device) if last else None  # the last layer: K/V only, no Q
+        q, k, v = project_qkv(block.self_attn, x, no_rows, None, cos, sin, *heads)
+        q, k = q.to(hidden.dtype), k.to(hidden.dtype)
+        store.update(layer, rows, k[0], v[0], step)
+        if last:
+            break
+        keys, values = gather_kv(store, layer, prefix_len, rows, k, v)
+        attn, _ = attend(q, keys, values, block.self_attn.scaling, None if mask is None else mask(rows))
+        hidden = hidden + block.self_attn.o_proj(attn)
+        hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+    return PrefixOutput(work, torch.from_numpy(reused))

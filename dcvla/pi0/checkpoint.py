@@ -19,20 +19,17 @@ Anything else missing, unexpected or misshapen is named in one error with the fi
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from ..devices import (INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_files, misfit_message, parse_dtype, place,
-                        read_headers, refuse_pickle, resolve_checkpoint_dir, stream_tensors)
+from ..devices import CheckpointError, place, read_headers, resolve_checkpoint_dir
+from ..lerobot_checkpoint import CONFIG_FILE, fill, read_lerobot_config, weights_files
+from ..lerobot_checkpoint import plan as lerobot_plan
 from .config import PiConfig, get_preset, with_dims
 from .model import PiModel
-from ..normalization import read_normalization
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 TIED_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
 IGNORED = {
@@ -54,55 +51,10 @@ def model_key(key: str, config: PiConfig) -> str | None:
     return new + key[len(old):] if key.startswith(old) else key
 
 
-def weights_files(folder: Path) -> list[Path]:
-    """The model's safetensors: the index's shards, else `model.safetensors` (a lerobot directory holds its
-    processors' statistics in other safetensors files, so a bare glob would be wrong)."""
-    if (folder / INDEX_FILE).exists():
-        return checkpoint_files(folder)  # the index's shards, checked
-    if (folder / WEIGHTS_FILE).exists():
-        return [folder / WEIGHTS_FILE]
-    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        refuse_pickle(pickles[0])
-    raise CheckpointError(f"no {WEIGHTS_FILE} (nor {INDEX_FILE}) in {folder}")
-
-
 def plan(model: PiModel, headers: dict) -> dict[str, str]:
-    """checkpoint key -> model key for every stored tensor that loads; a CheckpointError naming every missing,
-    unexpected and misshapen key (and the files) unless the checkpoint fits exactly."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    stored = {key: entry.shape for entries in headers.values() for key, entry in entries.items()}
-    routes, unexpected, misshapen, misfit_targets = {}, [], [], set()
-    for key, shape in stored.items():
-        target = model_key(key, model.config)
-        if target is None:
-            continue
-        if target not in expected:
-            unexpected.append(key)
-        elif shape != expected[target]:
-            named = key if target == key.removeprefix("model.") else f"{key} (read as {target})"
-            misshapen.append(f"{named}: checkpoint {list(shape)}, model {list(expected[target])}")
-            misfit_targets.add(target)
-        elif target == EMBED and key == TIED_HEAD and any(model_key(k, model.config) == EMBED and k != key for k in stored):
-            continue  # both stored: the embedding's own key loads it
-        else:
-            routes[key] = target
-    missing = sorted(set(expected) - set(routes.values()) - misfit_targets)
-    problem = misfit_message(missing, sorted(unexpected), misshapen)
-    if problem:
-        files = ", ".join(str(f) for f in headers)
-        raise CheckpointError(f"{files} does not fit {model.config.name} ({model.config.variant}): {problem}")
-    return routes
-
-
-def read_lerobot_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    """checkpoint key -> model key for every stored tensor that loads (`dcvla.lerobot_checkpoint.plan`, strict)."""
+    return lerobot_plan(model, headers, lambda key: model_key(key, model.config),
+                        f"{model.config.name} ({model.config.variant})")
 
 
 def config_for(folder: Path, preset: str | PiConfig | None) -> PiConfig:
@@ -151,15 +103,7 @@ def load_pretrained(path_or_id: str | os.PathLike, preset: str | PiConfig | None
     headers = read_headers(weights_files(folder))
     with torch.device("meta"):
         model = PiModel(config, attn_implementation)
-    routes = plan(model, headers)
-    model = model.to(parse_dtype(dtype)).to_empty(device=device)
-    _init_buffers(model)
-    params = model.state_dict()
-    with torch.no_grad():
-        for key, tensor in stream_tensors(headers, routes):
-            params[routes[key]].copy_(tensor)
-    model.normalization = read_normalization(folder)
-    return model.eval()
+    return fill(model, folder, headers, plan(model, headers), dtype, device, _init_buffers)
 
 
 def _init_buffers(model: PiModel) -> None:

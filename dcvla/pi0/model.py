@@ -21,18 +21,17 @@ What dcvla does differently, all exact (the parity test holds it to lerobot's nu
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import GemmaConfig, GemmaModel, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm, GemmaRotaryEmbedding
 
 from .. import flops as F
-from ..attention import attend, gather_kv, project_qkv
-from ..flow import PrefixInputs, PrefixOutput, euler, time_embedding
+from ..attention import attend, project_qkv
+from ..flow import PrefixInputs, PrefixOutput, euler, run_prefix_layers, time_embedding
 from ..kv_store import KVStore, LayerPlan
-from .config import LIBERO_ACTION_DIM, LIBERO_STATE_STATS, GemmaDims, PiConfig, get_preset
 from ..normalization import Normalization, random_normalization
+from .config import LIBERO_ACTION_DIM, LIBERO_STATE_STATS, GemmaDims, PiConfig, get_preset
 
 
 def gemma_config(dims: GemmaDims, config: PiConfig, vocab_size: int) -> GemmaConfig:
@@ -298,51 +297,12 @@ class PiModel(nn.Module):
         return {"vision": vision, "prefix": prefix, "expert": state + cfg.num_steps * per_step}
 
 
-@torch.inference_mode()
 def run_prefix(model: PiModel, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int) -> PrefixOutput:
-    """Run the PaliGemma LM over the prefix under per-layer plans, leaving every layer's K/V of every prefix
-    position in `store`.
-
-    Args:
-        plans: one per layer; a layer's rows are a subset of the previous layer's (a dropped row stays dropped).
-            Rows a layer carries are computed and their K/V stored (computed_at = step); the others' K/V are the
-            store's. None: every row of every layer.
-        store: the episode's store (one slot per prefix token); a fresh one for a no-reuse pass.
-        step: this inference's index.
-    """
+    """Run the PaliGemma LM over the prefix (bidirectional) under per-layer plans, leaving every layer's K/V of every
+    prefix position in `store` (`dcvla.flow.run_prefix_layers`: plans, store, step)."""
     lm, cfg = model.language_model, model.config.lm
-    prefix_len = inputs.length
-    if store.num_slots != prefix_len:
-        raise ValueError(f"the store holds {store.num_slots} prefix positions, this prefix has {prefix_len}")
-    if plans is None:
-        plans = [LayerPlan.full(prefix_len, model.device)] * cfg.depth
-    if len(plans) != cfg.depth:
-        raise ValueError(f"{len(plans)} layer plans for {cfg.depth} prefix layers")
-    rows = plans[0].rows
-    hidden = inputs.embeddings()  # [1, prefix, width]
-    if rows.numel() != prefix_len:
-        hidden = hidden[:, rows]  # [1, row, width]
-    reused = np.ones((cfg.depth, prefix_len), dtype=bool)
-    work = []
-    for layer, (block, plan) in enumerate(zip(lm.layers, plans)):
-        if plan.rows.numel() != rows.numel():  # rows dropped from this layer on (a subset of the previous rows)
-            hidden, rows = hidden[:, torch.searchsorted(rows, plan.rows)], plan.rows
-        n = rows.numel()
-        work.append(F.LayerWork(n, n, prefix_len if n else 0))
-        reused[layer, plan.host[0]] = False  # the plan's host copy: no read of the device
-        if n == 0:
-            continue
-        if plan.n_kv != n:
-            raise ValueError("the prefix projects K/V for every row it carries")
-        x = block.input_layernorm(hidden)
-        cos, sin = lm.rotary_emb(x, rows[None])  # positions: the present tokens are 0..prefix_len-1
-        q, k, v = project_qkv(block.self_attn, x, None, None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        keys, values = gather_kv(store, layer, prefix_len, rows, k, v)  # bidirectional: every prefix position
-        store.update(layer, rows, k[0], v[0], step)
-        attn, _ = attend(q, keys, values, block.self_attn.scaling, None)
-        hidden = hidden + block.self_attn.o_proj(attn)
-        hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-    return PrefixOutput(work, torch.from_numpy(reused))
+    return run_prefix_layers(lm.layers, inputs, plans, store, step, (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+                             lambda x, rows: lm.rotary_emb(x, rows[None]))
 
 
 def random_model(config: PiConfig | str, seed: int = 0, attn_implementation: str = "sdpa") -> PiModel:
