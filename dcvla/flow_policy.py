@@ -7,7 +7,7 @@ runs on the rows not reused (layer plans made on the host); a state token in the
 unless reused; the flow integrates the chunk from the episode's seeded noise. The store is per episode.
 
 What the policy needs of a model (`PiModel`, `SmolVLAModel`):
-- `config`: `chunk_size`, `max_action_dim`, `max_state_dim`, `max_token_len`, `num_image_slots`, `image_size`,
+- `config`: `chunk_size`, `max_action_dim`, `max_state_dim`, `max_token_len`, `vocab_size`, `num_image_slots`, `image_size`,
   `prefix_depth`, `delta_action_dims`, `variant`, and `state_token`, where the state enters: "expert" (a token of
   the expert's suffix, its K/V from `expert_state_kv`), "prompt" (bins in the prompt), "prefix" (a projected token,
   last in the prefix) or "none";
@@ -171,6 +171,10 @@ class FlowPolicy:
         if len(ids) > limit:
             raise ValueError(f"the prompt is {len(ids)} tokens, past the model's {limit} (tokenizer_max_length); "
                              f"shorten the instruction ({len(instruction)} characters)")
+        vocab = self.model.config.vocab_size
+        if max(ids) >= vocab:
+            raise ValueError(f"the tokenizer gave token id {max(ids)}, past the model's vocabulary of {vocab}: is it "
+                             "the checkpoint's tokenizer?")
         in_state = np.array([state_chars[0] <= a and b <= state_chars[1] and b > a for a, b in offsets], dtype=bool)
         return ids, np.flatnonzero(~in_state), np.flatnonzero(in_state)
 

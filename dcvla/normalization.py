@@ -19,6 +19,15 @@ from .devices import CheckpointError
 PREPROCESSOR_FILE = "policy_preprocessor.json"
 STATE, ACTION = "observation.state", "action"  # lerobot's feature names
 
+# Mean and std of the 8-dim LIBERO state (eef pos, axis-angle, gripper qpos) over every frame of the shipped
+# episodes (tests/test_pi0_model.py recomputes them), std floored at 0.05 so the nearly constant roll (about pi) is
+# not blown up into noise: the statistics of a random preset, as a LIBERO-trained checkpoint would carry its own.
+LIBERO_STATE_STATS = {
+    "mean": [-0.0367, 0.0634, 0.649, 3.1412, 0.0, -0.0027, 0.0247, -0.0247],
+    "std": [0.0844, 0.1695, 0.3199, 0.05, 0.05, 0.05, 0.05, 0.05],
+}
+STATE_STD_FLOOR = 0.05
+
 MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10")
 _STATS = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
 

@@ -68,6 +68,15 @@ def pi05():
 
 
 @pytest.fixture(scope="session")
+def smolvla():
+    """The shared smolvla-tiny model (random weights; the state token last in the prefix) behind a no-reuse policy."""
+    from dcvla.prefix_reuse import ReuseConfig
+    from dcvla.smolvla import SmolVLAPolicy
+
+    return SmolVLAPolicy.from_preset("smolvla-tiny", seed=0, config=ReuseConfig(mode="none"))
+
+
+@pytest.fixture(scope="session")
 def pi0_clip():
     """Frames 0, 5, .., 20 of the first shipped libero_spatial episode (uncropped): [agent view, wrist view] each,
     their states, the task."""

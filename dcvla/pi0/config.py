@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..normalization import LIBERO_STATE_STATS, STATE_STD_FLOOR  # noqa: F401 (random presets' statistics)
 from ..prefix_reuse import REPLAN_STEPS, SPANS  # noqa: F401 (the family's names for them)
 
 VARIANTS = ("pi0", "pi05")
@@ -157,13 +158,3 @@ def get_preset(name: str) -> PiConfig:
 def with_dims(config, **changes):
     """A config (PiConfig, SiglipDims) with other fields (e.g. a checkpoint's chunk size)."""
     return replace(config, **changes)
-
-
-# Mean and std of the 8-dim LIBERO state (eef pos, axis-angle, gripper qpos) over every frame of the shipped
-# episodes (tests/test_pi0_model.py recomputes them), std floored at 0.05 so the nearly constant roll (about pi) is
-# not blown up into noise: the statistics of a random preset, as a LIBERO-trained checkpoint would carry its own.
-LIBERO_STATE_STATS = {
-    "mean": [-0.0367, 0.0634, 0.649, 3.1412, 0.0, -0.0027, 0.0247, -0.0247],
-    "std": [0.0844, 0.1695, 0.3199, 0.05, 0.05, 0.05, 0.05, 0.05],
-}
-STATE_STD_FLOOR = 0.05

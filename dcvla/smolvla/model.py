@@ -35,16 +35,9 @@ from .. import flops as F
 from ..attention import attend, project_qkv, rotate
 from ..flow import PrefixInputs, PrefixOutput, euler, run_prefix_layers, time_embedding
 from ..kv_store import KVStore, LayerPlan
-from ..normalization import Normalization, random_normalization
+from ..flow_policy import LIBERO_ACTION_DIM
+from ..normalization import LIBERO_STATE_STATS, Normalization, random_normalization
 from .config import SmolVLAConfig, get_preset
-
-LIBERO_ACTION_DIM = 7
-# Mean and std of the 8-dim LIBERO state over the shipped episodes (as dcvla.pi0.config; std floored at 0.05)
-LIBERO_STATE_STATS = {
-    "mean": [-0.0367, 0.0634, 0.649, 3.1412, 0.0, -0.0027, 0.0247, -0.0247],
-    "std": [0.0844, 0.1695, 0.3199, 0.05, 0.05, 0.05, 0.05, 0.05],
-}
-
 
 def hf_configs(config: SmolVLAConfig, attn_implementation: str) -> tuple[SmolVLMConfig, LlamaConfig]:
     """transformers' SmolVLM config (vision, connector, text) and the expert's Llama config (lerobot: a copy of the
@@ -269,17 +262,17 @@ class SmolVLAModel(nn.Module):
     # ------------------------------------------------------------------------------------------------- flops
     def stage_flops(self, prefix_work: list[F.LayerWork], prefix_len: int, num_images: int,
                     state_reused: bool = False) -> dict[str, int]:
-        """FLOPs per stage of one inference: vision (SigLIP + connector per present camera), prefix (as computed, with
-        the state token's projection), expert (the cross layers' K/V projections once, the action tokens at every
-        Euler step, the heads)."""
+        """FLOPs per stage of one inference: vision (SigLIP + connector per present camera, and the state token's
+        projection: the inputs' embedding), prefix (as computed), expert (the cross layers' K/V projections once, the
+        action tokens at every Euler step, the heads)."""
         cfg, v, t = self.config, self.config.vision, self.config.text
         n = v.num_patches
         siglip = 2 * n * v.hidden_size * 3 * v.patch_size**2 + v.num_layers * F.attention_layer_flops(
             F.LayerWork(n, n, n), v.hidden_size, v.hidden_size, v.intermediate_size, 2)
         vision = num_images * (siglip + 2 * cfg.tokens_per_image * v.hidden_size * cfg.scale_factor**2 * t.width)
+        vision += 2 * cfg.max_state_dim * t.width  # the state token's projection, made with the image tokens
         kv, attn = t.num_kv_heads * t.head_dim, t.num_heads * t.head_dim
-        prefix = 2 * cfg.max_state_dim * t.width + sum(
-            F.attention_layer_flops(w, t.width, kv, t.mlp_dim, 3, attn) for w in prefix_work)
+        prefix = sum(F.attention_layer_flops(w, t.width, kv, t.mlp_dim, 3, attn) for w in prefix_work)
         h, w, crosses = cfg.chunk_size, cfg.expert_width, sum(map(cfg.is_cross_layer, range(t.depth)))
         joint = F.attention_layer_flops(F.LayerWork(h, h, prefix_len + h), w, kv, cfg.expert_mlp_dim, 3, attn)
         cross = F.attention_layer_flops(F.LayerWork(h, 0, prefix_len), w, kv, cfg.expert_mlp_dim, 3, attn)

@@ -1,6 +1,7 @@
-"""The pi0 / pi0.5 policy (pi0-tiny and pi05-tiny, random weights) on real shipped LIBERO frames (agent and wrist
-views) and states: each mode skips exactly its span's rows (pi0's state: its expert K/V), each gate opens when its
-rule says, the reference, episode isolation, the seed, errors, the FLOPs of reused inferences, the closed loop."""
+"""The flow-matching policies (pi0-tiny, pi05-tiny, smolvla-tiny, random weights) on real shipped LIBERO frames
+(agent and wrist views) and states: each mode skips exactly its span's rows (pi0's state: its expert K/V), each gate
+opens when its rule says, the reference, episode isolation, the seed, errors, the FLOPs of reused inferences, the
+closed loop."""
 
 import copy
 
@@ -25,13 +26,17 @@ EXPECTED_SPANS = {
     "layer_wise": ("vision",),  # in layers >= layer_wise_from only
     "synchronized": SPANS,
 }
-DEPTH = 2  # the tiny presets' prefix LM
+DEPTH = 2  # the tiny pi0 presets' prefix LM (smolvla-tiny keeps 4 text layers)
 
 
-@pytest.fixture(scope="module", params=["pi0", "pi05"])
-def model(request, pi0, pi05):
+@pytest.fixture(scope="module", params=["pi0", "pi05", "smolvla"])
+def model(request, pi0, pi05, smolvla):
     """Each model behind a no-reuse policy."""
-    return {"pi0": pi0, "pi05": pi05}[request.param]
+    return {"pi0": pi0, "pi05": pi05, "smolvla": smolvla}[request.param]
+
+
+def depth(policy) -> int:
+    return policy.model.config.prefix_depth
 
 
 def run(policy, frames, states, instruction):
@@ -41,9 +46,9 @@ def run(policy, frames, states, instruction):
     return list(policy.records)
 
 
-def expected_reuse(mode: str, lwf: int) -> torch.Tensor:
+def expected_reuse(mode: str, lwf: int, layers: int = DEPTH) -> torch.Tensor:
     """[span, layer] bool: what the mode reuses when its gate opens."""
-    reuse = torch.zeros(len(SPANS), DEPTH, dtype=torch.bool)
+    reuse = torch.zeros(len(SPANS), layers, dtype=torch.bool)
     first = lwf if mode == "layer_wise" else 0
     for span in EXPECTED_SPANS[mode]:
         reuse[SPANS.index(span), first:] = True
@@ -106,11 +111,11 @@ def test_threshold_above_one_is_exactly_no_reuse(model, pi0_clip, mode):
 @pytest.mark.parametrize("mode", sorted(EXPECTED_SPANS))
 def test_mode_skips_exactly_its_spans(model, pi0_clip, mode):
     frames, states, instruction = pi0_clip
-    pi05 = model.model.config.pi05
+    where, layers = model.model.config.state_token, depth(model)
     reference = run(model.with_config(ReuseConfig(mode="none")), frames, states, instruction)
     pol = model.with_config(ReuseConfig(mode=mode, threshold=-1.0))  # the gate opens whenever the layout allows
     lwf = pol.layer_wise_from
-    assert lwf == DEPTH // 2
+    assert lwf == layers // 2
     pol.reset()
     pol.step(frames[0], instruction, states[0])
     assert pol.last.gate is False and (pol.store.computed_at == 0).all()
@@ -123,8 +128,8 @@ def test_mode_skips_exactly_its_spans(model, pi0_clip, mode):
             assert not rec.gate and not rec.span_reuse.any() and rec.flops == ref.flops and np.array_equal(rec.chunk, ref.chunk)
             continue
         moved = rec.spans["state"].tolist() != pol.records[-2].spans["state"].tolist()
-        assert rec.moved == (("text", "state") if moved else ()) and (not moved or pi05)
-        expected = expected_reuse(mode, lwf)
+        assert rec.moved == (("text", "state") if moved else ()) and (not moved or where == "prompt")
+        expected = expected_reuse(mode, lwf, layers)
         if moved:  # pi0.5's state bins changed the prompt: its spans are computed afresh, the image tokens may reuse
             expected[SPANS.index("text")] = expected[SPANS.index("state")] = False
         if not expected.any():
@@ -134,7 +139,7 @@ def test_mode_skips_exactly_its_spans(model, pi0_clip, mode):
         assert rec.gate and torch.equal(rec.span_reuse, expected), (mode, k, rec.span_reuse)
         for i, span in enumerate(SPANS):
             rows = torch.from_numpy(rec.spans[span])
-            for layer in range(DEPTH):
+            for layer in range(layers):
                 at = store.computed_at[layer, rows]
                 if expected[i, layer]:  # skipped: the previous computation's K/V, bit for bit (same rows: vision first)
                     assert (at < k).all() and torch.equal(at, before.computed_at[layer, rows]), (span, layer)
@@ -143,16 +148,16 @@ def test_mode_skips_exactly_its_spans(model, pi0_clip, mode):
                 else:
                     assert (at == k).all(), (mode, span, layer, at.unique())
         skipped = sum(int(expected[SPANS.index(s)].sum()) * len(rec.spans[s]) for s in SPANS)
-        state_skipped = bool(expected[SPANS.index("state")].any()) and not pi05  # pi0's state: its expert K/V
-        assert rec.reuse_fraction == pytest.approx(skipped / (DEPTH * store.num_slots), abs=1e-6)
+        state_skipped = bool(expected[SPANS.index("state")].any()) and where == "expert"  # pi0's: its expert K/V
+        assert rec.reuse_fraction == pytest.approx(skipped / (layers * store.num_slots), abs=1e-6)
         assert rec.flops["vision"] == ref.flops["vision"]  # the gates need the image tokens every inference
-        if not pi05:
+        if where == "expert":
             assert (pol.state_kv is state_kv) == state_skipped
         assert (rec.flops["expert"] < ref.flops["expert"]) == state_skipped
         assert not np.array_equal(rec.chunk, ref.chunk), "the reused K/V must change the actions"
         if mode in ("full", "synchronized") and not moved:
             assert rec.flops["prefix"] == 0 and rec.reuse_fraction == 1.0
-            assert torch.equal(rec.chunk_normalized, pol.model.sample_actions(before, rec.noise, None, state_kv))
+            assert torch.equal(rec.chunk_normalized, pol.model.sample_actions(before, rec.noise, state_kv=state_kv))
         elif skipped:
             assert 0 < rec.flops["prefix"] < ref.flops["prefix"], rec.flops
         else:  # pi0's state_only: the whole prefix is computed
@@ -167,11 +172,12 @@ def test_layer_wise_bounds(model, pi0_clip):
     from0 = run(model.with_config(ReuseConfig(mode="layer_wise", threshold=-1.0, layer_wise_from=0)), *pi0_clip)
     for a, b in zip(vision_only, from0):
         assert np.array_equal(a.chunk, b.chunk) and torch.equal(a.span_reuse, b.span_reuse)
-    last = model.with_config(ReuseConfig(mode="layer_wise", threshold=-1.0, layer_wise_from=DEPTH - 1))
+    layers = depth(model)
+    last = model.with_config(ReuseConfig(mode="layer_wise", threshold=-1.0, layer_wise_from=layers - 1))
     run(last, [frames[0], frames[1]], [states[0], states[0]], instruction)  # the same state: pi0.5's prompt stays
-    assert torch.equal(last.last.span_reuse, expected_reuse("layer_wise", DEPTH - 1))
+    assert torch.equal(last.last.span_reuse, expected_reuse("layer_wise", layers - 1, layers))
     computed_at = last.store.computed_at[:, torch.from_numpy(last.last.spans["vision"])]
-    assert (computed_at[: DEPTH - 1] == 1).all() and (computed_at[DEPTH - 1] == 0).all()
+    assert (computed_at[: layers - 1] == 1).all() and (computed_at[layers - 1] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------ 3. gates
