@@ -1,4 +1,4 @@
-"""Measured speedup of each pi0 / pi0.5 reuse mode against no reuse, next to its FLOPs ideal, on shipped LIBERO
+"""Measured speedup of each pi0 / pi0.5 / SmolVLA reuse mode against no reuse, next to its FLOPs ideal, on shipped LIBERO
 frames (agent and wrist views) and robot states (one inference every `--replan-steps` frames, as openpi's LIBERO
 client). `--gate` picks the gate for every mode ("" = each mode's own).
 
@@ -12,6 +12,10 @@ On a GPU (`--device cuda --dtype bfloat16`) every inference is timed between two
 
     python benchmarks/pi0_reuse_speedup.py --preset pi0-small --threshold 0.985 --steps 8
     python benchmarks/pi0_reuse_speedup.py --preset pi05-small --threshold 0.985 --steps 8
+    python benchmarks/pi0_reuse_speedup.py --preset smolvla-small --threshold 0.985 --steps 8
+
+No reuse ("none") is each model's own inference: the prefix computed once and read by every Euler step (for SmolVLA,
+lerobot's within-call prefix cache), the baseline of every ratio.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import DTYPES, place_model, timer  # noqa: E402
 
 from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
-from dcvla.pi0 import MODES, Pi0Policy, ReuseConfig  # noqa: E402
 from dcvla.flow_record import FLOW_STAGES  # noqa: E402
-from dcvla.studies.stability_cliff import pi0_episode_inputs  # noqa: E402
+from dcvla.prefix_reuse import MODES, ReuseConfig  # noqa: E402
+from dcvla.studies.stability_cliff import FLOW_PRESETS, pi0_episode_inputs  # noqa: E402
 
 
 def run(preset: str, modes: list[str], threshold: float, steps: int, replan_steps: int, device: str = "cpu",
         dtype: torch.dtype = torch.float32, max_episodes: int | None = None, gate: str = "") -> dict:
-    base = Pi0Policy.from_preset(preset, seed=0, config=ReuseConfig(mode="none"))
+    if preset not in FLOW_PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(FLOW_PRESETS)}")
+    base = FLOW_PRESETS[preset].from_preset(preset, seed=0, config=ReuseConfig(mode="none"))
     place_model(base.model, device, dtype)
     policies = {m: base.with_config(ReuseConfig(mode=m, gate=gate if m != "none" else "", threshold=threshold,
                                                 replan_steps=replan_steps)) for m in modes}
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pi0-small")
     parser.add_argument("--threshold", type=float, default=0.985)
-    parser.add_argument("--gate", default="", help="a gate of dcvla.pi0.GATES for every mode ('' = each mode's own)")
+    parser.add_argument("--gate", default="", help="a gate of dcvla.prefix_reuse.GATES for every mode ('' = each mode's own)")
     parser.add_argument("--steps", type=int, default=8, help="inferences per shipped episode")
     parser.add_argument("--replan-steps", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "none"])

@@ -12,24 +12,25 @@
 # ---
 
 # %% [markdown]
-# # Stability cliff: K/V reuse across inferences in pi0 and pi0.5
+# # Stability cliff: K/V reuse across inferences in pi0, pi0.5 and SmolVLA
 #
 # The Pi0 report (seeds/004) gated prefix K/V reuse on the cosine similarity of consecutive inferences' vision
 # embeddings and saw success fall from 100% at threshold 0.985 to 22% at 0.98; reusing vision alone was far worse
 # than reusing everything together (*consistency beats freshness*), and a gate that also asks the state to be
 # similar (*synchronized*) was proposed. This study runs it on the published architectures (pi0: the state is a
-# token in the expert's suffix; pi0.5: its bins are in the prompt; `dcvla.pi0`): every mode x cosine threshold,
+# token in the expert's suffix; pi0.5: its bins are in the prompt; `dcvla.pi0`; SmolVLA: one projected token, last in
+# the prefix, `dcvla.smolvla`): every mode x cosine threshold,
 # then gates beyond one threshold on `gate_modes` (a cache interval, `max_age`; a pixel-change bound, `pixel_mae`;
 # a stricter threshold near grasp and place, `phase_aware`), each streaming the same shipped LIBERO frames (agent
 # and wrist views) and robot states, one inference every `replan_steps` frames as openpi's LIBERO client, compared
 # with the no-reuse run from the same noise: reuse rate, latency, Hz, action drift. The cliff is located from the
 # data. With random weights (the default presets) there is no success rate to measure, so the action drift stands
-# in for it; give `pi0_checkpoint` (a lerobot pi0 / pi0.5 directory, and `pi0_tokenizer`) for a trained model.
+# in for it; give `pi0_checkpoint` (a lerobot pi0 / pi0.5 / SmolVLA directory, and `pi0_tokenizer`) for a trained model.
 
 # %% tags=["parameters"]
-preset = "small"          # small/tiny: pi0-small/pi0-tiny (random weights); or pi05-small, pi0, pi05, ...
-pi0_checkpoint = ""       # a lerobot pi0 / pi0.5 checkpoint directory (e.g. a download of lerobot/pi05_base)
-pi0_tokenizer = ""        # the PaliGemma tokenizer's directory, for a checkpoint that ships none
+preset = "small"          # small/tiny: pi0-small/pi0-tiny (random weights); or pi05-small, smolvla-small, pi0, ...
+pi0_checkpoint = ""       # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory (e.g. lerobot/pi05_base, smolvla_base)
+pi0_tokenizer = ""        # its tokenizer's directory (PaliGemma's, SmolVLM2's), for a checkpoint that ships none
 seed = 0                  # weights seed; also seeds the flow noise, the same for every mode
 device = "cpu"            # "cuda" on a GPU machine
 dtype = "float32"

@@ -56,10 +56,12 @@ def test_step_latency_in_bfloat16():
     assert all(len(r) == 1 and r[0]["llm_prefill"] > 0 for r in runs.values())
 
 
-def test_pi0_reuse_speedup_in_bfloat16():
-    stats = script("pi0_reuse_speedup").main(["--preset", "pi0-tiny", "--dtype", "bfloat16", "--steps", "2",
-                                              "--episodes", "1", "--modes", "full"])
+@pytest.mark.parametrize("preset", ["pi0-tiny", "smolvla-tiny"])
+def test_pi0_reuse_speedup_in_bfloat16(preset):
+    stats = script("pi0_reuse_speedup").main(["--preset", preset, "--dtype", "bfloat16", "--steps", "2",
+                                              "--episodes", "1", "--modes", "full", "--threshold", "-1"])
     assert set(stats) == {"none", "full"} and len(stats["full"]["ms"]) == 2
+    assert stats["full"]["reused"] == [False, True] and stats["full"]["flops"][1] < stats["none"]["flops"][1]
 
 
 @pytest.mark.filterwarnings("ignore")

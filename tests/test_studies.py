@@ -175,9 +175,31 @@ def test_stability_cliff_runs_pi05_and_a_lerobot_checkpoint(tmp_path):
         pi0_base(CliffConfig(pi0_checkpoint=str(fixture), pi0_tokenizer=str(tokenizer)))
 
 
+def test_stability_cliff_runs_smolvla_and_its_checkpoint(tmp_path):
+    """SmolVLA by preset (the study's no-reuse reference is its within-call prefix cache), and a lerobot SmolVLA
+    checkpoint by directory: the family is the one its config.json names."""
+    from dcvla.smolvla import SmolVLAPolicy
+    from dcvla.studies.stability_cliff import checkpoint_policy, pi0_base
+
+    run_study("stability_cliff", tmp_path, "-p", "preset", "smolvla-tiny", "-p", "steps", "2", "-p", "thresholds",
+              "[-1.0]", "-p", "modes", '["full", "state_only"]', "-p", "gates", "[]")
+    table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe().set_index("mode")
+    assert table.loc["full", "reuse rate"] == 0.5 and table.loc["full", "KV reuse"] == pytest.approx(0.5)
+    assert 0 < table.loc["state_only", "KV reuse"] < 0.05  # one token of the prefix, at every layer
+    runs = tmp_path / "runs" / "stability_cliff" / "smolvla-tiny" / "full"
+    assert read_dataset(next(runs.glob("*.nc"))).attrs["family"] == "smolvla"
+    fixture = Path(__file__).parent / "fixtures" / "smolvla_tiny"
+    assert checkpoint_policy(str(fixture)) is SmolVLAPolicy
+    with pytest.raises(FileNotFoundError, match="SmolVLA needs SmolVLM2's tokenizer"):
+        pi0_base(CliffConfig(pi0_checkpoint=str(fixture)))
+    tokenizer = Path(__file__).parents[1] / "dcvla" / "assets"
+    with pytest.raises(Exception, match="names the VLM 'tiny-smolvlm2'; dcvla knows HuggingFaceTB/SmolVLM2-500M"):
+        pi0_base(CliffConfig(pi0_checkpoint=str(fixture), pi0_tokenizer=str(tokenizer)))  # no preset for its VLM
+
+
 def test_cliff_config_is_checked():
     assert CliffConfig(preset="small").pi0_preset() == "pi0-small" and CliffConfig(preset="pi05-small").pi0_preset() == "pi05-small"
-    with pytest.raises(ValueError, match="no pi0/pi0.5 preset for 'huge'"):
+    with pytest.raises(ValueError, match="no flow-matching preset for 'huge'"):
         CliffConfig(preset="huge")
     with pytest.raises(ValueError, match="CliffConfig.modes: unknown \\['none'\\]"):
         CliffConfig(modes=["none"])

@@ -46,13 +46,12 @@ class SmolVLAPolicy(FlowPolicy):
         """A lerobot SmolVLA checkpoint (`dcvla.smolvla.load_pretrained`, strict). SmolVLM2's tokenizer is not in
         lerobot's checkpoints: give its directory (`tokenizer`, a download of HuggingFaceTB/SmolVLM2-500M-Video-Instruct),
         or the checkpoint's own if it ships one."""
-        model = load_pretrained(path, preset, dtype=dtype, device=device)
         try:
             words = load_tokenizer(tokenizer or path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}: SmolVLA needs SmolVLM2's tokenizer; pass tokenizer= a directory holding "
                                     "HuggingFaceTB/SmolVLM2-500M-Video-Instruct's") from None
-        return cls(model, words, config, seed=seed)
+        return cls(load_pretrained(path, preset, dtype=dtype, device=device), words, config, seed=seed)
 
     def prompt(self, instruction: str, state_n: np.ndarray) -> tuple[str, tuple[int, int]]:
         """lerobot's: the task as given, with "\\n" appended unless it ends with one; the state is not in it."""

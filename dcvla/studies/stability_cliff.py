@@ -1,5 +1,6 @@
-"""The stability cliff study on pi0 / pi0.5: K/V reuse across inferences under each mode and gate, swept over the
-gate's parameter (a cosine threshold, a cache interval, a pixel-change bound), against the no-reuse run."""
+"""The stability cliff study on the flow-matching VLAs (pi0, pi0.5, SmolVLA): K/V reuse across inferences under each
+mode and gate, swept over the gate's parameter (a cosine threshold, a cache interval, a pixel-change bound), against
+the no-reuse run (for SmolVLA, lerobot's within-call prefix cache: the prefix computed once per inference)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..devices import parse_dtype, place
+from ..devices import parse_dtype, place, resolve_checkpoint_dir
+from ..flow_policy import FlowPolicy
 from ..io import open_recording
+from ..lerobot_checkpoint import read_lerobot_config
 from ..libero.episodes import Episode
 from ..libero.protocol import policy_input
 from ..pi0 import PRESETS as PI0_PRESETS
-from ..pi0.policy import COMPARE_TO, GATES, MODES, Pi0Policy, ReuseConfig
+from ..pi0 import Pi0Policy
+from ..prefix_reuse import COMPARE_TO, GATES, MODES, ReuseConfig
+from ..smolvla import PRESETS as SMOLVLA_PRESETS
+from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
 from .common import SUITES, Parameters, check_device, check_names, episodes, find_cliff
 
@@ -27,15 +33,18 @@ GATE_PARAMETER = {"cosine": ("threshold", "thresholds"), "synchronized": ("thres
                   "phase_aware": ("threshold", "thresholds"), "max_age": ("max_age", "max_ages"),
                   "pixel_mae": ("pixel_threshold", "pixel_thresholds")}
 Key = tuple[str, str, float | None, str]  # (mode, gate, value, episode); the reference: ("none", "", None, episode)
+#: Every flow-matching preset, with its family's policy.
+FLOW_PRESETS: dict[str, type[FlowPolicy]] = {**dict.fromkeys(PI0_PRESETS, Pi0Policy),
+                                             **dict.fromkeys(SMOLVLA_PRESETS, SmolVLAPolicy)}
 
 
 @dataclass
 class CliffConfig(Parameters):
     """The stability_cliff notebook's parameters (the shared ones keep StudyConfig's names)."""
 
-    preset: str = "small"                # "small"/"tiny": pi0-small/pi0-tiny; or any pi0/pi0.5 preset (pi05-small)
-    pi0_checkpoint: str = ""             # a lerobot pi0 / pi0.5 checkpoint directory instead of random weights
-    pi0_tokenizer: str = ""              # the PaliGemma tokenizer's directory, for a checkpoint that ships none
+    preset: str = "small"                # "small"/"tiny": pi0-small/pi0-tiny; or any flow preset (pi05-small, smolvla-small)
+    pi0_checkpoint: str = ""             # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory instead of random weights
+    pi0_tokenizer: str = ""              # its tokenizer's directory (PaliGemma's, SmolVLM2's), if it ships none
     seed: int = 0                        # weights seed; also seeds the flow's noise (the same for every mode)
     device: str = "cpu"
     dtype: str = "float32"
@@ -83,11 +92,12 @@ class CliffConfig(Parameters):
                              f"{self.success_trials}, {self.max_steps}, {self.success_tasks}")
 
     def pi0_preset(self) -> str:
+        """The flow preset `preset` names (a bare "small" / "tiny" is pi0's)."""
         for name in (self.preset, f"pi0-{self.preset}"):
-            if name in PI0_PRESETS:
+            if name in FLOW_PRESETS:
                 return name
-        raise ValueError(f"CliffConfig.preset: no pi0/pi0.5 preset for {self.preset!r}; known: {', '.join(PI0_PRESETS)} "
-                         "(or small, tiny)")
+        raise ValueError(f"CliffConfig.preset: no flow-matching preset for {self.preset!r}; known: "
+                         f"{', '.join(FLOW_PRESETS)} (or small, tiny)")
 
     def model_name(self) -> str:
         return Path(self.pi0_checkpoint).name if self.pi0_checkpoint else self.pi0_preset()
@@ -106,14 +116,22 @@ class CliffConfig(Parameters):
         return ReuseConfig(mode=mode, gate=gate, **common, **{GATE_PARAMETER[gate][0]: value})
 
 
-def pi0_base(config: CliffConfig) -> Pi0Policy:
+def checkpoint_policy(path: str) -> type[FlowPolicy]:
+    """The family of a lerobot checkpoint, by the `type` its `config.json` names (smolvla; pi0 / pi05 otherwise)."""
+    kind = read_lerobot_config(resolve_checkpoint_dir(path)).get("type")
+    return SmolVLAPolicy if kind == "smolvla" else Pi0Policy
+
+
+def pi0_base(config: CliffConfig) -> FlowPolicy:
     """The no-reuse policy whose model every mode shares: a checkpoint, or the random weights of the preset."""
     dtype = parse_dtype(config.dtype, "CliffConfig.dtype")
     none = ReuseConfig(mode="none", replan_steps=config.replan_steps)
     if config.pi0_checkpoint:
-        return Pi0Policy.from_pretrained(config.pi0_checkpoint, none, dtype=dtype, device=config.device,
-                                         tokenizer=config.pi0_tokenizer or None, seed=config.seed)
-    policy = Pi0Policy.from_preset(config.pi0_preset(), seed=config.seed, config=none)
+        return checkpoint_policy(config.pi0_checkpoint).from_pretrained(
+            config.pi0_checkpoint, none, dtype=dtype, device=config.device, tokenizer=config.pi0_tokenizer or None,
+            seed=config.seed)
+    preset = config.pi0_preset()
+    policy = FLOW_PRESETS[preset].from_preset(preset, seed=config.seed, config=none)
     place(policy.model, config.device, dtype)  # RoPE's inverse frequencies stay float32
     return policy
 
