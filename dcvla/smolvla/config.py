@@ -2,7 +2,7 @@
 
 Facts from lerobot 0.6.1 (`configuration_smolvla.py`, `smolvlm_with_expert.py`, `modeling_smolvla.py`), checked
 against lerobot's own modules by `tests/test_smolvla_parity.py`. The SmolVLM2-500M dims of the `smolvla` preset are
-SmolVLM2-500M-Video-Instruct's (`docs/models.md` says where each was read).
+SmolVLM2-500M-Video-Instruct's (the README's SmolVLA section says where each was read).
 """
 
 from __future__ import annotations
