@@ -19,7 +19,7 @@ system-deps:
 
 $(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,libero]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,libero,cluster]"
 	touch $(STAMP)
 
 studies: $(STAMP)

@@ -3,6 +3,10 @@
     dcvla predict [--checkpoint DIR] [--image PNG]     one action for one image
     dcvla run STUDY [-p NAME VALUE]...                 build notebooks/STUDY.ipynb from notebooks/STUDY.py and
                                                        execute it with papermill
+    dcvla run STUDY ... --shard I/N                    only shard I of N of the study's units (SLURM arrays)
+    dcvla merge STUDY [-p NAME VALUE]...               the notebook over the shards' results (computes no unit)
+    dcvla run STUDY ... --ray auto|ADDRESS|local       the study's units on a Ray cluster, then the notebook
+    dcvla sweep STUDY -p NAME '[v1, v2]' ... [--ray]   the notebook per combination, then sweep_summary
     dcvla studies [-p NAME VALUE]...                   the paper set on the embedded default, then a summary
 
 Executed notebooks are written next to their outputs: data/studies/STUDY.ipynb beside data/STUDY.nc.
@@ -18,6 +22,7 @@ import argparse
 import ast
 import difflib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +80,8 @@ def predict(args: argparse.Namespace) -> None:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDY_MODULES = ("cache_behaviour", "long_horizon_stability", "mechanism_equivalence", "libero_benchmark",
+                 "stability_cliff")  # the studies whose units `--shard` / `--ray` run (each module's `plan`)
 NOTEBOOKS = ROOT / "notebooks"  # <study>.py sources (jupytext percent); run_study builds <study>.ipynb from one
 PAPER_SET = ("mechanism_equivalence", "cache_behaviour", "long_horizon_stability", "libero_benchmark", "stability_cliff")
 
@@ -150,7 +157,7 @@ def cli_parameters(pairs: list[tuple[str, str]], study: str) -> dict:
     return parameters
 
 
-def run_study(study: str, parameters: dict) -> Path:
+def run_study(study: str, parameters: dict, out: Path | None = None) -> Path:
     """Build notebooks/<study>.ipynb from its source notebooks/<study>.py, then execute it with papermill (kernel
     cwd: the repository root); returns the executed copy.
 
@@ -168,7 +175,7 @@ def run_study(study: str, parameters: dict) -> Path:
     check_parameters(study, parameters)
     source = build_notebook(study, NOTEBOOKS)
     runs_dir = Path(parameters.get("runs_dir", "data/runs"))
-    out = (ROOT / runs_dir).parent / "studies" / f"{study}.ipynb"
+    out = out or (ROOT / runs_dir).parent / "studies" / f"{study}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[dcvla] {study}: {parameters or 'default parameters'} -> {shown(out)}", flush=True)
     try:
@@ -182,9 +189,100 @@ def run_study(study: str, parameters: dict) -> Path:
     return out
 
 
+def study_plan(study: str, parameters: dict):
+    """The study's units and their worker with these parameters (the notebook's defaults for the rest)."""
+    import importlib
+
+    from .notebooks import notebook_parameters
+
+    module = importlib.import_module(f"dcvla.studies.{study}") if study in STUDY_MODULES else None
+    if module is None or not hasattr(module, "plan"):
+        raise ValueError(f"{study} has no units to shard or send to Ray; these do: {', '.join(STUDY_MODULES)}")
+    return module.plan({**notebook_parameters(study, NOTEBOOKS), **parameters})
+
+
+def run_distributed(study: str, parameters: dict, runner) -> None:
+    """Run the study's units under `runner` (a shard, or Ray), saying how many ran and how many are complete."""
+    from .units import run_units
+
+    units, factory = study_plan(study, parameters)
+    where = f"shard {runner.shard[0]}/{runner.shard[1]}" if runner.shard else f"Ray ({runner.ray})"
+    print(f"[dcvla] {study}: {len(units)} units; running the incomplete ones on {where}", flush=True)
+    run_units(units, factory, runner)
+    complete = sum(u.complete() for u in units)
+    print(f"[dcvla] {study}: {where} ran {len(runner.done)} units; {complete} of {len(units)} complete", flush=True)
+
+
 def run(args: argparse.Namespace) -> None:
+    """A study notebook; with --shard, only that share of its units (no notebook: `dcvla merge` makes the tables
+    when every shard is done); with --ray, its units on a Ray cluster, then the notebook over the results."""
+    from .units import MERGE_ENV, Runner, parse_shard
+
     check_study(args.study)
-    run_study(args.study, cli_parameters(args.param, args.study))
+    parameters = cli_parameters(args.param, args.study)
+    if args.shard and args.ray:
+        raise ValueError("--shard and --ray are two runners: give one")
+    if args.shard:
+        runner = Runner(shard=parse_shard(args.shard))
+        run_distributed(args.study, parameters, runner)
+        print(f"[dcvla] when every shard is done: dcvla merge {args.study}"
+              + "".join(f" -p {n} {v!r}" for n, v in args.param), flush=True)
+        return
+    if args.ray:
+        run_distributed(args.study, parameters, Runner(ray=args.ray, num_workers=args.workers))
+        os.environ[MERGE_ENV] = "1"  # the notebook (its kernel inherits this) reads the results, computes none
+    run_study(args.study, parameters)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """The study's notebook for every combination of the -p lists (a list-valued parameter's values are lists),
+    each in its own folder under `<sweep_dir>/<study>/<combination>/` (runs, figures, table and the executed
+    notebook: the record of that run), then `sweep_summary` over them all; with --ray, each combination's units
+    on Ray first."""
+    import itertools
+
+    from .notebooks import notebook_parameters
+
+    check_study(args.study)
+    defaults = notebook_parameters(args.study, NOTEBOOKS)
+    grid = {name: parse_value(text) for name, text in args.param}
+    bad = [name for name, values in grid.items() if not isinstance(values, list) or not values]
+    if bad:
+        raise ValueError(f"sweep: -p {bad[0]} must be a non-empty list of values (one value: a one-element list)")
+    root = Path(args.sweep_dir) / args.study
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    varying = [name for name, values in grid.items() if len(values) > 1]  # name the folders; the rest is fixed
+    for combo in combos:
+        name = ",".join(f"{k}={json.dumps(combo[k], separators=(',', ':'))}" for k in varying).replace("/", "_")
+        folder = root / (name or "defaults")
+        parameters = {**combo, "runs_dir": str(folder / "runs"), "figures_dir": str(folder / "figures")}
+        check_parameters(args.study, parameters, defaults)
+        if args.ray:
+            from .units import Runner
+
+            run_distributed(args.study, parameters, Runner(ray=args.ray, num_workers=args.workers))
+        (folder / "parameters.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "parameters.json").write_text(json.dumps({"swept": {k: combo[k] for k in varying}, "all": combo},
+                                                           indent=1))
+        run_study(args.study, parameters, out=folder / f"{args.study}.ipynb")
+    run_study("sweep_summary", {"study": args.study, "sweep_dir": str(root)}, out=root / "sweep_summary.ipynb")
+    print(f"[dcvla] sweep of {args.study}: {len(combos)} combinations under {shown(root)}; summary "
+          f"{shown(root / 'sweep_summary.ipynb')}", flush=True)
+
+
+def merge(args: argparse.Namespace) -> None:
+    """The study's notebook over the shards' results: every unit must be complete (none is computed here)."""
+    from .units import MERGE_ENV
+
+    check_study(args.study)
+    parameters = cli_parameters(args.param, args.study)
+    units, _ = study_plan(args.study, parameters)  # a study without units fails here, naming the ones with
+    missing = [u for u in units if not u.complete()]
+    if missing:
+        raise ValueError(f"{args.study}: {len(missing)} of {len(units)} units are not complete (first: "
+                         f"{missing[0].name}); run the missing shards with the same -p before merging")
+    os.environ[MERGE_ENV] = "1"
+    run_study(args.study, parameters)
 
 
 def studies(args: argparse.Namespace) -> None:
@@ -257,7 +355,25 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("study", help="a notebook name under notebooks/ (e.g. cache_behaviour)")
     r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="notebook parameter (Python literal or string), repeatable")
+    r.add_argument("--shard", metavar="I/N", help="run only shard I of N of the study's units (SLURM arrays, "
+                   "background processes); then `dcvla merge`")
+    r.add_argument("--ray", metavar="ADDRESS", help="run the study's units on Ray: auto (the cluster `ray start` "
+                   "made here), an address, or local (a cluster for this run)")
+    r.add_argument("--workers", type=int, default=0, help="Ray actors (default: one per GPU, else one per CPU)")
     r.set_defaults(func=run)
+    w = sub.add_parser("sweep", help="run a study notebook for every combination of parameter lists")
+    w.add_argument("study")
+    w.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUES"),
+                   help="a parameter and the list of its values, repeatable (the grid is their product)")
+    w.add_argument("--sweep-dir", default="data/sweeps", help="where each combination's folder goes")
+    w.add_argument("--ray", metavar="ADDRESS", help="each combination's units on Ray first (see run --ray)")
+    w.add_argument("--workers", type=int, default=0)
+    w.set_defaults(func=sweep)
+    g = sub.add_parser("merge", help="make a study's tables from its shards' results (dcvla run --shard)")
+    g.add_argument("study")
+    g.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="the notebook parameters the shards ran with, repeatable")
+    g.set_defaults(func=merge)
     s = sub.add_parser("studies", help="the paper set on the embedded default (small preset, shipped episodes)")
     s.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="parameter for every study (e.g. -p preset tiny), repeatable")

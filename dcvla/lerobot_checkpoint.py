@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .devices import (INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_files, misfit_message, parse_dtype,
-                      read_headers, refuse_pickle, stream_tensors)
+                      refuse_pickle, stream_tensors)
 from .normalization import read_normalization
 
 WEIGHTS_FILE = "model.safetensors"

@@ -63,11 +63,8 @@ px.scatter(drift_table[drift_table.method != "vanilla"], x="mean staleness", y=m
 # ## Sweeps and the cliff
 
 # %%
-from dataclasses import replace
-sweep_config = replace(config, methods=sweep_methods, frames=sweep_frames)
-sweeps = pd.concat([long_horizon_stability.sweep(sweep_config, name, values, base=base) for name, values in
-                    [("keyframe_interval", keyframe_intervals), ("pixel_threshold", pixel_thresholds),
-                     ("attention_top_k", attention_top_ks)]])
+sweep_config, swept = long_horizon_stability.sweeps(globals())  # (sweep_methods, sweep_frames), the swept values
+sweeps = pd.concat([long_horizon_stability.sweep(sweep_config, name, values, base=base) for name, values in swept])
 common.write_table(sweeps, "long_horizon_stability", config)
 fig = px.line(sweeps, x="value", y=metric, color="method", facet_col="parameter", markers=True,
               title=f"{metric} to vanilla across sweeps (keyframe interval 1: nothing reused, exactly 0)")

@@ -228,7 +228,8 @@ def _check_compatible(old: xr.Dataset, attrs: dict, path: Path) -> None:
 
 def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path, method: str | None = None,
                   trials: int | Iterable[int] = protocol.NUM_TRIALS, max_steps: int | None = None,
-                  center_crop: bool = True, progress: bool = True, env: Any = None) -> xr.Dataset:
+                  center_crop: bool = True, progress: bool = True, env: Any = None,
+                  path: str | Path | None = None) -> xr.Dataset:
     """Evaluate one policy on one task; resumable, one netCDF file per (method, suite, task).
 
     Args:
@@ -241,6 +242,7 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
         center_crop: policy-time center crop.
         progress: show a tqdm bar.
         env: an existing env for this task to reuse (else one is built and closed here).
+        path: the result file instead of `result_path(run_dir, ...)` (a `dcvla.units` unit's).
 
     Returns:
         The dataset for all trials in the file (earlier runs' included), dims (trial, step), sorted by trial.
@@ -254,7 +256,7 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
         raise ValueError(f"trial (init state) indices {bad} out of range for {suite}/{info.task_id}; valid: 0..{len(init_states) - 1}")
     budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
     attrs = _result_attrs(policy, method, suite, info, budget, center_crop)
-    path = result_path(run_dir, method, suite, info.task_id)
+    path = Path(path) if path else result_path(run_dir, method, suite, info.task_id)
     old = _read_previous(path, f"{method} on {suite}/{info.task_id}")
     if old is not None:
         _check_compatible(old, attrs, path)

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .common import action_distance, action_divergence, divergence_name
+from ..units import Unit
+from .common import StudyConfig, action_distance, action_divergence, divergence_name, plan_of, record_units
 
 def summary(datasets: list[xr.Dataset], reference: str = "vanilla") -> pd.DataFrame:
     """Per method: reuse rate, FLOPs ratio, measured speedup, action drift (L2 of the actions) and the action
@@ -38,3 +39,9 @@ def summary(datasets: list[xr.Dataset], reference: str = "vanilla") -> pd.DataFr
             "frames": sum(ds.sizes["frame"] for ds in runs),
         })
     return pd.DataFrame(rows).set_index("method")
+
+
+def plan(parameters: dict) -> tuple[list[Unit], tuple[str, dict]]:
+    """Every unit the notebook records with these parameters (each method on each episode), and their worker."""
+    config = StudyConfig.from_parameters(parameters)
+    return plan_of(record_units("cache_behaviour", config), config)

@@ -27,6 +27,7 @@ from ..openvla.cache_policy import CachePolicyBase
 from ..openvla.loading import check_preset, vanilla_policy
 from ..openvla.record import action_kl
 from ..recording import record_episode
+from ..units import Unit, make_unit, run_units
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 PAPER_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
@@ -197,31 +198,60 @@ def run_path(runs_dir: str | Path, study: str, method: str, episode: Episode, fr
     return Path(runs_dir) / study / method / f"{name}.nc"
 
 
+def record_units(study: str, config: StudyConfig, cache_overrides: dict | None = None, tag: str = "") -> list[Unit]:
+    """One unit per (method, episode) of `config`, carrying what a worker needs to record it: the method, the
+    episode, the frames, the drift flag and the CacheConfig fields set for every method (a sweep point)."""
+    overrides = json.dumps(cache_overrides or {}, sort_keys=True)
+    return [make_unit(study, run_path(config.runs_dir, study, method, episode, config.frames, tag), method=method,
+                      episode=episode.name, frames=config.frames, drift=config.drift, overrides=overrides, tag=tag)
+            for method in config.methods for episode in episodes(config)]
+
+
+class RecordWorker:
+    """Records (method, episode) units in one process: the vanilla policy loaded once (or the one given)."""
+
+    def __init__(self, config: StudyConfig, base: CachePolicyBase | None = None, progress: bool = True) -> None:
+        self.config, self.base, self.progress = config, base, progress
+        self.episodes = {episode.name: episode for episode in episodes(config)}
+
+    def __call__(self, unit: Unit, path: Path) -> None:
+        config = self.config
+        self.base = self.base or base_policy(config)
+        overrides = json.loads(unit.get("overrides"))
+        policy = self.base.with_config(CacheConfig(method=unit.get("method"), unnorm_key=config.unnorm_key or None,
+                                                   **overrides))
+        episode = self.episodes[unit.get("episode")]
+        if self.progress:
+            print(f"[{unit.study}] {unit.get('method'):<14} {episode.name} {unit.get('tag')}", flush=True)
+        labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": unit.study,
+                  "sweep": json.dumps(overrides)}
+        images, states = episode_inputs(policy, episode, unit.get("frames"))
+        record_episode(policy, images, episode.instruction, path, states, drift=unit.get("drift"), labels=labels)
+
+
+def worker(config: dict) -> RecordWorker:
+    """A worker for `dcvla.units` runners: the study's config as a dict, the policy loaded on the first unit."""
+    return RecordWorker(StudyConfig(**config), progress=False)
+
+
 def record_runs(study: str, config: StudyConfig, cache_overrides: dict | None = None, tag: str = "",
                 base: CachePolicyBase | None = None, progress: bool = True) -> list[Path]:
-    """Record every (method, episode) of `config`; existing complete files are kept (resume).
+    """Record every (method, episode) of `config` under the process's runner (`dcvla.units`: here, a shard, Ray);
+    complete files are kept (resume).
 
     Args:
         study: the study's name (a folder under runs_dir).
         cache_overrides: CacheConfig fields to set for every method (a sweep point); `tag` names it in files.
         base: a loaded policy to share (its model and processor); built from `config` when None.
     """
-    base = base or base_policy(config)
-    paths = []
-    eps = episodes(config)
-    for method in config.methods:
-        cache = CacheConfig(method=method, unnorm_key=config.unnorm_key or None, **(cache_overrides or {}))
-        policy = base.with_config(cache)
-        for episode in eps:
-            path = run_path(config.runs_dir, study, method, episode, config.frames, tag)
-            labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": study,
-                      "sweep": json.dumps(cache_overrides or {})}
-            if progress and not path.exists():
-                print(f"[{study}] {method:<14} {episode.name} {tag}", flush=True)
-            images, states = episode_inputs(policy, episode, config.frames)
-            paths.append(record_episode(policy, images, episode.instruction, path, states, drift=config.drift,
-                                        labels=labels))
-    return paths
+    todo = record_units(study, config, cache_overrides, tag)
+    return run_units(todo, (__name__, asdict(config)), work=lambda: RecordWorker(config, base, progress),
+                     progress=progress)
+
+
+def plan_of(units: list[Unit], config: StudyConfig) -> tuple[list[Unit], tuple[str, dict]]:
+    """A recorded study's plan for `dcvla run --shard/--ray`: its units (each once, in order) and their worker."""
+    return list(dict.fromkeys(units)), (__name__, asdict(config))
 
 
 def load_runs(paths: list[Path]) -> list[xr.Dataset]:

@@ -3,7 +3,7 @@ protocol (`dcvla.libero.evaluate`), on a checkpoint or the random weights of a p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +11,7 @@ import xarray as xr
 
 from ..openvla import METHODS, CacheConfig
 from ..openvla.cache_policy import CachePolicyBase
+from ..units import Unit, make_unit, run_units
 from .common import SUITES, PolicyParameters, base_policy, check_names
 
 STUDY = "libero_benchmark"
@@ -45,27 +46,55 @@ def results_dir(config: BenchmarkConfig) -> Path:
     return Path(config.runs_dir) / STUDY
 
 
+def benchmark_units(config: BenchmarkConfig) -> list[Unit]:
+    """One unit per (method, suite, task): `trials` trials into one result file."""
+    from ..libero.evaluate import result_path
+
+    return [make_unit(STUDY, result_path(results_dir(config), method, suite, task), trials=config.trials,
+                      method=method, suite=suite, task=task)
+            for method in config.methods for suite in config.suites for task in config.tasks]
+
+
+class BenchmarkWorker:
+    """Runs (method, suite, task) units in one process: the policy loaded once (or the one given)."""
+
+    def __init__(self, config: BenchmarkConfig, base: CachePolicyBase | None = None, progress: bool = True) -> None:
+        self.config, self.base, self.progress = config, base, progress
+
+    def __call__(self, unit: Unit, path: Path) -> None:
+        from ..libero.evaluate import evaluate_task  # the simulator only when the study runs
+
+        config = self.config
+        self.base = self.base or base_policy(config)
+        policy = self.base.with_config(CacheConfig(method=unit.get("method"), unnorm_key=config.unnorm_key or None))
+        evaluate_task(policy, unit.get("suite"), unit.get("task"), "", method=unit.get("method"), trials=unit.trials,
+                      max_steps=config.max_steps or None, progress=self.progress, path=path)
+
+
+def worker(config: dict) -> BenchmarkWorker:
+    return BenchmarkWorker(BenchmarkConfig(**config), progress=False)
+
+
+def plan(parameters: dict) -> tuple[list[Unit], tuple[str, dict]]:
+    """Every unit the notebook runs with these parameters, and their worker (`dcvla run --shard/--ray`)."""
+    config = BenchmarkConfig.from_parameters(parameters)
+    return benchmark_units(config), (__name__, asdict(config))
+
+
 def evaluate(config: BenchmarkConfig, base: CachePolicyBase | None = None) -> xr.Dataset:
-    """Run every method x suite x task of `config` (resumable: trials already in a result file are skipped).
+    """Run every method x suite x task of `config` under the process's runner (`dcvla.units`; resumable: trials
+    already in a result file are skipped).
 
     Args:
         base: a loaded policy whose model and processor every method shares; built from `config` when None.
-
     Returns:
         Every result file under `results_dir(config)` (earlier runs' methods, suites and tasks included), with
         dims (method, suite, task, trial): `dcvla.libero.evaluate.load_results`.
     """
-    from ..libero.evaluate import evaluate_task, load_results  # the simulator only when the study runs
+    from ..libero.evaluate import load_results
 
-    base = base or base_policy(config)
-    run_dir = results_dir(config)
-    for method in config.methods:
-        policy = base.with_config(CacheConfig(method=method, unnorm_key=config.unnorm_key or None))
-        for suite in config.suites:
-            for task in config.tasks:
-                evaluate_task(policy, suite, task, run_dir, method=method, trials=config.trials,
-                              max_steps=config.max_steps or None)
-    return load_results(run_dir)
+    run_units(benchmark_units(config), (__name__, asdict(config)), work=lambda: BenchmarkWorker(config, base))
+    return load_results(results_dir(config))
 
 
 def success_table(results: xr.Dataset) -> pd.DataFrame:

@@ -13,7 +13,9 @@ from ..devices import parse_dtype
 from ..openvla import METHODS
 from ..openvla.cache_policy import CachePolicyBase
 from ..openvla.vla_cache import UPSTREAM_CONSTANTS
-from .common import StudyConfig, action_divergence, base_policy, by_episode, divergence_name, record_runs
+from ..units import Unit
+from .common import (StudyConfig, action_divergence, base_policy, by_episode, divergence_name, plan_of,
+                     record_runs, record_units)
 
 ALL_DYNAMIC = {"keyframe_interval": 1, "top_k_static": 0}  # nothing reused by either selector
 EQUIVALENCE_TOLERANCE = 1e-4  # max |difference| of the judged output that counts as "equal" in float32
@@ -23,6 +25,8 @@ ROUNDING_MARGIN = 4           # reassociated sums over a changed GEMM shape roun
 #: in [-1, 1].
 JUDGED_OUTPUT = {"openvla": ("action_logits", "action-token logits", 20.0),
                  "openvla-oft": ("action_normalized", "normalised action chunk (L1 head)", 1.0)}
+
+STUDY = "mechanism_equivalence"
 
 
 def equivalence_tolerance(dtype: str, family: str = "openvla") -> float:
@@ -99,15 +103,25 @@ def equivalence_tests(config: StudyConfig, base: CachePolicyBase | None = None) 
     return table
 
 
-def _record(config: StudyConfig, base: CachePolicyBase) -> tuple[dict, dict, dict]:
-    """The study's runs keyed by (method, episode): every method with nothing reused, the compared methods as
-    configured, and the faithful dual cache."""
-    study = "mechanism_equivalence"
+def _recordings(config: StudyConfig) -> list[tuple[StudyConfig, dict | None, str]]:
+    """What the study records, as (config, CacheConfig overrides, tag): every method with nothing reused, the
+    compared methods as configured, and the faithful dual cache."""
     with_methods = lambda methods: StudyConfig(**{**asdict(config), "methods": methods})  # noqa: E731
-    runs = by_episode(record_runs(study, with_methods(list(METHODS)), ALL_DYNAMIC, tag="all_dynamic", base=base))
-    cached = by_episode(record_runs(study, with_methods(["vanilla", "dual_cache", "dual_cache_llm_kv", "llm_kqv_only",
-                                                         "ttf_vla_cache", "vit_kv_only"]), base=base))
-    faithful = by_episode(record_runs(study, with_methods(["dual_cache"]), {"faithful": True}, tag="faithful", base=base))
+    return [(with_methods(list(METHODS)), ALL_DYNAMIC, "all_dynamic"),
+            (with_methods(["vanilla", "dual_cache", "dual_cache_llm_kv", "llm_kqv_only", "ttf_vla_cache", "vit_kv_only"]),
+             None, ""),
+            (with_methods(["dual_cache"]), {"faithful": True}, "faithful")]
+
+
+def plan(parameters: dict) -> tuple[list[Unit], tuple[str, dict]]:
+    """Every unit the notebook records with these parameters, and their worker (`dcvla run --shard/--ray`)."""
+    config = StudyConfig.from_parameters(parameters)
+    return plan_of([u for c, o, t in _recordings(config) for u in record_units(STUDY, c, o, t)], config)
+
+
+def _record(config: StudyConfig, base: CachePolicyBase) -> tuple[dict, dict, dict]:
+    """The study's runs keyed by (method, episode), in `_recordings`' order."""
+    runs, cached, faithful = (by_episode(record_runs(STUDY, c, o, tag=t, base=base)) for c, o, t in _recordings(config))
     return runs, cached, faithful
 
 

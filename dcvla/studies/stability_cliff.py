@@ -4,7 +4,7 @@ the no-reuse run (for SmolVLA, lerobot's within-call prefix cache: the prefix co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,10 @@ from ..prefix_reuse import COMPARE_TO, GATES, MODES, ReuseConfig
 from ..smolvla import PRESETS as SMOLVLA_PRESETS
 from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
+from ..units import Unit, make_unit, run_units
 from .common import SUITES, Parameters, check_device, check_names, episodes, find_cliff
 
+STUDY = "stability_cliff"
 CLIFF_MODES = ("full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized")
 CLIFF_THRESHOLDS = (0.97, 0.98, 0.985, 0.99, 0.995)  # the report's
 EXTRA_GATES = ("max_age", "pixel_mae", "phase_aware")  # beyond the report's cosine gate (and its synchronized mode)
@@ -154,35 +156,84 @@ def cliff_run_path(config: CliffConfig, mode: str, gate: str, episode: Episode, 
     return Path(config.runs_dir) / "stability_cliff" / config.model_name() / mode / f"{name}{tag}.nc"
 
 
+def cliff_units(config: CliffConfig) -> list[Unit]:
+    """One unit per (episode, mode, gate, value): the no-reuse reference, then `config.grid()`, episode by episode."""
+    grid = [("none", "", None)] + config.grid()
+    return [make_unit(STUDY, cliff_run_path(config, mode, gate, episode, value), mode=mode, gate=gate, value=value,
+                      episode=episode.name) for episode in episodes(config) for mode, gate, value in grid]
+
+
+def success_units(config: CliffConfig) -> list[Unit]:
+    """One unit per (mode, gate, value, suite, task): `success_trials` closed-loop trials into one result file."""
+    from ..libero.evaluate import result_path  # the simulator's wrapper, not the simulator
+
+    run_dir = Path(config.runs_dir) / "stability_cliff_success" / config.model_name()
+    keys = [("none", "", None)] + config.grid()
+    return [make_unit(STUDY, result_path(run_dir, run_label(m, g, v), suite, task), trials=config.success_trials,
+                      mode=m, gate=g, value=v, suite=suite, task=task)
+            for m, g, v in keys for suite in config.suites for task in config.success_tasks]
+
+
+def plan(parameters: dict) -> tuple[list[Unit], tuple[str, dict]]:
+    """Every unit the notebook runs with these parameters (the recordings, then the trials), and their worker."""
+    config = CliffConfig.from_parameters(parameters)
+    return cliff_units(config) + (success_units(config) if config.success_trials else []), (__name__, asdict(config))
+
+
+class CliffWorker:
+    """Runs stability_cliff units in one process: the no-reuse policy loaded once (or the one given), each
+    episode's inputs warmed up on before its first recording here (pi0.5's prompt lengths change with the state:
+    new shapes' first kernels would slow whichever run came first), the simulator built per task for trials."""
+
+    def __init__(self, config: CliffConfig, base: FlowPolicy | None = None, progress: bool = True) -> None:
+        self.config, self.base, self.progress = config, base, progress
+        self.episodes = {episode.name: episode for episode in episodes(config)}
+        self.warmed: set[str] = set()
+
+    def __call__(self, unit: Unit, path: Path) -> None:
+        config = self.config
+        self.base = self.base or pi0_base(config)
+        mode, gate, value = unit.get("mode"), unit.get("gate"), unit.get("value")
+        policy = self.base.with_config(config.reuse_config(mode, gate, value))
+        if unit.trials:
+            from ..libero.evaluate import evaluate_task
+
+            evaluate_task(policy, unit.get("suite"), unit.get("task"), "", method=run_label(mode, gate, value),
+                          trials=unit.trials, max_steps=config.max_steps or None, center_crop=False,
+                          progress=self.progress, path=path)
+            return
+        episode = self.episodes[unit.get("episode")]
+        images, states = pi0_episode_inputs(episode, config.steps, config.replan_steps)
+        if episode.name not in self.warmed:
+            for image, state in zip(images, states):
+                self.base.step(list(image), episode.instruction, state)
+            self.base.reset()
+            self.warmed.add(episode.name)
+        if self.progress:
+            print(f"[stability_cliff] {mode:<12} {gate:<12} {'' if value is None else value:<6} {episode.name}", flush=True)
+        labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": STUDY}
+        record_episode(policy, images, episode.instruction, path, states=states, labels=labels,
+                       control_hz=20.0 / config.replan_steps)
+
+
+def worker(config: dict) -> CliffWorker:
+    """A worker for `dcvla.units` runners (a Ray actor's, a shard's): the config as a dict, the policy loaded on
+    the first unit."""
+    return CliffWorker(CliffConfig(**config), progress=False)
+
+
 def record_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> dict[Key, Path]:
-    """Record the no-reuse reference and every (mode, gate, value) of `config.grid()` on the configured episodes
-    (resumable).
+    """Record the no-reuse reference and every (mode, gate, value) of `config.grid()` on the configured episodes,
+    under the process's runner (`dcvla.units`: here, a shard, Ray); complete units are kept (resume).
 
     Every run of an episode draws the same noise (the policy's seed), so a run's action drift against the
     reference run is exactly its drift against a no-reuse shadow pass of each inference (tests/test_pi0_record.py
     checks this), at half the cost. Returns {(mode, gate, value, episode): path}; the reference is
     ("none", "", None, episode).
     """
-    base = base or pi0_base(config)
-    grid = [("none", "", None)] + config.grid()
-    paths = {}
-    for episode in episodes(config):
-        images, states = pi0_episode_inputs(episode, config.steps, config.replan_steps)
-        todo = [key for key in grid if not cliff_run_path(config, key[0], key[1], episode, key[2]).exists()]
-        if todo:  # warm up on this episode's inputs: its prompt lengths (pi0.5's change with the state) are new
-            for image, state in zip(images, states):  # shapes, whose first kernels would slow whichever run is first
-                base.step(list(image), episode.instruction, state)
-            base.reset()
-        for mode, gate, value in grid:
-            policy = base.with_config(config.reuse_config(mode, gate, value))
-            path = cliff_run_path(config, mode, gate, episode, value)
-            if progress and not path.exists():
-                print(f"[stability_cliff] {mode:<12} {gate:<12} {'' if value is None else value:<6} {episode.name}", flush=True)
-            labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": "stability_cliff"}
-            paths[(mode, gate, value, episode.name)] = record_episode(
-                policy, images, episode.instruction, path, states=states, labels=labels,
-                control_hz=20.0 / config.replan_steps)
-    return paths
+    todo = cliff_units(config)
+    run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
+    return {(u.get("mode"), u.get("gate"), u.get("value"), u.get("episode")): Path(u.path) for u in todo}
 
 
 def run_label(mode: str, gate: str, value: float | None) -> str:
@@ -193,23 +244,16 @@ def run_label(mode: str, gate: str, value: float | None) -> str:
 def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.DataFrame:
     """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included: `success_trials` trials
     of each task in `success_tasks` of each suite, openpi's protocol (`dcvla.libero.evaluate`: both cameras, the
-    state, `replan_steps` actions per chunk; no center crop). Resumable: trials already in a result file are kept.
-    Meaningful with a trained checkpoint (`pi0_checkpoint`); random weights succeed by chance only."""
-    from ..libero.evaluate import evaluate_task, load_results  # the simulator only when success is asked for
+    state, `replan_steps` actions per chunk; no center crop), one unit per task under the process's runner.
+    Resumable: trials already in a result file are kept. Meaningful with a trained checkpoint (`pi0_checkpoint`);
+    random weights succeed by chance only."""
+    from ..libero.evaluate import load_results
 
-    base = base or pi0_base(config)
-    run_dir = Path(config.runs_dir) / "stability_cliff_success" / config.model_name()
-    keys = [("none", "", None)] + config.grid()
-    for mode, gate, value in keys:
-        policy = base.with_config(config.reuse_config(mode, gate, value))
-        for suite in config.suites:
-            for task in config.success_tasks:
-                evaluate_task(policy, suite, task, run_dir, method=run_label(mode, gate, value),
-                              trials=config.success_trials, max_steps=config.max_steps or None, center_crop=False,
-                              progress=progress)
-    rates = load_results(run_dir).success.mean(("suite", "task", "trial")).to_series()
+    todo = success_units(config)
+    run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
+    rates = load_results(Path(todo[0].path).parents[1]).success.mean(("suite", "task", "trial")).to_series()
     return pd.DataFrame([{"mode": m, "gate": g, "value": v, "success rate": float(rates[run_label(m, g, v)])}
-                         for m, g, v in keys])
+                         for m, g, v in [("none", "", None)] + config.grid()])
 
 
 def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:

@@ -1,0 +1,153 @@
+"""Units of work: the grain at which every study and the closed-loop evaluation run, resume, shard and spread over a
+Ray cluster.
+
+A unit is one piece of a study (a method or a reuse mode on an episode; a method on a LIBERO task's trials) and the
+one result file it writes, atomically, at a name made from its parameters: a unit is complete or absent, and a rerun
+skips the complete ones. A study expands its parameters into units (`<study>.units(config)`), and one worker per
+process (`<study>.worker(config)`: the policy loaded once) runs any of them. Three runners, one result:
+
+- in process (`run_units` with no runner set): the units in order, here;
+- a shard (`--shard I/N`, `DCVLA_SHARD`): the units I, I + N, I + 2N, ... of the study's deterministic list, for
+  SLURM arrays or background processes; `dcvla merge` then makes the study's tables from the shards' files;
+- Ray (`--ray auto|ADDRESS|local`, `DCVLA_RAY`): long-lived actors, each loading the policy once and running many
+  units (one GPU each where the cluster has GPUs, else one CPU), the simulator created inside the actor's process;
+  each result comes back to the driver as bytes and is written there, atomically, so a worker killed mid-unit
+  leaves no file: Ray restarts the actor and runs the unit again.
+The runner is set for the whole process (`set_runner`, or the environment of a papermill kernel), so a study
+notebook runs unchanged under any of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .ray_runner import make_worker, run_on_ray
+
+SHARD_ENV, RAY_ENV, MERGE_ENV = "DCVLA_SHARD", "DCVLA_RAY", "DCVLA_MERGE"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit: the study it belongs to, its parameters (in order: they name it) and its result file.
+
+    `trials`: for a unit of closed-loop trials, how many the file must hold to be complete (0: a recording, complete
+    when its file exists: recordings are written whole or not at all)."""
+
+    study: str
+    params: tuple[tuple[str, Any], ...]
+    path: str
+    trials: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.study}[" + ", ".join(f"{k}={v}" for k, v in self.params) + "]"
+
+    def get(self, key: str) -> Any:
+        return dict(self.params)[key]
+
+    def complete(self) -> bool:
+        path = Path(self.path)
+        if not path.is_file():
+            return False
+        if not self.trials:
+            return True
+        from .io import read_dataset
+
+        try:
+            return int(read_dataset(path).attrs.get("trials_done", 0)) >= self.trials
+        except Exception:  # an unreadable file is not a complete unit (the worker says why when it resumes)
+            return False
+
+
+def make_unit(study: str, path: str | os.PathLike, trials: int = 0, **params) -> Unit:
+    return Unit(study, tuple(params.items()), str(path), trials)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N), 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"a shard is 'I/N' (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard {text!r}: I must be in 0..N-1")
+    return index, count
+
+
+def shard(units: list[Unit], index: int, count: int) -> list[Unit]:
+    """Shard `index` of `count`: a deterministic round-robin share of the list (its order is the study's)."""
+    return units[index::count]
+
+
+@dataclass
+class Runner:
+    """How `run_units` runs: here, one shard, or on Ray; `merge`: every unit must already be complete."""
+
+    shard: tuple[int, int] | None = None
+    ray: str = ""                      # "" here; "local" (a cluster started for this process), "auto", an address
+    num_workers: int = 0               # Ray actors (0: one per GPU, else one per CPU of the cluster)
+    merge: bool = False
+    done: list[str] = field(default_factory=list)  # units this process ran
+
+    @classmethod
+    def from_env(cls) -> "Runner":
+        text = os.environ.get(SHARD_ENV, "")
+        return cls(shard=parse_shard(text) if text else None, ray=os.environ.get(RAY_ENV, ""),
+                   merge=os.environ.get(MERGE_ENV, "") == "1")
+
+
+_RUNNER: Runner | None = None
+
+
+def set_runner(runner: Runner | None) -> None:
+    """Set this process's runner (None: the environment's, else in process); `dcvla run` sets it from its flags."""
+    global _RUNNER
+    _RUNNER = runner
+
+
+def current_runner() -> Runner:
+    global _RUNNER
+    if _RUNNER is None:
+        _RUNNER = Runner.from_env()
+    return _RUNNER
+
+
+class IncompleteUnits(RuntimeError):
+    """A merge found units no shard has completed."""
+
+
+def run_units(units: list[Unit], factory: tuple[str, dict], runner: Runner | None = None, progress: bool = True,
+              work: Callable[[], Callable[[Unit, Path], None]] | None = None) -> list[Path]:
+    """Run the units not complete yet under the process's runner; return every unit's path, in order.
+
+    Args:
+        factory: (module, config as a dict): `importlib.import_module(module).worker(config)` makes the function
+            that runs one unit into a given path; it loads the policy, so a runner calls it once per process.
+        work: makes that function for a run in this process instead (e.g. sharing a notebook's loaded policy).
+    """
+    runner = runner or current_runner()
+    todo = [u for u in units if not u.complete()]
+    if runner.shard is not None:
+        todo = [u for u in shard(units, *runner.shard) if u in todo]
+    if todo and runner.merge:
+        names = ", ".join(u.name for u in todo[:5]) + (" ..." if len(todo) > 5 else "")
+        raise IncompleteUnits(f"{len(todo)} of {len(units)} units are not complete ({names}); run the missing shards "
+                              "(or the study without --shard) before merging")
+    if todo:
+        if runner.ray:
+            run_on_ray(todo, factory, runner.ray, runner.num_workers, progress)
+        else:
+            run = work() if work is not None else make_worker(factory)
+            for unit in _bar(todo, progress):
+                run(unit, Path(unit.path))
+        runner.done.extend(u.name for u in todo)
+    return [Path(u.path) for u in units]
+
+
+def _bar(units: list[Unit], progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(units, desc="units", unit="unit", disable=not progress)

@@ -1,0 +1,166 @@
+"""Units of work and their three runners (`dcvla.units`): in process, shards merged afterwards, and a local Ray cluster
+(started and stopped here, two CPUs); the same parameters give the same results under all three, a worker killed
+mid-unit leaves no partial file and the unit is run again, a unit's own error is reported by name."""
+
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dcvla import units as U
+from dcvla.io import open_recording
+from dcvla.studies import stability_cliff as SC
+
+SLOW = Path(__file__).parent / "ray_helpers.py"
+
+
+def cliff_config(runs: Path) -> SC.CliffConfig:
+    return SC.CliffConfig(preset="pi0-tiny", steps=2, thresholds=[-1.0, 1.01], modes=["full", "vision_only"], gates=[],
+                          suites=["libero_spatial"], runs_dir=str(runs / "runs"), figures_dir=str(runs / "figures"))
+
+
+def deterministic(table: pd.DataFrame) -> pd.DataFrame:
+    """A cliff table without the measured times (they differ from run to run on any machine)."""
+    return table.drop(columns=["latency ms", "reference ms", "Hz", "speedup"]).reset_index(drop=True)
+
+
+def table_of(config: SC.CliffConfig) -> pd.DataFrame:
+    paths = {(u.get("mode"), u.get("gate"), u.get("value"), u.get("episode")): Path(u.path) for u in SC.cliff_units(config)}
+    return deterministic(SC.cliff_table(SC.load_cliff_runs(paths)))
+
+
+def test_units_are_named_by_their_parameters_and_shards_partition_them(tmp_path):
+    units, factory = SC.plan({"preset": "pi0-tiny", "steps": 2, "thresholds": [0.9], "modes": ["full"], "gates": [],
+                              "suites": ["libero_spatial", "libero_goal"], "runs_dir": str(tmp_path)})
+    assert factory[0] == "dcvla.studies.stability_cliff" and len(units) == 4  # (reference + 1 run) x 2 episodes
+    assert units[1].name == "stability_cliff[mode=full, gate=cosine, value=0.9, episode=libero_spatial/task00/init00]"
+    again, _ = SC.plan({"preset": "pi0-tiny", "steps": 2, "thresholds": [0.9], "modes": ["full"], "gates": [],
+                        "suites": ["libero_spatial", "libero_goal"], "runs_dir": str(tmp_path)})
+    assert again == units  # deterministic: a shard of one process is the shard of another
+    shards = [U.shard(units, i, 3) for i in range(3)]
+    assert sorted(sum(shards, []), key=units.index) == units and sum(map(len, shards)) == len(units)
+    with pytest.raises(ValueError, match="a shard is 'I/N'"):
+        U.parse_shard("3")
+    with pytest.raises(ValueError, match="I must be in 0..N-1"):
+        U.parse_shard("2/2")
+
+
+def test_in_process_and_shards_give_the_same_results_and_merge_refuses_what_is_missing(tmp_path):
+    here, sharded = cliff_config(tmp_path / "here"), cliff_config(tmp_path / "shards")
+    SC.record_cliff_runs(here, progress=False)
+    todo, factory = SC.plan({**vars(sharded)})
+    with pytest.raises(U.IncompleteUnits, match=f"{len(todo)} of {len(todo)} units are not complete"):
+        U.run_units(todo, factory, U.Runner(merge=True), progress=False)
+    for index in (1, 0):
+        runner = U.Runner(shard=(index, 2))
+        U.run_units(todo, factory, runner, progress=False)
+        assert len(runner.done) == len(U.shard(todo, index, 2))
+    U.run_units(todo, factory, U.Runner(merge=True), progress=False)  # complete: nothing to compute, no error
+    pd.testing.assert_frame_equal(table_of(here), table_of(sharded))
+    for a, b in zip(SC.cliff_units(here), SC.cliff_units(sharded)):
+        assert np.array_equal(open_recording(a.path).action.values, open_recording(b.path).action.values)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A local Ray cluster of two CPUs for this module; its workers import tests/ray_helpers.py."""
+    ray = pytest.importorskip("ray")
+    markers = tmp_path_factory.mktemp("markers")
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", "DCVLA_TEST_MARKERS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SLOW.parent), old["PYTHONPATH"]]))
+    os.environ["DCVLA_TEST_MARKERS"] = str(markers)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray, markers
+    ray.shutdown()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_ray_gives_the_in_process_results(ray_cluster, tmp_path):
+    here, remote = cliff_config(tmp_path / "here"), cliff_config(tmp_path / "ray")
+    SC.record_cliff_runs(here, progress=False)
+    todo, factory = SC.plan({**vars(remote)})
+    U.run_units(todo, factory, U.Runner(ray="local", num_workers=2), progress=False)
+    assert all(u.complete() for u in todo)
+    pd.testing.assert_frame_equal(table_of(here), table_of(remote))
+    assert not list(Path(remote.runs_dir).rglob("*.tmp"))
+
+
+def test_a_worker_killed_mid_unit_leaves_no_partial_file_and_the_unit_runs_again(ray_cluster, tmp_path):
+    ray, markers = ray_cluster
+    from dcvla.ray_runner import run_on_ray, start_workers
+
+    here, remote = cliff_config(tmp_path / "here"), cliff_config(tmp_path / "ray")
+    SC.record_cliff_runs(here, progress=False)
+    todo, (_, config) = SC.plan({**vars(remote)})
+    import ray_helpers
+
+    workers = start_workers(ray, ("ray_helpers", config), num_workers=2)
+    first = ray_helpers.key(todo[0])
+    thread = threading.Thread(target=run_on_ray, args=(todo, ("ray_helpers", config), "auto"),
+                              kwargs={"progress": False, "workers": workers})
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not list(markers.glob(f"{first}.*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = list(markers.glob(f"{first}.*"))
+    assert started, "the first unit never started"
+    pid = int(started[0].read_text())
+    assert not Path(todo[0].path).exists()  # it sleeps before it records: killed mid-unit
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    runs = sorted(markers.glob(f"{first}.*"))
+    assert len(runs) == 2 and int(runs[1].read_text()) != pid  # run again, by a restarted process
+    assert all(u.complete() for u in todo) and not list(Path(remote.runs_dir).rglob("*.tmp"))
+    pd.testing.assert_frame_equal(table_of(here), table_of(remote))
+
+
+def test_a_units_own_error_is_reported_by_name_and_the_others_complete(ray_cluster, tmp_path):
+    from dcvla.ray_runner import UnitFailed
+
+    config = replace(cliff_config(tmp_path), thresholds=[-1.0], modes=["full"])
+    todo, factory = SC.plan({**vars(config)})
+    bad = U.make_unit("stability_cliff", tmp_path / "bad.nc", mode="full", gate="cosine", value=-1.0,
+                      episode="libero_spatial/task99/init00")
+    with pytest.raises(UnitFailed, match=r"1 unit\(s\) failed: stability_cliff\[.*task99.*KeyError"):
+        U.run_units([bad, *todo], factory, U.Runner(ray="local", num_workers=2), progress=False)
+    assert all(u.complete() for u in todo) and not Path(bad.path).exists()
+
+
+def test_the_command_line_shards_and_refuses_to_merge_what_is_missing(tmp_path, capsys):
+    from dcvla.cli import main
+
+    params = ["-p", "preset", "pi0-tiny", "-p", "steps", "2", "-p", "thresholds", "[-1.0]", "-p", "modes", '["full"]',
+              "-p", "gates", "[]", "-p", "suites", '["libero_spatial"]', "-p", "runs_dir", str(tmp_path / "runs")]
+    assert main(["run", "stability_cliff", *params, "--shard", "0/2"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 0/2 ran 1 units; 1 of 2 complete" in out and "dcvla merge stability_cliff" in out
+    assert main(["merge", "stability_cliff", *params]) == 2
+    assert "1 of 2 units are not complete (first: stability_cliff[mode=full" in capsys.readouterr().err
+    assert main(["run", "explorer", "--shard", "0/2"]) == 2
+    assert "explorer has no units to shard or send to Ray" in capsys.readouterr().err
+    assert main(["run", "stability_cliff", *params, "--shard", "0/2", "--ray", "auto"]) == 2
+
+
+def test_sweep_runs_every_combination_and_summarises_them(tmp_path):
+    from dcvla.cli import main
+    from dcvla.io import read_dataset
+
+    assert main(["sweep", "stability_cliff", "-p", "preset", '["pi0-tiny"]', "-p", "thresholds", "[[-1.0], [1.01]]",
+                 "-p", "steps", "[2]", "-p", "modes", '[["full"]]', "-p", "gates", "[[]]", "-p", "suites",
+                 '[["libero_spatial"]]', "--sweep-dir", str(tmp_path)]) == 0
+    folders = sorted(p for p in (tmp_path / "stability_cliff").iterdir() if p.is_dir())
+    assert len(folders) == 2 and all((f / "stability_cliff.ipynb").exists() and (f / "stability_cliff.nc").exists()
+                                     for f in folders)
+    reuse = {f.name: float(read_dataset(f / "stability_cliff.nc")["reuse rate"].values[0]) for f in folders}
+    assert sorted(reuse.values()) == [0.0, 0.5]  # threshold 1.01 never reuses; -1 reuses every inference after the first
+    summary = tmp_path / "stability_cliff" / "sweep_summary.ipynb"
+    assert summary.exists() and "2 combinations of stability_cliff" in summary.read_text()
+    assert main(["sweep", "stability_cliff", "-p", "steps", "2"]) == 2  # a sweep parameter is a list of values
