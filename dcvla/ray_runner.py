@@ -79,11 +79,12 @@ def connect(address: str):
 
 
 def start_workers(ray, factory: tuple[str, dict], num_workers: int = 0) -> list:
-    """The actors: one per GPU of the cluster where it has GPUs (each holding one), else one per CPU."""
+    """The actors: one per GPU of the cluster where it has GPUs (each holding one; more workers than GPUs share
+    them, `num_gpus` a fraction each), else one per CPU."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     count = num_workers or gpus or max(1, int(resources.get("CPU", 1)))
-    actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=RESTARTS,
+    actor = ray.remote(num_cpus=1, num_gpus=min(1.0, gpus / count) if gpus else 0, max_restarts=RESTARTS,
                        max_task_retries=RESTARTS)(UnitWorker)
     return [actor.remote(factory) for _ in range(count)]
 

@@ -30,6 +30,7 @@ figures_dir = "figures"
 methods = ["vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache"]
 suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
 episodes_per_suite = 0    # 0: every shipped episode of each suite
+episodes_dir = ""         # a folder of recorded episodes (scripts/record_episodes.py); empty: the shipped ones
 frames = 5                # frames per episode from its start (0: whole episode)
 drift = False             # shadow recompute for Q/K/V drift (doubles the cost)
 

@@ -32,6 +32,7 @@ figures_dir = "figures"
 methods = ["vanilla", "vla_cache", "dual_cache"]
 suites = ["libero_10"]
 episodes_per_suite = 1
+episodes_dir = ""         # a folder of recorded episodes (scripts/record_episodes.py); empty: the shipped ones
 frames = 60               # consecutive frames of the long episode (0: all)
 drift = False
 sweep_methods = ["dual_cache"]

@@ -39,6 +39,7 @@ runs_dir = "data/runs"    # recorded datasets (one netCDF per method and episode
 figures_dir = "figures"
 suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
 episodes_per_suite = 1
+episodes_dir = ""         # a folder of recorded episodes (scripts/record_episodes.py); empty: the shipped ones
 frames = 3
 
 # %%

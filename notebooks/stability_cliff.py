@@ -45,6 +45,7 @@ pixel_thresholds = [0.005, 0.01, 0.02, 0.04]  # pixel_mae: mean |pixel change| i
 phase_threshold = 0.995   # phase_aware: the cosine threshold near a grasp or a place
 suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
 episodes_per_suite = 1    # shipped episodes per suite (0: all)
+episodes_dir = ""         # a folder of recorded episodes (scripts/record_episodes.py); empty: the shipped ones
 steps = 6                 # inferences per episode
 replan_steps = 5          # frames between inferences (openpi executes 5 actions of each chunk)
 compare_to = "previous"   # the gate compares with the previous inference (the report), or with the "anchor" one

@@ -68,3 +68,9 @@ def test_pi0_reuse_speedup_in_bfloat16(preset):
 def test_recording_overhead_in_bfloat16():
     ms = script("recording_overhead").main(["--preset", "tiny", "--dtype", "bfloat16", "--frames", "2"])
     assert set(ms) == {"plain", "detached", "recording"} and all(len(v) == 2 for v in ms.values())
+
+
+def test_ray_scaling_at_the_smallest_size():
+    out = script("ray_scaling").main(["--preset", "tiny", "--tasks", "1", "--max-steps", "2", "--methods", "vanilla",
+                                      "--workers", "1", "--split-steps", "2"])
+    assert [n for _, n, _ in out["rows"].values()] == [1, 1] and set(out["split"]) >= {"physics only", "policy step"}

@@ -164,3 +164,21 @@ def test_sweep_runs_every_combination_and_summarises_them(tmp_path):
     summary = tmp_path / "stability_cliff" / "sweep_summary.ipynb"
     assert summary.exists() and "2 combinations of stability_cliff" in summary.read_text()
     assert main(["sweep", "stability_cliff", "-p", "steps", "2"]) == 2  # a sweep parameter is a list of values
+
+
+def test_a_study_runs_on_any_folder_of_recorded_episodes_and_any_suite(tmp_path):
+    """A libero_90 pick-and-place episode recorded by the oracle (a few steps) into a folder of its own: the study
+    takes that folder and suite; a suite the folder has no episode of is refused, naming what it has."""
+    from dcvla.libero.episodes import episode_path, record_episode, save_episode
+
+    folder = tmp_path / "episodes"
+    episode = record_episode("libero_90", 9, max_steps=12)  # KITCHEN_SCENE1: put the black bowl on the plate
+    save_episode(episode, episode_path(folder, "libero_90", episode.task_id, 0))
+    config = SC.CliffConfig(preset="pi0-tiny", steps=2, thresholds=[-1.0], modes=["full"], gates=[],
+                            suites=["libero_90"], episodes_dir=str(folder), runs_dir=str(tmp_path / "runs"))
+    paths = SC.record_cliff_runs(config, progress=False)
+    assert {key[3] for key in paths} == {episode.name} and all(p.exists() for p in paths.values())
+    with pytest.raises(ValueError, match=r"no episodes of \['libero_goal'\] in .*episodes \(it has libero_90\)"):
+        replace(config, suites=["libero_goal"]).__post_init__()
+    with pytest.raises(ValueError, match="shipped suites"):
+        SC.CliffConfig(suites=["libero_90"])

@@ -20,7 +20,8 @@ import xarray as xr
 
 from ..devices import parse_dtype
 from ..io import open_recording, write_dataset
-from ..libero.episodes import Episode, list_episodes, load_episode
+from ..libero.env import SUITES as LIBERO_SUITES
+from ..libero.episodes import DEFAULT_DIR, Episode, list_episodes, load_episode
 from ..libero.protocol import policy_input
 from ..openvla import METHODS, CacheConfig
 from ..openvla.cache_policy import CachePolicyBase
@@ -99,6 +100,22 @@ def check_device(device: str, what: str) -> None:
         raise ValueError(f"{what}: {device!r}, but torch has no MPS device on this machine; use 'cpu'")
 
 
+def check_suites(owner: str, suites: list[str], episodes_dir: str) -> None:
+    """The shipped suites, or with `episodes_dir` any LIBERO suite that folder holds episodes of (naming the folder
+    and the suites it has otherwise)."""
+    if not episodes_dir:
+        check_names(f"{owner}.suites", suites, SUITES, "shipped suites (or give episodes_dir)")
+        return
+    folder = Path(episodes_dir)
+    if not folder.is_dir():
+        raise ValueError(f"{owner}.episodes_dir: {folder} is not a folder")
+    check_names(f"{owner}.suites", suites, LIBERO_SUITES, "LIBERO suites")
+    have = sorted({p.name.split("_task")[0] for p in list_episodes(folder)})
+    empty = [s for s in suites if not list_episodes(folder, suite=s)]
+    if empty:
+        raise ValueError(f"{owner}.suites: no episodes of {empty} in {folder} (it has {', '.join(have) or 'none'})")
+
+
 def check_names(owner: str, values: list[str], known: tuple[str, ...] | dict, what: str) -> None:
     """A ValueError naming the unknown entries of a config list field (`owner` is `Class.field`)."""
     unknown = [v for v in values if v not in known]
@@ -138,7 +155,8 @@ class StudyConfig(PolicyParameters):
 
     methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
     suites: list[str] = field(default_factory=lambda: list(SUITES))
-    episodes_per_suite: int = 0          # shipped episodes per suite (0 = all)
+    episodes_per_suite: int = 0          # episodes per suite (0 = all)
+    episodes_dir: str = ""               # a folder of recorded episodes ("" = the shipped ones)
     frames: int = 12                     # frames per episode from its start (0 = the whole episode)
     drift: bool = False                  # shadow full recompute per frame (doubles the cost)
     runs_dir: str = "data/runs"
@@ -148,7 +166,7 @@ class StudyConfig(PolicyParameters):
         self.check_types()
         self.check_model()
         check_names("StudyConfig.methods", self.methods, METHODS, "known")
-        check_names("StudyConfig.suites", self.suites, SUITES, "shipped suites")
+        check_suites("StudyConfig", self.suites, self.episodes_dir)
         if self.frames < 0 or self.episodes_per_suite < 0:
             raise ValueError(f"StudyConfig.frames and episodes_per_suite must be >= 0, got {self.frames}, {self.episodes_per_suite}")
 
@@ -161,8 +179,9 @@ def base_policy(config: PolicyParameters) -> CachePolicyBase:
 
 
 def episodes(config) -> list[Episode]:
-    """The shipped episodes of the configured suites (`episodes_per_suite` of each, 0 = all)."""
-    per_suite = [list_episodes(suite=suite) for suite in config.suites]
+    """The recorded episodes of the configured suites (`episodes_per_suite` of each, 0 = all): the shipped ones, or
+    those of `episodes_dir` (a folder `scripts/record_episodes.py` or `dcvla.libero.record_episode` filled)."""
+    per_suite = [list_episodes(config.episodes_dir or DEFAULT_DIR, suite=suite) for suite in config.suites]
     return [load_episode(p) for paths in per_suite for p in (paths[: config.episodes_per_suite] if config.episodes_per_suite else paths)]
 
 

@@ -24,7 +24,7 @@ from ..smolvla import PRESETS as SMOLVLA_PRESETS
 from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
 from ..units import Unit, make_unit, run_units
-from .common import SUITES, Parameters, check_device, check_names, episodes, find_cliff
+from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff
 
 STUDY = "stability_cliff"
 CLIFF_MODES = ("full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized")
@@ -58,7 +58,8 @@ class CliffConfig(Parameters):
     pixel_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.04])  # pixel_mae
     phase_threshold: float = 0.995       # phase_aware near a grasp or a place (thresholds elsewhere)
     suites: list[str] = field(default_factory=lambda: list(SUITES))
-    episodes_per_suite: int = 1          # shipped episodes per suite (0 = all)
+    episodes_per_suite: int = 1          # episodes per suite (0 = all)
+    episodes_dir: str = ""               # a folder of recorded episodes ("" = the shipped ones)
     steps: int = 6                       # inferences per episode
     replan_steps: int = 5                # frames between inferences: openpi's LIBERO client executes 5 actions
     compare_to: str = "previous"         # the gate's reference: "previous" inference (the report) or "anchor"
@@ -78,7 +79,7 @@ class CliffConfig(Parameters):
         check_names("CliffConfig.modes", self.modes, reusing, "known")
         check_names("CliffConfig.gate_modes", self.gate_modes, reusing, "known")
         check_names("CliffConfig.gates", self.gates, GATES, "known")
-        check_names("CliffConfig.suites", self.suites, SUITES, "shipped suites")
+        check_suites("CliffConfig", self.suites, self.episodes_dir)
         for name in ("thresholds",) + tuple(GATE_PARAMETER[g][1] for g in self.gates):
             if not getattr(self, name):
                 raise ValueError(f"CliffConfig.{name} is empty")
