@@ -7,7 +7,7 @@ export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps studies test bench notebooks explorer clean
+.PHONY: install system-deps studies test bench notebooks explorer lab clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: $(STAMP)
 # notebooks/*.ipynb (git-ignored) from their jupytext sources notebooks/*.py; `dcvla run` builds its own
 notebooks: $(STAMP)
 	$(PY) -m dcvla.notebooks
+
+# JupyterLab on notebooks/ with the project's kernel ("dcvla (.venv)", registered inside .venv, not per user)
+lab: notebooks
+	$(PY) -m ipykernel install --sys-prefix --name dcvla --display-name "dcvla (.venv)" >/dev/null
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 explorer: notebooks
 	$(PY) -m voila notebooks/explorer.ipynb --no-browser --Voila.ip=127.0.0.1 \

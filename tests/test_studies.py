@@ -33,6 +33,19 @@ def run_study(name: str, tmp_path, *params: str) -> None:
     assert (tmp_path / "studies" / f"{name}.ipynb").exists()  # the executed notebook, next to the outputs
 
 
+def test_the_quickstart_runs_end_to_end(tmp_path):
+    """The first notebook the README points to: a policy, a cache method, a recording, the mask, the drift."""
+    from dcvla.cli import run_study as execute
+
+    out = execute("quickstart", {"frames": 4}, out=tmp_path / "quickstart.ipynb")
+    cells = nbformat.read(out, as_version=4).cells
+    text = "".join(o.get("text", "") for c in cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "libero_spatial/task00/init00" in text and "4 frames, 256 patches; reuse rate" in text
+    figures = [o for c in cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 2  # the mask over the image, the drift over frames
+
+
 def test_mechanism_equivalence_verdicts(tmp_path):
     run_study("mechanism_equivalence", tmp_path, "-p", "frames", "4")
     table = read_dataset(tmp_path / "mechanism_equivalence.nc").to_dataframe()
@@ -302,7 +315,7 @@ def built(tmp_path_factory) -> dict[str, nbformat.NotebookNode]:
 
 def test_every_study_is_a_source_and_no_notebook_is_committed():
     names = notebook_names()
-    assert set(PARAMETERS) | {"explorer", "sweep_summary"} == set(names) == set(available_studies())
+    assert set(PARAMETERS) | {"explorer", "sweep_summary", "quickstart"} == set(names) == set(available_studies())
     if (NOTEBOOKS.parent / ".git").exists():  # check-ignore answers 1 for a tracked file: generated, not committed
         ipynb = [f"notebooks/{name}.ipynb" for name in names]
         ignored = subprocess.run(["git", "check-ignore", *ipynb], cwd=NOTEBOOKS.parent, capture_output=True, text=True)
