@@ -7,7 +7,7 @@ export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps studies test bench notebooks explorer lab clean
+.PHONY: install system-deps studies test bench notebooks explorer lab screenshots clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ notebooks: $(STAMP)
 lab: notebooks
 	$(PY) -m ipykernel install --sys-prefix --name dcvla --display-name "dcvla (.venv)" >/dev/null
 	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# the README's browser screenshots (figures/explorer.png), from the browser test; `make test` leaves them alone
+screenshots: $(STAMP)
+	DCVLA_SCREENSHOTS=figures $(PY) -m pytest -q tests/test_explorer.py -k voila
 
 explorer: notebooks
 	$(PY) -m voila notebooks/explorer.ipynb --no-browser --Voila.ip=127.0.0.1 \
