@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", type=int, default=4, help="libero_spatial tasks 0..N-1 (one unit per method each)")
     parser.add_argument("--max-steps", type=int, default=20, help="policy steps per trial")
     parser.add_argument("--methods", nargs="+", default=["vanilla", "dual_cache"])
-    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="Ray worker counts to time")
+    parser.add_argument("--workers", nargs="*", type=int, default=[1, 2], help="Ray worker counts to time (none: skip Ray)")
     parser.add_argument("--split-steps", type=int, default=20, help="steps timed for the step split (0: skip)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     n, wall = timed_run(U.Runner(), args)
     rows["in process"] = (1, n, wall)
-    import ray
-
     for workers in args.workers:
+        import ray
+
         ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
         try:
             n, wall = timed_run(U.Runner(ray="local", num_workers=workers), args)

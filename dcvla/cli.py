@@ -178,14 +178,19 @@ def run_study(study: str, parameters: dict, out: Path | None = None) -> Path:
     out = out or (ROOT / runs_dir).parent / "studies" / f"{study}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[dcvla] {study}: {parameters or 'default parameters'} -> {shown(out)}", flush=True)
-    try:
+    started = time.time()
+    try:  # the cells' own output streams here as it comes: which run is recording, the units done out of all
         papermill.execute_notebook(str(source), str(out), parameters=parameters, cwd=str(ROOT), progress_bar=True,
-                                   kernel_name="python3")
+                                   kernel_name="python3", stdout_file=sys.stdout, stderr_file=sys.stderr)
     except papermill.PapermillExecutionError as err:
         message = " ".join(str(err.evalue).split()) or "(no message)"
         raise StudyError(f"{study} (notebook {shown(out)}, cell {err.exec_count}): {err.ename}: {message}\n"
                          f"  the full traceback is in {shown(out)}, at In [{err.exec_count}]; the notebook's source is "
                          f"{shown(NOTEBOOKS / f'{study}.py')}") from err
+    figures = ROOT / parameters.get("figures_dir", "figures")
+    made = sorted(p for p in figures.rglob("*.png") if p.stat().st_mtime >= started) if figures.is_dir() else []
+    print(f"[dcvla] {study}: executed notebook {shown(out)}" + (f"; figures: {', '.join(str(shown(p)) for p in made)}"
+                                                                if made else ""), flush=True)
     return out
 
 

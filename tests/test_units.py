@@ -82,12 +82,19 @@ def ray_cluster(tmp_path_factory):
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def test_ray_gives_the_in_process_results(ray_cluster, tmp_path):
+def test_ray_gives_the_in_process_results_and_reports_a_units_own_error(ray_cluster, tmp_path):
+    """The units on two Ray actors: the same files and tables as in process; a unit that raises for a reason of its
+    own (an episode that does not exist) is reported by name after the others have completed, and leaves no file."""
+    from dcvla.ray_runner import UnitFailed
+
     here, remote = cliff_config(tmp_path / "here"), cliff_config(tmp_path / "ray")
     SC.record_cliff_runs(here, progress=False)
     todo, factory = SC.plan({**vars(remote)})
-    U.run_units(todo, factory, U.Runner(ray="local", num_workers=2), progress=False)
-    assert all(u.complete() for u in todo)
+    bad = U.make_unit("stability_cliff", tmp_path / "bad.nc", mode="full", gate="cosine", value=-1.0,
+                      episode="libero_spatial/task99/init00")
+    with pytest.raises(UnitFailed, match=r"1 unit\(s\) failed: stability_cliff\[.*task99.*KeyError"):
+        U.run_units([bad, *todo], factory, U.Runner(ray="local", num_workers=2), progress=False)
+    assert all(u.complete() for u in todo) and not Path(bad.path).exists()
     pd.testing.assert_frame_equal(table_of(here), table_of(remote))
     assert not list(Path(remote.runs_dir).rglob("*.tmp"))
 
@@ -120,18 +127,6 @@ def test_a_worker_killed_mid_unit_leaves_no_partial_file_and_the_unit_runs_again
     assert len(runs) == 2 and int(runs[1].read_text()) != pid  # run again, by a restarted process
     assert all(u.complete() for u in todo) and not list(Path(remote.runs_dir).rglob("*.tmp"))
     pd.testing.assert_frame_equal(table_of(here), table_of(remote))
-
-
-def test_a_units_own_error_is_reported_by_name_and_the_others_complete(ray_cluster, tmp_path):
-    from dcvla.ray_runner import UnitFailed
-
-    config = replace(cliff_config(tmp_path), thresholds=[-1.0], modes=["full"])
-    todo, factory = SC.plan({**vars(config)})
-    bad = U.make_unit("stability_cliff", tmp_path / "bad.nc", mode="full", gate="cosine", value=-1.0,
-                      episode="libero_spatial/task99/init00")
-    with pytest.raises(UnitFailed, match=r"1 unit\(s\) failed: stability_cliff\[.*task99.*KeyError"):
-        U.run_units([bad, *todo], factory, U.Runner(ray="local", num_workers=2), progress=False)
-    assert all(u.complete() for u in todo) and not Path(bad.path).exists()
 
 
 def test_the_command_line_shards_and_refuses_to_merge_what_is_missing(tmp_path, capsys):
