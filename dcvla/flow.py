@@ -1,5 +1,6 @@
-"""What the flow-matching VLA families (pi0, pi0.5, SmolVLA) compute alike: the prefix's inputs and outputs, the
-sinusoidal time embedding, the Euler integration of the action chunk, and lerobot's resize-with-pad of an image.
+"""What the flow-matching VLA families (pi0, pi0.5, SmolVLA) build and compute alike: a level of lerobot's module
+tree, the prefix's inputs and outputs, the sinusoidal time embedding, the Euler integration of the action chunk,
+and lerobot's resize-with-pad of an image.
 
 Facts from lerobot 0.6.1 (`policies/common/vla_utils.py`, `policies/common/flow_matching.py`), held to lerobot's
 numbers by each family's parity test (`tests/test_pi_parity.py`, `tests/test_smolvla_parity.py`).
@@ -14,10 +15,21 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as TF
+from torch import nn
 
 from . import flops as F
 from .attention import attend, gather_kv, project_qkv
 from .kv_store import KVStore, LayerPlan
+
+
+class Level(nn.Module):
+    """A level of lerobot's module trees that only names its children (`paligemma.model`, `vlm_with_expert.vlm`), so
+    a family's modules sit at the checkpoint's names."""
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
 
 
 @dataclass

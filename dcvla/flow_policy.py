@@ -26,10 +26,9 @@ from .flow import PrefixInputs
 from .images import validate_image
 from .kv_store import KVStore, LayerPlan
 from .normalization import ACTION, STATE
-from .prefix_reuse import GRIPPER, MODES, SPANS, ReuseConfig, gate_opens, near_contact
+from .prefix_reuse import GRIPPER, LIBERO_ACTION_DIM, MODES, SPANS, ReuseConfig, gate_opens, near_contact
 from .streaming import EpisodeGuard, StageClock
 
-LIBERO_ACTION_DIM = 7   # LIBERO executes the first 7 action dims
 STATE_TOKENS = ("expert", "prompt", "prefix", "none")
 
 

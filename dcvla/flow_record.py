@@ -17,8 +17,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .flow_policy import LIBERO_ACTION_DIM, FlowPolicy, FlowStepRecord
-from .prefix_reuse import SPANS
+from .flow_policy import FlowPolicy, FlowStepRecord
+from .prefix_reuse import LIBERO_ACTION_DIM, SPANS
 from .recording import METRICS, Recorder, Schema, distances, register_recorder
 
 FLOW_STAGES = ("vision", "gate", "prefix", "expert")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .devices import (INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_files, misfit_message, parse_dtype,
-                      refuse_pickle, stream_tensors)
+                      read_headers, refuse_pickle, resolve_checkpoint_dir, stream_tensors)
 from .normalization import read_normalization
 
 WEIGHTS_FILE = "model.safetensors"
@@ -81,6 +81,23 @@ def plan(model: nn.Module, headers: dict, model_key: Callable[[str], str | None]
         files = ", ".join(str(f) for f in headers)
         raise CheckpointError(f"{files} does not fit {label}: {problem}")
     return routes
+
+
+def load_model(path_or_id, config_for: Callable[[Path], Any], build: Callable[[Any], nn.Module],
+               model_key: Callable[[str, Any], str | None], label: Callable[[Any], str], dtype, device,
+               init_buffers: Callable[[nn.Module], None]) -> nn.Module:
+    """A family's model from a lerobot directory (or hub id): its config (`config_for(folder)`), the model built on
+    the meta device (`build(config)`), checked against the safetensors headers alone (`plan`, strict, with the
+    family's `model_key(key, config)`; errors name the model as `label(config)`) before any weight is allocated,
+    then filled (`fill`)."""
+    folder = resolve_checkpoint_dir(path_or_id)
+    folder = folder if folder.is_dir() else folder.parent
+    config = config_for(folder)
+    headers = read_headers(weights_files(folder))
+    with torch.device("meta"):
+        model = build(config)
+    routes = plan(model, headers, lambda key: model_key(key, config), label(config))
+    return fill(model, folder, headers, routes, dtype, device, init_buffers)
 
 
 def fill(meta_model: nn.Module, folder: Path, headers: dict, routes: dict[str, str], dtype, device,

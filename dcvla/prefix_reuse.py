@@ -71,6 +71,7 @@ MODES: dict[str, ReuseMode] = {
 }
 GATES = ("cosine", "synchronized", "max_age", "pixel_mae", "phase_aware")
 COMPARE_TO = ("previous", "anchor")
+LIBERO_ACTION_DIM = 7  # LIBERO executes the first 7 action dims
 GRIPPER = 6  # LIBERO's gripper command: the last of the 7 executed action dims
 
 

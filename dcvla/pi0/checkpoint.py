@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..devices import CheckpointError, place, read_headers, resolve_checkpoint_dir
-from ..lerobot_checkpoint import CONFIG_FILE, fill, read_lerobot_config, weights_files
-from ..lerobot_checkpoint import plan as lerobot_plan
+from ..devices import CheckpointError, place
+from ..lerobot_checkpoint import CONFIG_FILE, load_model, read_lerobot_config
 from .config import PiConfig, get_preset, with_dims
 from .model import PiModel
 
@@ -49,12 +48,6 @@ def model_key(key: str, config: PiConfig) -> str | None:
         return EMBED
     old, new = _RENAMES[config.variant]
     return new + key[len(old):] if key.startswith(old) else key
-
-
-def plan(model: PiModel, headers: dict) -> dict[str, str]:
-    """checkpoint key -> model key for every stored tensor that loads (`dcvla.lerobot_checkpoint.plan`, strict)."""
-    return lerobot_plan(model, headers, lambda key: model_key(key, model.config),
-                        f"{model.config.name} ({model.config.variant})")
 
 
 def config_for(folder: Path, preset: str | PiConfig | None) -> PiConfig:
@@ -97,13 +90,9 @@ def load_pretrained(path_or_id: str | os.PathLike, preset: str | PiConfig | None
     """A pi0 / pi0.5 checkpoint in lerobot's layout, checked against the model from the safetensors headers alone
     (before any weight is allocated), then built on the meta device and filled shard by shard in `dtype` on
     `device` (RoPE's inverse frequencies stay float32). `model.normalization` holds the checkpoint's statistics."""
-    folder = resolve_checkpoint_dir(path_or_id)
-    folder = folder if folder.is_dir() else folder.parent
-    config = config_for(folder, preset)
-    headers = read_headers(weights_files(folder))
-    with torch.device("meta"):
-        model = PiModel(config, attn_implementation)
-    return fill(model, folder, headers, plan(model, headers), dtype, device, _init_buffers)
+    return load_model(path_or_id, lambda folder: config_for(folder, preset),
+                      lambda config: PiModel(config, attn_implementation), model_key,
+                      lambda config: f"{config.name} ({config.variant})", dtype, device, _init_buffers)
 
 
 def _init_buffers(model: PiModel) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..normalization import LIBERO_STATE_STATS, STATE_STD_FLOOR  # noqa: F401 (random presets' statistics)
-from ..prefix_reuse import REPLAN_STEPS, SPANS  # noqa: F401 (the family's names for them)
+from ..prefix_reuse import LIBERO_ACTION_DIM, REPLAN_STEPS, SPANS  # noqa: F401 (the family's names for them)
 
 VARIANTS = ("pi0", "pi05")
-LIBERO_ACTION_DIM = 7   # LIBERO executes the first 7 action dims
 IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's IMAGE_KEYS; LIBERO: agent, wrist, empty
 
 

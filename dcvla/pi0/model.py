@@ -28,7 +28,7 @@ from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMS
 
 from .. import flops as F
 from ..attention import attend, project_qkv
-from ..flow import PrefixInputs, PrefixOutput, euler, run_prefix_layers, time_embedding
+from ..flow import Level, PrefixInputs, PrefixOutput, euler, run_prefix_layers, time_embedding
 from ..kv_store import KVStore, LayerPlan
 from ..normalization import Normalization, random_normalization
 from .config import LIBERO_ACTION_DIM, LIBERO_STATE_STATS, GemmaDims, PiConfig, get_preset
@@ -82,7 +82,7 @@ class PaliGemmaParts(nn.Module):
             num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
             hidden_act="gelu_pytorch_tanh", layer_norm_eps=v.layer_norm_eps, vision_use_head=False)
         vision._attn_implementation = attn_implementation
-        self.vision_tower = _Level(vision_model=SiglipVisionModel(vision))  # lerobot's transformers nests it
+        self.vision_tower = Level(vision_model=SiglipVisionModel(vision))  # lerobot's transformers nests it
         self.multi_modal_projector = Projector(v.hidden_size, config.lm.width)
         self.language_model = GemmaModel(gemma_config(config.lm, config, config.vocab_size))
 
@@ -105,20 +105,11 @@ class ExpertStack(nn.Module):
         self.rotary_emb = GemmaRotaryEmbedding(hf)
 
 
-class _Level(nn.Module):
-    """A level of lerobot's module tree that only names its children (`paligemma.model`, `vision_tower.vision_model`)."""
-
-    def __init__(self, **children: nn.Module) -> None:
-        super().__init__()
-        for name, child in children.items():
-            self.add_module(name, child)
-
-
 class PaliGemmaWithExpert(nn.Module):
     def __init__(self, config: PiConfig, attn_implementation: str) -> None:
         super().__init__()
-        self.paligemma = _Level(model=PaliGemmaParts(config, attn_implementation))
-        self.gemma_expert = _Level(model=ExpertStack(config))
+        self.paligemma = Level(model=PaliGemmaParts(config, attn_implementation))
+        self.gemma_expert = Level(model=ExpertStack(config))
 
 
 class PiModel(nn.Module):

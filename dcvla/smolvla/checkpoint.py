@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..devices import CheckpointError, place, read_headers, resolve_checkpoint_dir
-from ..lerobot_checkpoint import CONFIG_FILE, fill, plan, read_lerobot_config, weights_files
+from ..devices import CheckpointError, place
+from ..lerobot_checkpoint import CONFIG_FILE, load_model, read_lerobot_config
 from .config import VLM_MODEL, SmolVLAConfig, get_preset, with_dims
 from .model import SmolVLAModel
 
@@ -81,13 +81,9 @@ def load_pretrained(path_or_id: str | os.PathLike, preset: str | SmolVLAConfig |
     """A SmolVLA checkpoint in lerobot's layout, checked against the model from the safetensors headers alone (before
     any weight is allocated), then built on the meta device and filled shard by shard in `dtype` on `device`.
     `model.normalization` holds the checkpoint's statistics."""
-    folder = resolve_checkpoint_dir(path_or_id)
-    folder = folder if folder.is_dir() else folder.parent
-    config = config_for(folder, preset)
-    headers = read_headers(weights_files(folder))
-    with torch.device("meta"):
-        model = SmolVLAModel(config, attn_implementation)
-    return fill(model, folder, headers, plan(model, headers, model_key, config.name), dtype, device, _init_buffers)
+    return load_model(path_or_id, lambda folder: config_for(folder, preset),
+                      lambda config: SmolVLAModel(config, attn_implementation), lambda key, _: model_key(key),
+                      lambda config: config.name, dtype, device, _init_buffers)
 
 
 def _init_buffers(model: SmolVLAModel) -> None:

@@ -33,10 +33,10 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector, SmolV
 
 from .. import flops as F
 from ..attention import attend, project_qkv, rotate
-from ..flow import PrefixInputs, PrefixOutput, euler, run_prefix_layers, time_embedding
+from ..flow import Level, PrefixInputs, PrefixOutput, euler, run_prefix_layers, time_embedding
 from ..kv_store import KVStore, LayerPlan
-from ..flow_policy import LIBERO_ACTION_DIM
 from ..normalization import LIBERO_STATE_STATS, Normalization, random_normalization
+from ..prefix_reuse import LIBERO_ACTION_DIM
 from .config import SmolVLAConfig, get_preset
 
 def hf_configs(config: SmolVLAConfig, attn_implementation: str) -> tuple[SmolVLMConfig, LlamaConfig]:
@@ -83,15 +83,6 @@ class ExpertStack(nn.Module):
         self.norm = LlamaRMSNorm(config.expert_width, eps=config.text.rms_norm_eps)
 
 
-class _Level(nn.Module):
-    """A level of lerobot's module tree that only names its children (`vlm_with_expert`, `vlm`, `vlm.model`)."""
-
-    def __init__(self, **children: nn.Module) -> None:
-        super().__init__()
-        for name, child in children.items():
-            self.add_module(name, child)
-
-
 def rope_tables(positions: torch.Tensor, head_dim: int, max_wavelength: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SmolVLA's `apply_rope` as cos and sin [1, row, head_dim] in float32 (radians = position /
     max_wavelength ** (2i / head_dim), each half rotated against the other), for `dcvla.attention.rotate`: Q and K
@@ -110,9 +101,9 @@ class SmolVLAModel(nn.Module):
         super().__init__()
         self.config = config
         vlm, expert = hf_configs(config, attn_implementation)
-        parts = _Level(vision_model=SmolVLMVisionTransformer(vlm.vision_config), connector=SmolVLMConnector(vlm),
+        parts = Level(vision_model=SmolVLMVisionTransformer(vlm.vision_config), connector=SmolVLMConnector(vlm),
                        text_model=TextStack(config, vlm.text_config))
-        self.vlm_with_expert = _Level(vlm=_Level(model=parts), lm_expert=ExpertStack(config, expert))
+        self.vlm_with_expert = Level(vlm=Level(model=parts), lm_expert=ExpertStack(config, expert))
         width, ew = config.text.width, config.expert_width
         self.state_proj = nn.Linear(config.max_state_dim, width)
         self.action_in_proj = nn.Linear(config.max_action_dim, ew)
