@@ -8,52 +8,21 @@ Every wait is bounded; Voila (and the kernels it started) are always stopped in 
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 
+import browser
+from browser import runs_dir  # noqa: F401  (the fixture: two tiny recordings)
 from dcvla.explorer import ATTENTION, IMAGE, OVERLAY, Explorer, NoDatasetsError
-from dcvla.io import open_recording
 from dcvla.notebooks import build_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "notebooks" / "explorer.py"  # jupytext source; the .ipynb Voila serves is built from it
-# the README's screenshot: refreshed by `make screenshots` (DCVLA_SCREENSHOTS=figures); a plain test run writes its
-# screenshot to a temporary folder and leaves the tracked figure alone
-SCREENSHOTS = os.environ.get("DCVLA_SCREENSHOTS", "")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IMAGE_PLOT = ".dcvla-frame-image.js-plotly-plot"  # plotly's graph div is the figure widget's own element
-OVERLAY_Z = f"() => JSON.stringify(document.querySelector('{IMAGE_PLOT}').data[{OVERLAY}].z)"
-# the reuse overlay as the page draws it: which of the 16x16 patches are painted (null = transparent)
-OVERLAY_MASK = (f"() => JSON.stringify(Array.from(document.querySelector('{IMAGE_PLOT}').data[{OVERLAY}].z,"
-                " r => Array.from(r, v => v !== null)))")
-
-
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory, make_policy) -> Path:
-    """A tiny dual-cache recording (with drift) of the first 4 frames of a shipped episode, as the policy saw them."""
-    from dcvla.libero import protocol
-    from dcvla.libero.episodes import list_episodes, load_episode
-    from dcvla.recording import record_episode
-
-    ep = load_episode(list_episodes(suite="libero_spatial")[0])
-    frames = np.stack([protocol.policy_input(protocol.decode_frame(j)) for j in ep.jpegs[:4]])  # = ep.frames[:4], cropped
-    runs = tmp_path_factory.mktemp("runs")
-    record_episode(make_policy(method="dual_cache"), frames, ep.instruction, runs / "tiny" / "dual_cache.nc", drift=True,
-                   labels={"suite": ep.suite, "task": ep.task_id, "episode": ep.name})
-    return runs
 
 
 def test_explorer_follows_the_frame(runs_dir):
@@ -74,7 +43,7 @@ def test_explorer_follows_the_frame(runs_dir):
     assert not any(v is not None for row in overlay0 for v in row)  # frame 0 is a keyframe: nothing reused
     assert [shape.x0 for shape in fig.layout.shapes] == [2, 2]  # the frame line on the drift and action panels
     assert len(fig.data) == 4 + 9 + 14  # image panels; q/k/v x 3 towers; 7 action dims x (action, action_ref)
-    synced = fig._widget_data[OVERLAY]["z"]  # what a view opened now (Voila, a reload) starts from
+    synced = fig.get_state()["_widget_data"][OVERLAY]["z"]  # what a view opened now (Voila, a reload) starts from
     assert [list(row) for row in synced] == [list(row) for row in overlay2]
 
     ex.overlay.value = "staleness"
@@ -95,6 +64,103 @@ def test_no_datasets_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, pi0) -> Path:
+    """Four frames of a shipped episode recorded with drift by OpenVLA-OFT (two images) and pi0 (every 5th frame, as
+    the stability cliff study records), next to a file that is not netCDF and a results table (no frames)."""
+    import xarray as xr
+
+    from dcvla.io import write_dataset
+    from dcvla.libero.episodes import list_episodes, load_episode
+    from dcvla.openvla import CacheConfig
+    from dcvla.openvla.oft import OFTCachedPolicy
+    from dcvla.pi0 import ReuseConfig
+    from dcvla.recording import record_episode
+    from dcvla.studies.common import episode_inputs
+    from dcvla.studies.stability_cliff import pi0_episode_inputs
+
+    ep = load_episode(list_episodes(suite="libero_spatial")[0])
+    runs = tmp_path_factory.mktemp("family_runs")
+    labels = {"suite": ep.suite, "task": ep.task_id, "episode": ep.name}
+    oft = OFTCachedPolicy.from_preset("oft-tiny", seed=0, config=CacheConfig("dual_cache"))
+    images, states = episode_inputs(oft, ep, 4)
+    record_episode(oft, images, ep.instruction, runs / "oft" / "dual_cache.nc", states, drift=True, labels=labels)
+    images, states = pi0_episode_inputs(ep, 4, 5)
+    record_episode(pi0.with_config(ReuseConfig(mode="vision_only", threshold=0.8)), images, ep.instruction,
+                   runs / "stability_cliff" / "vision_only.nc", states=states, drift=True,
+                   labels=labels | {"frame_stride": 5, "center_crop": 0})
+    (runs / "broken.nc").write_bytes(b"half a file")
+    write_dataset(xr.Dataset({"success": (("trial",), np.array([1, 0]))}), runs / "results" / "vanilla.nc")
+    return runs
+
+
+def test_explorer_lists_what_it_cannot_show_and_loads_the_rest(family_runs, tmp_path):
+    ex = Explorer(family_runs)
+    assert [p.relative_to(family_runs).as_posix() for p in ex.paths] == ["oft/dual_cache.nc", "stability_cliff/vision_only.nc"]
+    why = {p.relative_to(family_runs).as_posix(): reason for p, reason in ex.skipped.items()}
+    assert set(why) == {"broken.nc", "results/vanilla.nc"}
+    assert why["broken.nc"].startswith("unreadable (OSError") and why["results/vanilla.nc"].startswith("not a recording")
+    assert "broken.nc" in ex.skipped_note.value and "2 file(s) not shown" in ex.skipped_note.value
+    (tmp_path / "a.nc").write_bytes(b"x")
+    with pytest.raises(NoDatasetsError, match=r"no readable recording under .*a\.nc: unreadable"):
+        Explorer(tmp_path)
+
+
+def test_explorer_shows_both_oft_images(family_runs):
+    ex = Explorer(family_runs)
+    ex.load(family_runs / "stability_cliff" / "vision_only.nc")
+    ex.load(family_runs / "oft" / "dual_cache.nc")  # after a flow recording: the patch panels and menus come back
+    fig, ds = ex.figure, ex.ds
+    assert fig.data[ATTENTION].x is None and fig.layout.yaxis2.scaleanchor == "x2"
+    assert ex.camera.options == (("third-person", 0), ("wrist", 1)) and not ex.camera.disabled
+    assert all(w.layout.display != "none" for w in (ex.overlay, ex.camera, ex.layer, ex.head, ex.metric))
+    assert ex.curves.layout.display == "none"
+    ex.set_frame(2)
+    agent_image, agent_t2v = fig.data[IMAGE].source, fig.data[ATTENTION].z
+    ex.camera.value = 1  # the wrist image: its own frame and its own 256 patches (p + 256)
+    wrist = ds.reuse.isel(frame=2).values[256:].reshape(16, 16)
+    assert wrist.any() and wrist.tolist() != ds.reuse.isel(frame=2).values[:256].reshape(16, 16).tolist()
+    assert [[v is not None for v in row] for row in fig.data[OVERLAY].z] == wrist.tolist()
+    assert fig.data[IMAGE].source != agent_image and fig.data[ATTENTION].z != agent_t2v
+    chunk = [fig.data[t].y for t, var, _ in ex._chunk_traces if var == "action"]  # the chunk at the current frame
+    np.testing.assert_allclose(np.array(chunk).T, ds.action.isel(frame=2).values)
+    assert [shape.x0 for shape in fig.layout.shapes] == [2]  # the frame line on the drift panel only
+    assert "reused" in ex.info.value and "chunk_l1" in ex.info.value
+
+
+def test_explorer_shows_a_flow_recording(family_runs):
+    from dcvla.libero import protocol
+    from dcvla.libero.episodes import list_episodes, load_episode
+    from dcvla.explorer_panels import png_uri
+
+    ex = Explorer(family_runs)
+    ex.load(family_runs / "stability_cliff" / "vision_only.nc")
+    fig, ds = ex.figure, ex.ds
+    shown = {w.description or "overlay": w.layout.display != "none" for w in (ex.overlay, ex.camera, ex.layer, ex.metric, ex.curves)}
+    assert shown == {"overlay": False, "camera": True, "LLM layer": False, "drift": False, "curves": True}
+    ex.set_frame(3)
+    np.testing.assert_array_equal(np.array(fig.data[ATTENTION].z), ds.span_reuse.isel(frame=3).values.astype(float))
+    assert list(fig.data[ATTENTION].y) == ["vision", "text", "state"]
+    ep = load_episode(list_episodes(suite="libero_spatial")[0])  # inference 3 saw episode frame 15, uncropped
+    assert fig.data[IMAGE].source == png_uri(protocol.policy_input(ep.frames[15], crop=False))
+    title = fig.layout.annotations[0].text
+    assert title.startswith("frame 3: gate open" if bool(ds.gate[3]) else "frame 3: gate closed")
+    chunk = np.array([fig.data[t].y for t, var, _ in ex._chunk_traces if var == "action_ref"]).T
+    np.testing.assert_allclose(chunk, ds.action_ref.isel(frame=3).values)  # the shadow's chunk, dashed
+    threshold = [s for s in fig.layout.shapes if s.yref == "y3"]
+    assert len(threshold) == 1 and threshold[0].y0 == 0.8  # the gate's threshold across the similarity curves
+    names = {t.name for t in fig.data[4:] if t.xaxis == "x3"}
+    assert names == {"vision similarity", "state similarity", "gate open"}
+    ex.curves.value = "staleness"
+    staleness = {t.name: list(t.y) for t in fig.data[4:] if t.xaxis == "x3"}
+    assert staleness == {span: ds.staleness.sel(span=span).values.astype(float).tolist() for span in ("vision", "text", "state")}
+    ex.curves.value = "drift"
+    drift = next(t for t in fig.data if t.name == "action drift")
+    np.testing.assert_allclose(drift.y, ds.action_drift.values)
+    ex.camera.value = 1
+    assert fig.data[IMAGE].source == png_uri(protocol.policy_input(ep.wrist_frames[15], crop=False))
+
+
+@pytest.fixture(scope="module")
 def notebook() -> Path:
     """notebooks/explorer.ipynb, built from its source (as `make explorer` does)."""
     return build_notebook("explorer")
@@ -109,67 +175,11 @@ def test_notebook_is_parameterised_and_stripped(notebook):
 
 
 # ------------------------------------------------------------------------------------------------ browser test
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"voila exited with code {proc.returncode} before listening")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"voila did not listen on port {port} within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM Voila (it shuts its kernels down), then SIGKILL whatever of it and its children is left, by pid."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        child.kill()
-
-
-def _requirements() -> tuple[str, list[str]]:
-    chromium = os.environ.get("DCVLA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    missing = []
-    if not os.access(chromium, os.X_OK):
-        missing.append(f"Chromium ({chromium}): apt-get install -y chromium, or set DCVLA_CHROMIUM")
-    for module, pip in (("voila", "voila"), ("playwright", "playwright"), ("psutil", "psutil")):
-        if importlib.util.find_spec(module) is None:
-            missing.append(f"the Python package {module}: pip install {pip}")
-    return chromium, missing
-
-
 def test_explorer_in_voila_moves_with_the_slider(runs_dir, notebook, tmp_path):
-    chromium, missing = _requirements()
-    if missing:
-        pytest.fail("the browser test needs " + "; ".join(missing), pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    ds = open_recording(next(runs_dir.rglob("*.nc")))
-    masks = [json.dumps(ds.reuse.isel(frame=i).values.reshape(16, 16).tolist(), separators=(",", ":"))
-             for i in range(ds.sizes["frame"])]
+    chromium = browser.require("voila")
+    masks = browser.reuse_masks(runs_dir / "tiny" / "dual_cache.nc")  # the default dataset: the first in sorted order
     assert masks[2] != masks[0]
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
+    port = browser.free_port()
     env = dict(os.environ, DCVLA_RUNS_DIR=str(runs_dir), JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
                JUPYTER_PLATFORM_DIRS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
@@ -177,49 +187,13 @@ def test_explorer_in_voila_moves_with_the_slider(runs_dir, notebook, tmp_path):
            # lab extensions of other tools in the env (jupytext, the lab preview) only add console errors here
            "--VoilaConfiguration.extension_denylist=jupyterlab-jupytext",
            "--VoilaConfiguration.extension_denylist=@voila-dashboards/jupyterlab-preview"]
-    log_path = tmp_path / "voila.log"
-    page_errors: list[str] = []
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, proc, timeout=30)
-        with sync_playwright() as pw:
-            context = pw.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
-                timeout=30_000, viewport={"width": 1200, "height": 1250})
-            try:
-                page = context.new_page()
-                page.set_default_timeout(30_000)
-                page.on("pageerror", lambda e: page_errors.append(str(e)))
-                # closed network: answer off-host requests (the template's font CDN) at once instead of waiting on DNS
-                page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
-                page.goto(url, timeout=60_000)  # Voila runs the notebook before the page completes
-                page.wait_for_function(f"() => {{ const g = document.querySelector('{IMAGE_PLOT}');"
-                                       " return g && g.data && g.data.length > 4 }", timeout=45_000)
-                before = page.evaluate(OVERLAY_Z)
-                assert page.evaluate(OVERLAY_MASK) == masks[0], "the page starts at frame 0"
-                handle = page.locator(".dcvla-frame-slider .noUi-handle")
-                handle.focus()
-                handle.press("ArrowRight")
-                handle.press("ArrowRight")
-                page.wait_for_function("() => document.querySelector('.dcvla-frame-slider .widget-readout')"
-                                       ".innerText.trim() === '2'", timeout=10_000)
-                # the kernel redraws frame 1, then frame 2: wait for frame 2's mask, not just any change
-                page.wait_for_function(f"(want) => ({OVERLAY_MASK})() === want", arg=masks[2], timeout=20_000)
-                assert page.evaluate(OVERLAY_Z) != before
-                lines = page.evaluate(f"() => document.querySelector('{IMAGE_PLOT}').layout.shapes.map(s => s.x0)")
-                assert lines == [2, 2], "the frame line on the drift and action panels follows the slider"
-                frozen = [e for e in page_errors if "anywidget" in e]
-                assert not frozen, f"a widget's JS failed to load in time, it will not follow the kernel: {frozen}"
-                page.wait_for_timeout(300)  # let plotly finish painting before the screenshot
-                page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True, timeout=15_000)
-                if SCREENSHOTS:
-                    (ROOT / SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(tmp_path / "explorer.png", ROOT / SCREENSHOTS / "explorer.png")
-            finally:
-                context.close()
-    except Exception as e:
-        tail = log_path.read_text(errors="replace")[-4000:]
-        raise AssertionError(f"{type(e).__name__}: {e}\npage errors: {page_errors}\n--- voila log (tail) ---\n{tail}") from e
-    finally:
-        _stop(proc)
+    with browser.served_page(cmd, port=port, env=env, log=tmp_path / "voila.log", chromium=chromium,
+                             viewport={"width": 1200, "height": 1250}) as page:
+        page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)  # Voila runs the notebook before the page completes
+        browser.wait_for_figure(page, timeout=45_000)
+        before = page.evaluate(browser.OVERLAY_Z)
+        assert page.evaluate(browser.OVERLAY_MASK) == masks[0], "the page starts at frame 0"
+        browser.slide_to(page, 2, masks[2])
+        assert page.evaluate(browser.OVERLAY_Z) != before
+        assert page.evaluate(browser.FRAME_LINES) == [2, 2], "the frame line on the drift and action panels follows"
+        browser.screenshot(page, tmp_path, "explorer.png")
