@@ -40,9 +40,9 @@ lab: notebooks
 	$(PY) -m ipykernel install --sys-prefix --name dcvla --display-name "dcvla (.venv)" >/dev/null
 	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# the README's browser screenshots (figures/explorer.png), from the browser test; `make test` leaves them alone
+# the README's browser screenshots (figures/explorer.png, figures/jupyterlab.png), from the browser tests; `make test` leaves them alone
 screenshots: $(STAMP)
-	DCVLA_SCREENSHOTS=figures $(PY) -m pytest -q tests/test_explorer.py -k voila
+	DCVLA_SCREENSHOTS=figures $(PY) -m pytest -q tests/test_explorer.py tests/test_lab.py -k "in_voila or in_jupyterlab"
 
 explorer: notebooks
 	$(PY) -m voila notebooks/explorer.ipynb --no-browser --Voila.ip=127.0.0.1 \
