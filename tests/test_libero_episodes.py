@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -13,9 +14,12 @@ from dcvla.io import CorruptFileError, read_dataset
 from dcvla.libero import env as E
 from dcvla.libero import evaluate as V
 from dcvla.libero import protocol
-from dcvla.libero.episodes import (DEFAULT_DIR, FORMAT_VERSION, SHIPPED, Episode, episode_path, list_episodes,
-                                   load_episode, load_episodes, replay, save_episode)
+from dcvla.libero.episodes import (DEFAULT_DIR, FORMAT_VERSION, SHIPPED, Episode, demo_path, episode_path,
+                                   list_episodes, load_episode, load_episodes, record_episode, replay,
+                                   sample_init_state, save_episode)
 from dcvla.libero.oracle import OraclePolicy
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class RecordingPolicy:
@@ -218,3 +222,54 @@ def test_wrist_policies_get_both_views_open_and_closed_loop(tmp_path):
                          max_steps=2, progress=False)
     assert int(ds.attrs["uses_wrist"]) == 1 and len(closed.images) == 2
     assert all(len(views) == 2 and not np.array_equal(*views) for views in closed.images)
+
+
+def test_demonstrations_start_from_the_simulators_own_placements(spatial_env, tmp_path):
+    """A demonstration starts where the task's placement sampler puts the objects under its seed (reproducibly), never
+    at one of the benchmark's init states the evaluation uses; its name and file say which seed."""
+    from dcvla.libero.env import get_init_states
+
+    first, again, other = (sample_init_state(spatial_env, s) for s in (3, 3, 4))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
+    official = get_init_states("libero_spatial", 0)
+    assert np.abs(official - first).max(axis=1).min() > 1e-3, "the sampled state is one of the benchmark's"
+    ep = record_episode("libero_spatial", 0, max_steps=2, env=spatial_env, placement_seed=3)
+    assert ep.name == "libero_spatial/task00/seed0003" and ep.meta["init_state_index"] == -1
+    path = save_episode(ep, demo_path(tmp_path, "libero_spatial", 0, 3))
+    assert path.name == "libero_spatial_task00_seed0003.npz" and load_episode(path).name == ep.name
+    # the rollout starts from the sampled state: its first frame's gripper is where that state put it
+    spatial_env.reset()
+    obs = spatial_env.set_init_state(first)
+    np.testing.assert_allclose(ep.eef_pos[0], obs["robot0_eef_pos"], atol=0.02)
+
+
+def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypatch):
+    """scripts/record_demos.py: slot k tries seeds k, k + per_task, ...; a kept demonstration or a .failed marker
+    settles a seed, so a rerun records only what is missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_demos", ROOT / "scripts" / "record_demos.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tried = []
+
+    def fake_record(suite, task, env=None, placement_seed=None):
+        tried.append(placement_seed)
+        meta = {"success": placement_seed != 1, "n_steps": 3, "suite": suite, "task_id": task,
+                "placement_seed": placement_seed, "init_state_index": -1}
+        return type("Ep", (), {"meta": meta, "name": f"{suite}/task{task:02d}/seed{placement_seed:04d}"})()
+
+    monkeypatch.setattr(script, "record_episode", fake_record)
+    monkeypatch.setattr(script, "save_episode", lambda ep, path: path.write_bytes(b"demo"))
+    monkeypatch.setattr("dcvla.libero.env.make_env", lambda *a, **k: None)
+    monkeypatch.setattr("dcvla.libero.env.close_env", lambda env: None)
+    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2)  # slots 0-2 of 3: seeds (0, 3), (1, 4), (2, 5)
+    assert script.record_slots(job)[2:4] == (3, 1)
+    assert tried == [0, 1, 4, 2]  # seed 1 failed, slot 1 went on to seed 4
+    assert (tmp_path / "libero_spatial_task00_seed0001.failed").exists()
+    tried.clear()
+    assert script.record_slots(job)[2:4] == (0, 0) and tried == []  # everything settled: nothing redone
+    (tmp_path / "libero_spatial_task00_seed0004.npz").unlink()
+    script.record_slots(job)
+    assert tried == [4]  # only the missing demonstration, not the failed seed again

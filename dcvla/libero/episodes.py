@@ -38,6 +38,11 @@ SHIPPED: dict[str, list[tuple[int, int]]] = {
     "libero_10": [(4, 0), (6, 0)],        # two objects each: two mugs onto two plates / mug + pudding
 }
 
+#: The tasks demonstrations are recorded for (`scripts/record_demos.py`) and the micro policies are trained on: the
+#: first shipped task of each suite, so the open-loop studies run on the trained tasks' scenes.
+DEMO_TASKS: dict[str, int] = {suite: tasks[0][0] for suite, tasks in SHIPPED.items()}
+DEMO_DIR = DEFAULT_DIR.parent / "demos"
+
 
 @dataclass
 class Episode:
@@ -82,7 +87,10 @@ class Episode:
 
     @property
     def name(self) -> str:
-        """Short id, e.g. "libero_spatial/task00/init00"."""
+        """Short id: "libero_spatial/task00/init00" (the benchmark's init state 0), or "libero_spatial/task00/seed0007"
+        for a demonstration from the simulator's own placement sampling with seed 7."""
+        if self.meta.get("placement_seed") is not None:
+            return f"{self.suite}/task{self.task_id:02d}/seed{int(self.meta['placement_seed']):04d}"
         return f"{self.suite}/task{self.task_id:02d}/init{int(self.meta['init_state_index']):02d}"
 
     @property
@@ -205,6 +213,21 @@ def episode_path(out_dir: str | Path, suite: str, task_id: int, init_index: int)
     return Path(out_dir) / f"{suite}_task{task_id:02d}_init{init_index:02d}.npz"
 
 
+def demo_path(out_dir: str | Path, suite: str, task_id: int, placement_seed: int) -> Path:
+    """A demonstration's file name: `<out_dir>/<suite>_task<NN>_seed<NNNN>.npz`."""
+    return Path(out_dir) / f"{suite}_task{task_id:02d}_seed{placement_seed:04d}.npz"
+
+
+def sample_init_state(env: Any, placement_seed: int) -> np.ndarray:
+    """A fresh initial state from the simulator's own reset sampling (object placements drawn by the task's placement
+    initializer), reproducible from `placement_seed`: never one of the benchmark's fixed init states, which the
+    evaluation uses. The env's and numpy's generators are reseeded (robosuite's placement draws from numpy's)."""
+    env.seed(placement_seed)
+    np.random.seed(placement_seed)
+    env.reset()
+    return np.asarray(env.get_sim_state(), np.float64).copy()
+
+
 def list_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None) -> list[Path]:
     """Episode files under `directory` (optionally of one suite), sorted by name."""
     pattern = f"{suite}_task*.npz" if suite else "*.npz"
@@ -217,12 +240,14 @@ def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None)
 
 
 def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: int | None = None,
-                   seed: int = protocol.SEED, env: Any = None) -> Episode:
+                   seed: int = protocol.SEED, env: Any = None, placement_seed: int | None = None) -> Episode:
     """Roll out the oracle on one task with rendering and capture what a policy would see.
 
     Args:
         suite, task: which task (`dcvla.libero.env.get_task` accepts an id or a name).
         init_index: which of the benchmark's fixed init states to start from.
+        placement_seed: start instead from the simulator's own placement sampling with this seed
+            (`sample_init_state`: a demonstration, away from the init states the benchmark evaluates on).
         max_steps: oracle step budget after the wait; defaults to the suite's protocol maximum.
         seed: numpy seed (protocol: 7); the env gets the protocol's env seed (0), as upstream.
         env: an env from `make_env(suite, task, cameras=CAMERAS)` to reuse (without the wrist camera the
@@ -242,9 +267,13 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     capture = _Capture()
     t0 = time.perf_counter()
     try:
+        if placement_seed is None:
+            init_state = get_init_state(suite, info.task_id, init_index)
+        else:
+            init_state = sample_init_state(env, placement_seed)
+            np.random.seed(seed)  # the rollout draws as an official one does, whatever the sampling drew
         with _timed_render(env) as render_s:
-            result = run_oracle(env, get_init_state(suite, info.task_id, init_index),
-                                max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
+            result = run_oracle(env, init_state, max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
                                 on_step=capture.on_step)
     finally:
         if own:
@@ -252,7 +281,9 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     wall = time.perf_counter() - t0
     n = len(capture.jpegs)
     meta = dict(suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
-                init_state_index=int(init_index), seed=int(seed), env_seed=protocol.ENV_SEED, success=bool(result["success"]), n_steps=n,
+                init_state_index=-1 if placement_seed is not None else int(init_index), placement_seed=placement_seed,
+                seed=int(seed), env_seed=protocol.ENV_SEED if placement_seed is None else int(placement_seed),
+                success=bool(result["success"]), n_steps=n,
                 success_step=result["success_step"], wait_steps=protocol.WAIT_STEPS,
                 render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
                 step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,

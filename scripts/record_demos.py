@@ -1,0 +1,105 @@
+"""Record the demonstrations the micro policies train on: the scripted oracle on each task of `DEMO_TASKS` (the first
+shipped task of libero_spatial, libero_object, libero_goal and libero_10), from initial states the simulator samples
+itself (`sample_init_state`: the task's placement initializer under a seed), never the benchmark's fixed init states
+that the evaluation uses. Each demonstration is an episode (agent view, wrist view, state, the oracle's actions) at
+<out>/<suite>_task<NN>_seed<NNNN>.npz, written atomically.
+
+    MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py                 # 50 per task, 2 processes
+    MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py --per-task 5 --suites libero_spatial
+
+Demonstration k of a task (k < --per-task) tries placement seeds k, k + per_task, k + 2 * per_task, ... until the
+oracle succeeds (at most --tries); a failed seed leaves <name>.failed (its steps), so a rerun resumes where the last
+one stopped and never retries it. Only successful rollouts are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from dcvla.io import atomic_path  # noqa: E402
+from dcvla.libero.episodes import CAMERAS, DEMO_DIR, DEMO_TASKS, demo_path, record_episode, save_episode  # noqa: E402
+
+
+def slot_seeds(k: int, per_task: int, tries: int) -> list[int]:
+    return [k + i * per_task for i in range(tries)]
+
+
+def slot_done(out: Path, suite: str, task: int, seeds: list[int]) -> bool:
+    """Whether demonstration slot `seeds` is settled: one seed succeeded, or every seed failed."""
+    paths = [demo_path(out, suite, task, s) for s in seeds]
+    return any(p.exists() for p in paths) or all(p.with_suffix(".failed").exists() for p in paths)
+
+
+def record_slots(job: tuple[str, int, list[int], Path, int, int]) -> tuple[str, int, int, int, float]:
+    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries). Builds the env once.
+    Returns (suite, task, demonstrations written, failed seeds, seconds)."""
+    from dcvla.libero.env import close_env, make_env
+    from dcvla.libero import protocol
+
+    suite, task, slots, out, per_task, tries = job
+    todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
+    written = failed = 0
+    t0 = time.perf_counter()
+    if not todo:
+        return suite, task, 0, 0, 0.0
+    env = make_env(suite, task, resolution=protocol.RENDER_RESOLUTION, seed=protocol.ENV_SEED, cameras=CAMERAS)
+    try:
+        for k in todo:
+            for seed in slot_seeds(k, per_task, tries):
+                path = demo_path(out, suite, task, seed)
+                if path.with_suffix(".failed").exists():
+                    continue
+                t = time.perf_counter()
+                ep = record_episode(suite, task, env=env, placement_seed=seed)
+                if ep.meta["success"]:
+                    save_episode(ep, path)
+                    written += 1
+                else:
+                    with atomic_path(path.with_suffix(".failed")) as tmp:
+                        tmp.write_text(f"the oracle did not succeed in {ep.meta['n_steps']} steps\n")
+                    failed += 1
+                print(f"{ep.name}: success={ep.meta['success']} steps={ep.meta['n_steps']} "
+                      f"{time.perf_counter() - t:.0f} s", flush=True)
+                if ep.meta["success"]:
+                    break
+    finally:
+        close_env(env)
+    return suite, task, written, failed, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suites", nargs="+", default=list(DEMO_TASKS), choices=list(DEMO_TASKS))
+    ap.add_argument("--per-task", type=int, default=50, help="successful demonstrations per task (default 50)")
+    ap.add_argument("--tries", type=int, default=3, help="placement seeds tried per demonstration (default 3)")
+    ap.add_argument("--workers", type=int, default=2, help="processes (each renders on one core; default 2)")
+    ap.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output directory (default {DEMO_DIR})")
+    args = ap.parse_args(argv)
+    if args.per_task < 1 or args.tries < 1 or args.workers < 1:
+        ap.error("--per-task, --tries and --workers must be at least 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries)
+            for suite in args.suites for w in range(args.workers) if w < args.per_task]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        results = pool.map(record_slots, jobs, chunksize=1)
+    for suite in args.suites:
+        task = DEMO_TASKS[suite]
+        have = sum(demo_path(args.out, suite, task, s).exists()
+                   for k in range(args.per_task) for s in slot_seeds(k, args.per_task, args.tries))
+        new = sum(r[2] for r in results if r[0] == suite)
+        failed = sum(r[3] for r in results if r[0] == suite)
+        print(f"{suite} task {task}: {have}/{args.per_task} demonstrations ({new} new, {failed} failed seeds this run)")
+    print(f"done in {time.perf_counter() - t0:.0f} s with {args.workers} processes -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
