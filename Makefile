@@ -7,7 +7,7 @@ export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps studies test bench notebooks explorer lab screenshots clean
+.PHONY: install system-deps studies test bench notebooks explorer lab screenshots demos train-micro clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ studies: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the micro policies' demonstrations (50 per task, about 2 h on 2 cores) and training (resumable: rerun to go on)
+demos: $(STAMP)
+	$(PY) scripts/record_demos.py
+
+train-micro: $(STAMP)
+	$(PY) scripts/train_micro.py openvla-micro
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_latency.py --preset tiny --preset small

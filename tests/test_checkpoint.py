@@ -94,7 +94,7 @@ def test_wrong_preset_reports_shape_mismatches(parity_dir):
 def test_preset_must_be_known(parity_dir):
     with pytest.raises(CheckpointError, match="cannot tell which preset"):
         load_pretrained(parity_dir)
-    with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: openvla-7b, small, tiny"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: openvla-7b, openvla-micro, small, tiny"):
         load_pretrained(parity_dir, preset="huge")
 
 

@@ -36,7 +36,7 @@ def test_only_the_used_blocks_are_built():
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ValueError, match="unknown preset 'base'; known presets: openvla-7b, small, tiny"):
+    with pytest.raises(ValueError, match="unknown preset 'base'; known presets: openvla-7b, openvla-micro, small, tiny"):
         get_preset("base")
 
 

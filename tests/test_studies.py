@@ -245,7 +245,7 @@ def test_benchmark_config_is_checked():
     (StudyConfig, {"drift": "yes"}, "StudyConfig.drift must be True or False"),
     (StudyConfig, {"device": "cdua"}, "StudyConfig.device: 'cdua' is not a torch device"),
     (StudyConfig, {"dtype": "flaot32"}, "StudyConfig.dtype: 'flaot32' is not a model dtype"),
-    (StudyConfig, {"preset": "nosuch"}, "StudyConfig.preset: unknown preset 'nosuch'; OpenVLA presets: openvla-7b, small, tiny; "
+    (StudyConfig, {"preset": "nosuch"}, "StudyConfig.preset: unknown preset 'nosuch'; OpenVLA presets: openvla-7b, small, openvla-micro, tiny; "
                                          "OpenVLA-OFT presets: openvla-oft-7b, oft-small, oft-tiny"),
     (BenchmarkConfig, {"trials": "2"}, "BenchmarkConfig.trials must be an int"),
     (BenchmarkConfig, {"tasks": 0}, "BenchmarkConfig.tasks must be a list of ints, got 0"),

@@ -189,6 +189,14 @@ def postprocess_action(action: np.ndarray) -> np.ndarray:
     return a
 
 
+def openvla_action(libero_action: np.ndarray) -> np.ndarray:
+    """LIBERO actions [..., 7] (gripper -1 = open, +1 = close) -> OpenVLA's convention (gripper 1 = open, 0 = close):
+    the targets an OpenVLA is trained on, which `postprocess_action` maps back at evaluation."""
+    a = np.array(libero_action, dtype=np.float64)
+    a[..., 6] = (1.0 - np.clip(a[..., 6], -1.0, 1.0)) / 2.0
+    return a
+
+
 # --- Proprioceptive state and action chunks (pi0 / pi0.5; the OpenVLA path does not use them) ---
 #
 # openpi's LIBERO example (examples/libero/main.py) feeds Pi0 an 8-dim state:

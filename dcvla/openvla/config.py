@@ -103,6 +103,14 @@ PRESETS: dict[str, OpenVLAConfig] = {
         siglip=_siglip(288, 27, 4, 1076),
         llm=LLMConfig(hidden_size=1024, num_layers=16, num_heads=16, intermediate_size=2752),
     ),
+    # Trained here on the project's demonstrations (scripts/train_micro.py): small enough to train on 2 CPU cores in
+    # hours and to ship under 40 MB in bfloat16 (the 32064-row embedding and head are most of it).
+    "openvla-micro": OpenVLAConfig(
+        name="openvla-micro",
+        dino=_dino(96, 4, 3, 384),
+        siglip=_siglip(96, 4, 3, 384),
+        llm=LLMConfig(hidden_size=96, num_layers=16, num_heads=3, intermediate_size=256),
+    ),
     # For tests: seconds per step on a CPU.
     "tiny": OpenVLAConfig(
         name="tiny",

@@ -1,0 +1,121 @@
+"""Train a micro policy on the project's demonstrations (scripts/record_demos.py) and write it in its family's
+published layout, loadable by the family's strict loader.
+
+    MUJOCO_GL=egl .venv/bin/python scripts/train_micro.py openvla-micro            # make train-micro
+    .venv/bin/python scripts/train_micro.py openvla-micro --stop-after 500          # a slice; rerun to go on
+
+`openvla-micro` is the OpenVLA architecture (DINOv2 + SigLIP towers, projector, Llama with action tokens) at micro
+widths, trained from seeded random weights with OpenVLA's objective (`dcvla.openvla.train`) on every frame of every
+demonstration under --demos. The run is resumable: its state (weights, optimiser, step) goes to
+<work>/train_state.pt every --checkpoint-every steps, the loss per step to <work>/loss.csv; a rerun with the same
+settings continues from the last checkpoint and takes the same batches. At the end the checkpoint goes to --out
+(bfloat16 safetensors in OpenVLA's layout, dataset_statistics.json) and the loss curve to --figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcvla.libero.episodes import DEMO_DIR, DEMO_TASKS, load_episodes
+from dcvla.training import LOSS_FILE, TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("openvla-micro",)
+
+
+def load_demos(directory: Path) -> list:
+    """Every demonstration under `directory`, with a count per task; a clear error when there is none."""
+    episodes = load_episodes(directory)
+    if not episodes:
+        raise SystemExit(f"no demonstrations under {directory}: record them first (scripts/record_demos.py, "
+                         f"about 2 h on 2 cores for 50 per task)")
+    counts = Counter(f"{ep.suite} task {ep.task_id}" for ep in episodes)
+    print("demonstrations: " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())), flush=True)
+    return episodes
+
+
+def openvla_demos(episodes: list) -> list:
+    """Episodes as OpenVLA training demonstrations: the center-cropped frames the LIBERO evaluation hands an OpenVLA
+    policy, the oracle's actions in OpenVLA's gripper convention, the robot states."""
+    from dcvla.libero import protocol
+    from dcvla.openvla.train import Demo
+
+    return [Demo(ep.instruction, protocol.openvla_action(ep.actions), ep.states,
+                 lambda ep=ep: np.stack([protocol.policy_input(f) for f in ep.frames])) for ep in episodes]
+
+
+def train_openvla(args: argparse.Namespace, config: TrainConfig) -> None:
+    from dcvla.openvla.checkpoint import save_pretrained
+    from dcvla.openvla.config import get_preset
+    from dcvla.openvla.model import random_model
+    from dcvla.openvla.processing import Processor
+    from dcvla.openvla.train import DemoFrames, action_loss, dataset_statistics
+    from dcvla.tokenizer import load_tokenizer
+
+    demos = openvla_demos(load_demos(args.demos))
+    preset = get_preset(args.preset)
+    model = random_model(preset, seed=config.seed)
+    model.norm_stats = dataset_statistics(demos)
+    data = DemoFrames(demos, Processor(load_tokenizer(), preset), model, model.norm_stats)
+    print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {len(data)} frames, "
+          f"{config.steps} steps of {config.batch_size}", flush=True)
+    step = train(model, lambda m, idx: action_loss(m, data, idx), len(data), config, args.work, stop_after=args.stop_after)
+    if step < config.steps:
+        print(f"stopped at step {step} of {config.steps}; rerun the same command to go on", flush=True)
+        return
+    save_pretrained(model, args.out)
+    print(f"checkpoint -> {args.out}", flush=True)
+
+
+def loss_figure(work: Path, figure: Path, title: str) -> None:
+    import pandas as pd
+    import plotly.express as px
+
+    log = pd.read_csv(work / LOSS_FILE)
+    log["loss (mean of 50 steps)"] = log["loss"].rolling(50, min_periods=1).mean()
+    fig = px.line(log, x="step", y=["loss", "loss (mean of 50 steps)"], title=title, log_y=True)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_image(figure, width=900, height=450)
+    print(f"loss curve -> {figure}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", choices=FAMILIES)
+    ap.add_argument("--demos", type=Path, default=DEMO_DIR, help=f"demonstrations (default {DEMO_DIR})")
+    ap.add_argument("--out", type=Path, help="the checkpoint (default checkpoints/PRESET)")
+    ap.add_argument("--work", type=Path, help="training state and loss log (default data/train/PRESET)")
+    ap.add_argument("--figure", type=Path, help="the loss curve (default figures/train_PRESET.png)")
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    ap.add_argument("--stop-after", type=int, help="stop after this many steps of this run (a checkpoint is kept)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    args.out = args.out or ROOT / "checkpoints" / args.preset
+    args.work = args.work or ROOT / "data" / "train" / args.preset
+    args.figure = args.figure or ROOT / "figures" / f"train_{args.preset}.png"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, warmup=min(TrainConfig.warmup, args.steps // 10))
+    t0 = time.perf_counter()
+    print(f"training {args.preset} on the demonstrations of {', '.join(f'{s} task {t}' for s, t in DEMO_TASKS.items())}",
+          flush=True)
+    train_openvla(args, config)
+    loss_figure(args.work, args.figure, f"{args.preset}: action-token cross-entropy per step")
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
