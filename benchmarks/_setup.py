@@ -2,19 +2,19 @@
 policy of a preset with its per-frame inputs (OpenVLA or OpenVLA-OFT).
 
 Timing on a GPU: kernels run asynchronously, so a wall-clock interval means the device's work only when the
-device is synchronised at both ends (`timer`, as `dcvla.streaming.StageClock` does for the policies' stages).
+device is synchronised at both ends (`timer`, from `dcvla.timing`, as `dcvla.streaming.StageClock` does for the
+policies' stages).
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
 from dcvla.libero.protocol import decode_frame
+from dcvla.timing import timer  # noqa: F401  (the scripts' timer)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,22 +30,6 @@ def place_model(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torc
     except ImportError:
         return model.to(device=torch.device(device), dtype=dtype)
     return place(model, device, dtype)
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the device's queued work (a no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def timer(device: torch.device | str, out: dict, key: str = "ms") -> Iterator[None]:
-    """Wall-clock milliseconds of the block into out[key], the device synchronised before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    yield
-    synchronize(device)
-    out[key] = (time.perf_counter() - start) * 1e3
 
 
 def first_frames(episode, n: int) -> list[np.ndarray]:

@@ -1,7 +1,8 @@
 """Measured speedup of each caching method against vanilla, next to its FLOPs ideal, on shipped LIBERO frames.
 
 Every method streams the same frames of the same episodes in one process. For each frame the methods run one
-after another, in an order that rotates from frame to frame, so machine noise falls on all of them alike.
+after another, in an order that rotates from frame to frame, so machine noise falls on all of them alike
+(`dcvla.timing.interleave`, the loop the studies' timing units run; every method first steps two frames untimed).
 Per method it reports:
 - reuse: the share of vision tokens whose LLM K/V came from the cache (averaged over layers and frames), and the
   share of ViT patches reused per tower (DINOv2 / SigLIP: TTF's own mask per tower; the K/V cache's unified mask);
@@ -37,10 +38,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import DTYPES, OFT_NOTE, base_policy, has_wrist, is_oft, place_model, step_inputs, timer  # noqa: E402
+from _setup import DTYPES, OFT_NOTE, base_policy, has_wrist, is_oft, place_model, step_inputs  # noqa: E402
 
 from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
 from dcvla.openvla import CacheConfig  # noqa: E402
+from dcvla.timing import interleave, warm_up  # noqa: E402
 
 DEFAULT_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
 VISION_STAGES = ("select", "dino", "siglip", "projector")
@@ -67,25 +69,21 @@ def run(preset: str, methods: list[str], frames_per_episode: int, suites: list[s
     for path in episodes:
         episode = load_episode(path)
         frames = step_inputs(base, episode, frames_per_episode)
-        for policy in policies.values():
-            policy.reset()
-        for step_args in frames:
-            order = methods[turn % len(methods):] + methods[: turn % len(methods)]
-            turn += 1
-            for method in order:
-                policy, timed = policies[method], {}
-                with timer(device, timed):
-                    policy.step(*step_args)
-                record, s = policy.records[-1], stats[method]
-                s["ms"].append(timed["ms"])
-                s["llm_ms"].append(sum(record.latency_ms[k] for k in groups["llm"]))
-                s["flops"].append(sum(record.flops.values()))
-                s["llm_flops"].append(sum(record.flops[k] for k in groups["llm"]))
-                s["llm_reuse"].append(record.llm_reuse.float().mean().item())
-                for group, stages in groups.items():
-                    s[f"{group}_ms"].append(sum(record.latency_ms.get(k, 0.0) for k in stages))
-                    s[f"{group}_flops"].append(sum(record.flops.get(k, 0) for k in stages))
-                s["vit_reuse"].append(vit_reuse(policy, record))
+        if turn == 0:
+            warm_up(policies, frames)
+        for _, method, _, ms in interleave(policies, frames, device, first_turn=turn):
+            policy = policies[method]
+            record, s = policy.records[-1], stats[method]
+            s["ms"].append(ms)
+            s["llm_ms"].append(sum(record.latency_ms[k] for k in groups["llm"]))
+            s["flops"].append(sum(record.flops.values()))
+            s["llm_flops"].append(sum(record.flops[k] for k in groups["llm"]))
+            s["llm_reuse"].append(record.llm_reuse.float().mean().item())
+            for group, stages in groups.items():
+                s[f"{group}_ms"].append(sum(record.latency_ms.get(k, 0.0) for k in stages))
+                s[f"{group}_flops"].append(sum(record.flops.get(k, 0) for k in stages))
+            s["vit_reuse"].append(vit_reuse(policy, record))
+        turn += len(frames)
         wrist = "" if not is_oft(preset) else ", wrist view recorded" if has_wrist(episode) else ", agent view as wrist view"
         print(f"  {episode.name}: {len(frames)} frames x {len(methods)} methods{wrist}", flush=True)
     return stats

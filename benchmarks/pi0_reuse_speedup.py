@@ -3,10 +3,12 @@ frames (agent and wrist views) and robot states (one inference every `--replan-s
 client). `--gate` picks the gate for every mode ("" = each mode's own).
 
 Every mode streams the same inferences in one process; for each inference the modes run one after another in an
-order that rotates from inference to inference, so machine noise falls on all of them alike. Per mode: the share of
-inferences whose gate opened, the FLOPs ratio (no-reuse FLOPs / mode FLOPs, the ideal), the measured ratio of total
-times, Hz (inferences per second, median latency), the paired estimate (per inference, measured ratio / FLOPs
-ratio, median over the inferences that reused) and the per-stage times.
+order that rotates from inference to inference, so machine noise falls on all of them alike
+(`dcvla.timing.interleave`, the loop the stability_cliff study's timing units run; every mode first steps two
+inferences untimed). Per mode: the share of inferences whose gate opened, the FLOPs ratio (no-reuse FLOPs / mode
+FLOPs, the ideal), the measured ratio of total times, Hz (inferences per second, median latency), the paired
+estimate (per inference, measured ratio / FLOPs ratio, median over the inferences that reused) and the per-stage
+times.
 
 On a GPU (`--device cuda --dtype bfloat16`) every inference is timed between two device synchronisations.
 
@@ -29,11 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import DTYPES, place_model, timer  # noqa: E402
+from _setup import DTYPES, place_model  # noqa: E402
 
 from dcvla.libero.episodes import list_episodes, load_episode  # noqa: E402
 from dcvla.flow_record import FLOW_STAGES  # noqa: E402
 from dcvla.prefix_reuse import MODES, ReuseConfig  # noqa: E402
+from dcvla.streaming import step_args  # noqa: E402
+from dcvla.timing import interleave, warm_up  # noqa: E402
 from dcvla.studies.stability_cliff import FLOW_PRESETS, pi0_episode_inputs  # noqa: E402
 
 
@@ -50,21 +54,17 @@ def run(preset: str, modes: list[str], threshold: float, steps: int, replan_step
     for path in list_episodes()[:max_episodes]:
         episode = load_episode(path)
         frames, states = pi0_episode_inputs(episode, steps, replan_steps)
-        for policy in policies.values():
-            policy.reset()
-        for frame, state in zip(frames, states):
-            order = modes[turn % len(modes):] + modes[: turn % len(modes)]
-            turn += 1
-            for mode in order:
-                policy, timed = policies[mode], {}
-                with timer(device, timed):
-                    policy.step(list(frame), episode.instruction, state)
-                s, record = stats[mode], policy.last
-                s["ms"].append(timed["ms"])
-                s["flops"].append(sum(record.flops.values()))
-                s["reused"].append(record.gate)
-                for stage in FLOW_STAGES:
-                    s[f"{stage}_ms"].append(record.latency_ms[stage])
+        inputs = step_args(base, frames, episode.instruction, states)
+        if turn == 0:
+            warm_up(policies, inputs)
+        for _, mode, _, ms in interleave(policies, inputs, device, first_turn=turn):
+            s, record = stats[mode], policies[mode].last
+            s["ms"].append(ms)
+            s["flops"].append(sum(record.flops.values()))
+            s["reused"].append(record.gate)
+            for stage in FLOW_STAGES:
+                s[f"{stage}_ms"].append(record.latency_ms[stage])
+        turn += len(inputs)
         print(f"  {episode.name}: {len(frames)} inferences x {len(modes)} modes", flush=True)
     return stats
 

@@ -291,7 +291,8 @@ def merge(args: argparse.Namespace) -> None:
 
 
 def studies(args: argparse.Namespace) -> None:
-    """The paper set, then the summary: method, reuse rate, FLOPs ratio, measured speedup, action drift.
+    """The paper set, then the summary (`studies.summary`): per method reuse rate, FLOPs ratio, the speedup from
+    interleaved timings (said how it was measured), action drift; then the stability cliff's tables.
 
     Each -p goes to the studies whose notebook defines it; a name none of them defines, or a value of the wrong
     type for one that does, fails before the first study runs."""
@@ -310,38 +311,14 @@ def studies(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     for study in PAPER_SET:
         run_study(study, per_study[study])
-    from .io import read_dataset
+    from .studies.summary import print_cache_summary, print_cliff_summary
 
-    runs_dir = ROOT / Path(parameters.get("runs_dir", "data/runs"))
-    table = read_dataset(runs_dir.parent / "cache_behaviour.nc").to_dataframe().set_index("method")
-    from .studies.common import divergence_column
-
-    columns = ["reuse rate", "LLM reuse rate", "FLOPs ratio", "measured speedup", "action drift", divergence_column(table)]
-    print(f"\nSummary (cache_behaviour, {parameters.get('preset', 'small')} preset, shipped LIBERO frames):")
-    print(table[columns].round(4).to_string())
-    print_cliff_summary(runs_dir.parent / "stability_cliff.nc", parameters.get("preset", "small"))
+    runs_dir, preset = ROOT / Path(parameters.get("runs_dir", "data/runs")), parameters.get("preset", "small")
+    print_cache_summary(runs_dir.parent / "cache_behaviour.nc", preset)
+    print_cliff_summary(runs_dir.parent / "stability_cliff.nc", preset)
     figures = ROOT / Path(parameters.get("figures_dir", "figures"))
     print("\nFigures:\n" + "\n".join(f"  {shown(p)}" for p in sorted(figures.glob("*.png"))))
     print(f"\nDone in {time.perf_counter() - start:.0f} s")
-
-
-def print_cliff_summary(path: Path, preset: str) -> None:
-    """The stability_cliff study in three tables: reuse/speed/drift per mode and threshold, the cliff per mode,
-    and full against vision_only at the same gate."""
-    import pandas as pd
-
-    from .io import read_dataset
-    from .studies.stability_cliff import consistency_vs_freshness, locate_cliff
-
-    table = read_dataset(path).to_dataframe()
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(f"\nStability cliff ({preset} preset, K/V reuse across inferences, each mode under its own gate):")
-        columns = ["reuse rate", "KV reuse", "latency ms", "Hz", "speedup", "FLOPs ratio", "action drift"]
-        print(table.set_index(["mode", "gate", "value"])[columns].round(4).to_string())
-        print("\nWhere action drift jumps along each gate's parameter:")
-        print(locate_cliff(table).set_index(["gate", "mode"]).round(4).to_string())
-        print("\nConsistency vs freshness (full vs vision_only, same cosine gate):")
-        print(consistency_vs_freshness(table).set_index("threshold").round(4).to_string())
 
 
 def main(argv: list[str] | None = None) -> int:

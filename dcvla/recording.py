@@ -31,6 +31,7 @@ import xarray as xr
 from . import __version__
 from . import accessor  # noqa: F401  (registers ds.dcvla)
 from .io import StreamWriter, label_coords
+from .streaming import step_args
 
 METRICS = ("cosine", "rel_l2")  # drift: cosine distance, relative L2 of used vs fresh values
 
@@ -257,15 +258,11 @@ def record_episode(policy, frames: np.ndarray, instruction: str, path: str | Pat
         # and the policy cannot recompute, and stopping would make the researcher delete it by hand to go on. The
         # atomic write below replaces it; the warning says which file was redone and why.
         warnings.warn(f"{path} is not a complete recording ({problem}); recording it again", RuntimeWarning, stacklevel=2)
-    uses_state = getattr(policy, "uses_state", False)
-    if uses_state and (states is None or len(states) != len(frames)):
-        raise ValueError(f"{type(policy).__name__} needs one robot state per frame: got {len(frames)} frames and "
-                         f"{'no' if states is None else len(states)} states")
+    steps = step_args(policy, frames, instruction, states)
     policy.reset()
     recorder = recorder_for(policy, path=path, **kwargs)
     recorder.attrs["frames_expected"] = len(frames)  # what a resumed run checks the file against
-    views = list if getattr(policy, "uses_wrist", False) else lambda frame: frame  # step([agent view, wrist view], ...)
     with recorder:
-        for i, frame in enumerate(frames):
-            policy.step(views(frame), instruction, states[i]) if uses_state else policy.step(views(frame), instruction)
+        for args in steps:
+            policy.step(*args)
     return path

@@ -1,5 +1,5 @@
-"""What every streaming policy (`reset()` per episode, `step()` per frame) shares: the episode guard and the
-stage clock."""
+"""What every streaming policy (`reset()` per episode, `step()` per frame) shares: the episode guard, the stage
+clock and the arguments of its steps."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import time
 from typing import Iterator
 
+import numpy as np
 import torch
 
 
@@ -65,3 +66,20 @@ class StageClock:
         if self.sync:
             torch.cuda.synchronize()
         self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+def step_args(policy, frames: np.ndarray, instruction: str, states: np.ndarray | None = None) -> list[tuple]:
+    """`policy.step`'s arguments for each frame: (frame, instruction); [agent view, wrist view] for a policy that
+    takes the wrist camera too (`uses_wrist`, frames [frame, 2, H, W, 3]); the frame's robot state third for one
+    that takes it (`uses_state`).
+
+    Raises:
+        ValueError: a policy that takes the state without one state per frame.
+    """
+    view = list if getattr(policy, "uses_wrist", False) else (lambda frame: frame)
+    if not getattr(policy, "uses_state", False):
+        return [(view(frame), instruction) for frame in frames]
+    if states is None or len(states) != len(frames):
+        raise ValueError(f"{type(policy).__name__} needs one robot state per frame: got {len(frames)} frames and "
+                         f"{'no' if states is None else len(states)} states")
+    return [(view(frame), instruction, state) for frame, state in zip(frames, states)]

@@ -17,6 +17,14 @@
 # How much each method reuses, where and when: reuse rate per suite, task, frame and layer, the reuse mask over
 # the image, staleness distributions, and the FLOPs and measured latency saved per tower. Every method streams the
 # same shipped LIBERO frames; the vanilla run on those frames is the reference.
+#
+# **How speed is measured.** Each (method, episode) is recorded on its own, one after another, so the recordings'
+# `latency_ms` carry whatever load the machine had at that moment: their ratios are not a speedup. The speed
+# columns come from a separate timing unit per episode that steps every method on the same frames in one process,
+# interleaved frame by frame in a rotating order (`dcvla.timing`, no recorder attached, after a short warm-up):
+# `speedup (interleaved, median)` is the median over frames of the paired latency ratio vanilla / method,
+# `speedup (interleaved, total)` the ratio of total times over the same frames (comparable to the FLOPs ratio, the
+# ideal). The line printed under the table says how many frames, on which device and dtype.
 
 # %% tags=["parameters"]
 preset = "small"          # model preset with random weights (ignored when checkpoint is set); OpenVLA-OFT: "oft-small"
@@ -36,15 +44,17 @@ drift = False             # shadow recompute for Q/K/V drift (doubles the cost)
 
 # %%
 import numpy as np, pandas as pd, plotly.express as px, plotly.graph_objects as go
-from dcvla.studies import cache_behaviour, common
+from dcvla.studies import cache_behaviour, common, speed
 config = common.StudyConfig.from_parameters(globals())
 base = common.base_policy(config)
 figures = []
 
 # %%
 runs = common.load_runs(common.record_runs("cache_behaviour", config, base=base))
-table = cache_behaviour.summary(runs)
+timings = cache_behaviour.time_runs(config, base=base)
+table = cache_behaviour.summary(runs, timings)
 common.write_table(table, "cache_behaviour", config)
+print(table.attrs["speed"])
 table.round(3)
 
 # %% [markdown]
@@ -88,6 +98,9 @@ figures.append(common.save_figure(fig, "cache_behaviour_mask", config.figures_di
 
 # %% [markdown]
 # ## Staleness, FLOPs and latency per tower
+#
+# The measured bars are the per-stage times of the interleaved timings (each policy's own stage clock), not of the
+# recordings.
 
 # %%
 stale = pd.DataFrame([{"method": ds.attrs["method"], "staleness": int(v)} for ds in runs for v in ds.staleness.values.ravel()])
@@ -96,18 +109,14 @@ px.histogram(stale, x="staleness", color="method", barmode="group", histnorm="pr
 
 # %%
 vanilla = {str(ds.episode.item()): ds for ds in runs if ds.attrs["method"] == "vanilla"}
-saved = []
-for ds in runs:
-    ref = vanilla[str(ds.episode.item())]
-    for tower in ("dino", "siglip", "llm"):
-        saved.append({"method": ds.attrs["method"], "tower": tower,
-                      "FLOPs ratio": float(ref.flops.sel(tower=tower).sum() / ds.flops.sel(tower=tower).sum())})
-    for stage in [s for s in ds.stage.values if s not in ("select", "projector")]:  # decode (OpenVLA) or head (OFT)
-        saved.append({"method": ds.attrs["method"], "tower": stage + " (measured)",
-                      "FLOPs ratio": float(ref.latency_ms.sel(stage=stage).sum() / ds.latency_ms.sel(stage=stage).sum())})
-saved = pd.DataFrame(saved).groupby(["method", "tower"], as_index=False).mean()
-fig = px.bar(saved, x="tower", y="FLOPs ratio", color="method", barmode="group",
-             title="Vanilla / method: FLOPs per tower and measured time per stage (same frames)")
+saved = pd.DataFrame([{"method": ds.attrs["method"], "tower": tower,
+                       "ratio": float(vanilla[str(ds.episode.item())].flops.sel(tower=tower).sum() / ds.flops.sel(tower=tower).sum())}
+                      for ds in runs for tower in ("dino", "siglip", "llm")]).groupby(["method", "tower"], as_index=False).mean()
+stages = speed.stage_ratios(timings, "vanilla")
+stages = stages[~stages.stage.isin(["select", "projector"])]  # decode (OpenVLA) or head (OFT) stays
+saved = pd.concat([saved, stages.assign(tower=stages.stage + " (measured)", ratio=stages["time ratio"])[["method", "tower", "ratio"]]])
+fig = px.bar(saved, x="tower", y="ratio", color="method", barmode="group",
+             title="Vanilla / method: FLOPs per tower, and time per stage measured interleaved (same frames)")
 figures.append(common.save_figure(fig, "cache_behaviour_savings", config.figures_dir)); fig
 
 # %%

@@ -26,6 +26,14 @@
 # with the no-reuse run from the same noise: reuse rate, latency, Hz, action drift. The cliff is located from the
 # data. With random weights (the default presets) there is no success rate to measure, so the action drift stands
 # in for it; give `pi0_checkpoint` (a lerobot pi0 / pi0.5 / SmolVLA directory, and `pi0_tokenizer`) for a trained model.
+#
+# **How speed is measured.** Each run is recorded on its own, one after another, so the recordings' `latency_ms`
+# carry whatever load the machine had at that moment: their ratios are not a speedup. The speed columns come from
+# a timing unit per episode that steps the no-reuse reference and every run on the same inferences in one process,
+# interleaved inference by inference in a rotating order (`dcvla.timing`, no recorder attached, after a short
+# warm-up): `speedup (interleaved, median)` is the median over inferences of the paired latency ratio no-reuse /
+# run, `speedup (interleaved, total)` the ratio of total times, `ms` / `Hz (interleaved, median)` the run's median
+# latency and its rate. The line printed under the table says how many inferences, on which device and dtype.
 
 # %% tags=["parameters"]
 preset = "small"          # small/tiny: pi0-small/pi0-tiny (random weights); or pi05-small, smolvla-small, pi0, ...
@@ -63,8 +71,10 @@ figures = []
 
 # %%
 runs = stability_cliff.load_cliff_runs(stability_cliff.record_cliff_runs(config, base=base))
-table = stability_cliff.cliff_table(runs)
+timings = stability_cliff.time_cliff_runs(config, base=base)
+table = stability_cliff.cliff_table(runs, timings)
 common.write_table(table, "stability_cliff", config)
+print(table.attrs["speed"])
 table.round(4)
 
 # %% [markdown]
@@ -77,7 +87,9 @@ table.round(4)
 if config.success_trials:
     success = stability_cliff.success_table(config, base=base)
     display(success.round(3))
+    attrs = table.attrs  # a merge drops them: keep "speed", how the speed columns were measured
     table = table.merge(success[success["mode"] != "none"], on=["mode", "gate", "value"], how="left")
+    table.attrs = attrs
     common.write_table(table, "stability_cliff", config)
 
 # %% [markdown]
@@ -85,9 +97,10 @@ if config.success_trials:
 
 # %%
 own = table[table.gate.isin(["cosine", "synchronized"])].rename(columns={"value": "threshold"})
-long = own.melt(id_vars=["mode", "threshold"], value_vars=["reuse rate", "speedup", "action drift"])
+long = own.melt(id_vars=["mode", "threshold"], value_vars=["reuse rate", "speedup (interleaved, median)", "action drift"])
 fig = px.line(long, x="threshold", y="value", color="mode", facet_col="variable", markers=True,
-              title="Share of inferences reusing, measured speedup and action drift (to the no-reuse run, same noise)")
+              title="Share of inferences reusing, speedup (median paired no-reuse/run latency, runs interleaved) "
+                    "and action drift (to the no-reuse run, same noise)")
 fig.update_yaxes(matches=None, showticklabels=True)
 figures.append(common.save_figure(fig, "stability_cliff", config.figures_dir, width=1400)); fig
 

@@ -126,25 +126,35 @@ def test_predict_rejects_an_empty_or_too_long_instruction_and_an_unknown_unnorm_
     assert error_of(capsys) == "dcvla: error: unnorm_key 'nosuch' not found; available: random"  # not a KeyError's repr
 
 
-def test_the_studies_summary_prints_the_stability_cliff_per_gate(tmp_path, capsys):
-    """`dcvla studies` ends with the cliff table per (mode, gate, value), the cliff per gate and mode, and H4."""
+def test_the_studies_summary_prints_the_tables_and_how_speed_was_measured(tmp_path, capsys):
+    """`dcvla studies` ends with the cache behaviour table and the cliff table per (mode, gate, value), each followed
+    by how its speedups were measured (the table's "speed" attribute), the cliff per gate and mode, and H4."""
     import pandas as pd
     import xarray as xr
 
-    from dcvla.cli import print_cliff_summary
     from dcvla.io import write_dataset
+    from dcvla.studies.speed import COLUMNS
+    from dcvla.studies.summary import print_cache_summary, print_cliff_summary
 
+    note = "speedup (interleaved, median): median over frames of the paired latency ratio vanilla / run; 9 frames, cpu"
+    speed = dict(zip(COLUMNS, (1.2, 1.1, 100.0, 10.0)))
+    rows = [{"method": m, "reuse rate": r, "LLM reuse rate": r, "FLOPs ratio": f, **speed, "action drift": 0.0,
+             "action KL": 0.0} for m, r, f in (("vanilla", 0.0, 1.0), ("dual_cache", 0.4, 1.5))]
+    write_dataset(xr.Dataset.from_dataframe(pd.DataFrame(rows)).assign_attrs(speed=note), tmp_path / "cache_behaviour.nc")
+    print_cache_summary(tmp_path / "cache_behaviour.nc", "tiny")
+    out = capsys.readouterr().out
+    assert "speedup (interleaved, median)" in out.splitlines()[2] and "measured speedup" not in out and note[:60] in out
     rows = []
     for mode in ("full", "vision_only"):
         for gate, values in (("cosine", [0.97, 0.98, 0.99]), ("max_age", [2, 3])):
             for i, value in enumerate(values):
                 drift = 0.1 / (i + 1) if gate == "cosine" else 0.2 * (i + 1)
                 rows.append({"mode": mode, "gate": gate, "value": float(value), "reuse rate": 0.5 / (i + 1),
-                             "KV reuse": 0.4, "latency ms": 100.0, "Hz": 10.0, "speedup": 1.2, "FLOPs ratio": 1.5,
-                             "action drift": drift})
-    write_dataset(xr.Dataset.from_dataframe(pd.DataFrame(rows)), tmp_path / "stability_cliff.nc")
+                             "KV reuse": 0.4, **speed, "FLOPs ratio": 1.5, "action drift": drift})
+    write_dataset(xr.Dataset.from_dataframe(pd.DataFrame(rows)).assign_attrs(speed=note), tmp_path / "stability_cliff.nc")
     print_cliff_summary(tmp_path / "stability_cliff.nc", "tiny")
     out = capsys.readouterr().out
-    assert "Stability cliff (tiny preset" in out and "max_age" in out
+    assert "Stability cliff (tiny preset" in out and "max_age" in out and "Hz (interleaved, median)" in out
+    assert note[:60] in out
     assert "Where action drift jumps along each gate's parameter" in out
     assert "Consistency vs freshness (full vs vision_only, same cosine gate)" in out and "no difference" in out

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import xarray as xr
 
 from dcvla.cli import available_studies, main as cli, parse_value
 from dcvla.io import read_dataset
@@ -21,6 +22,7 @@ from dcvla.notebooks import NOTEBOOKS, build_all, build_notebook, notebook_names
 from dcvla.openvla import CacheConfig
 from dcvla.studies.common import StudyConfig, find_cliff
 from dcvla.studies.libero_benchmark import BenchmarkConfig
+from dcvla.studies.speed import HZ, SPEEDUP, TOTAL
 from dcvla.studies.stability_cliff import CliffConfig
 
 TINY = ["-p", "preset", "tiny", "-p", "suites", '["libero_goal"]', "-p", "episodes_per_suite", "1"]
@@ -111,6 +113,11 @@ def test_cache_behaviour_writes_table_and_figures(tmp_path):
     assert table.loc["dual_cache", "LLM reuse rate"] == pytest.approx(table.loc["dual_cache", "reuse rate"])
     names = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert {"cache_behaviour_reuse_by_suite.png", "cache_behaviour_mask.png", "cache_behaviour_savings.png"} <= names
+    # the speed columns come from the episode's timing unit (both methods interleaved), and the table says so
+    (timed,) = (tmp_path / "runs" / "cache_behaviour" / "timing").glob("*.nc")
+    assert read_dataset(timed).latency_ms.dims == ("run", "frame") and table.loc["vanilla", SPEEDUP] == 1.0
+    assert "measured speedup" not in table and table.loc["dual_cache", TOTAL] > 0
+    assert "interleaved frame by frame in a rotating order" in read_dataset(tmp_path / "cache_behaviour.nc").attrs["speed"]
 
 
 def test_long_horizon_sweeps_and_cliff(tmp_path):
@@ -128,6 +135,41 @@ def test_libero_benchmark_smoke(tmp_path):
               "-p", "max_steps", "2")
     table = read_dataset(tmp_path / "libero_benchmark.nc").to_dataframe()
     assert list(table.method) == ["dual_cache"] and table["success rate"].between(0, 1).all()
+
+
+def timings_of(latency: dict[str, list[float]], episode: str) -> xr.Dataset:
+    """What a timing unit writes (`dcvla.timing.paired_latency`), with the given per-run latencies."""
+    return xr.Dataset({"latency_ms": (("run", "frame"), np.array(list(latency.values())))},
+                      coords={"run": list(latency), "frame": np.arange(len(next(iter(latency.values()))))},
+                      attrs={"device": "cpu", "dtype": "float32", "torch_threads": 1, "warmup_frames": 2, "episode": episode})
+
+
+def test_the_speedups_come_from_the_interleaved_timings_not_the_recordings(tmp_path):
+    """The recordings say each cache is 100x slower than the reference (recorded under another load); the paired
+    timings say 2x and 2.5x faster on the two frames: the tables' speedups are the median of the paired ratios and the
+    ratio of the totals, and the tables say how they were measured."""
+    from dcvla.studies import cache_behaviour, common
+    from dcvla.studies import stability_cliff as SC
+
+    config = StudyConfig(preset="tiny", suites=["libero_goal"], episodes_per_suite=1, frames=2,
+                         methods=["vanilla", "dual_cache"], runs_dir=str(tmp_path / "runs"))
+    runs = [ds.assign(latency_ms=ds.latency_ms * (100 if ds.attrs["method"] == "dual_cache" else 1))
+            for ds in common.load_runs(common.record_runs("cache_behaviour", config, progress=False))]
+    episode = str(runs[0].episode.item())
+    table = cache_behaviour.summary(runs, [timings_of({"vanilla": [10.0, 10.0], "dual_cache": [5.0, 4.0]}, episode)])
+    assert table.loc["dual_cache", SPEEDUP] == pytest.approx(2.25) and table.loc["dual_cache", TOTAL] == pytest.approx(20 / 9)
+    assert "median over frames of the paired latency ratio vanilla / run" in table.attrs["speed"]
+    assert "2 frames per run from 1 episode(s), cpu float32, 1 torch threads" in table.attrs["speed"]
+    with pytest.raises(ValueError, match=r"the timings hold no \['dual_cache'\]"):
+        cache_behaviour.summary(runs, [timings_of({"vanilla": [10.0, 10.0]}, episode)])
+
+    cliff = CliffConfig(preset="pi0-tiny", steps=2, thresholds=[-1.0], modes=["full"], gates=[],
+                        suites=["libero_goal"], runs_dir=str(tmp_path / "runs"))
+    recorded = {key: ds.assign(latency_ms=ds.latency_ms * (1 if key[0] == "none" else 100))
+                for key, ds in SC.load_cliff_runs(SC.record_cliff_runs(cliff, progress=False)).items()}
+    table = SC.cliff_table(recorded, [timings_of({"none": [8.0, 8.0], "full-cosine--1": [8.0, 2.0]}, episode)])
+    assert table[[SPEEDUP, TOTAL, HZ]].values.tolist() == [[2.5, 1.6, 200.0]]
+    assert "paired latency ratio none / run" in table.attrs["speed"]
 
 
 def test_find_cliff_locates_the_largest_jump():
@@ -163,6 +205,7 @@ def test_stability_cliff_smoke(tmp_path):
     pixels = table.xs(("full", "pixel_mae"), level=("mode", "gate"))["reuse rate"]
     assert pixels.loc[0.0] == 0 and pixels.loc[1.0] == 2 / 3  # any change refreshes / nothing does
     assert {"phase_aware"} <= set(table.index.get_level_values("gate"))
+    assert "speedup" not in table and (table[SPEEDUP] > 0).all() and (table[HZ] > 0).all()  # from the timing unit
     names = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert {"stability_cliff.png", "stability_cliff_gates.png", "stability_cliff_staleness.png",
             "stability_cliff_similarity.png"} <= names

@@ -16,6 +16,7 @@ import pytest
 from dcvla import units as U
 from dcvla.io import open_recording
 from dcvla.studies import stability_cliff as SC
+from dcvla.studies.speed import COLUMNS, load_timings
 
 SLOW = Path(__file__).parent / "ray_helpers.py"
 
@@ -27,19 +28,25 @@ def cliff_config(runs: Path) -> SC.CliffConfig:
 
 def deterministic(table: pd.DataFrame) -> pd.DataFrame:
     """A cliff table without the measured times (they differ from run to run on any machine)."""
-    return table.drop(columns=["latency ms", "reference ms", "Hz", "speedup"]).reset_index(drop=True)
+    return table.drop(columns=list(COLUMNS)).reset_index(drop=True)
 
 
 def table_of(config: SC.CliffConfig) -> pd.DataFrame:
     paths = {(u.get("mode"), u.get("gate"), u.get("value"), u.get("episode")): Path(u.path) for u in SC.cliff_units(config)}
-    return deterministic(SC.cliff_table(SC.load_cliff_runs(paths)))
+    return deterministic(SC.cliff_table(SC.load_cliff_runs(paths), load_timings(SC.timing_units(config))))
+
+
+def run_here(config: SC.CliffConfig) -> None:
+    """Every unit of the study's plan (recordings and timings), in this process."""
+    U.run_units(*SC.plan(vars(config)), runner=U.Runner(), progress=False)
 
 
 def test_units_are_named_by_their_parameters_and_shards_partition_them(tmp_path):
     units, factory = SC.plan({"preset": "pi0-tiny", "steps": 2, "thresholds": [0.9], "modes": ["full"], "gates": [],
                               "suites": ["libero_spatial", "libero_goal"], "runs_dir": str(tmp_path)})
-    assert factory[0] == "dcvla.studies.stability_cliff" and len(units) == 4  # (reference + 1 run) x 2 episodes
+    assert factory[0] == "dcvla.studies.stability_cliff" and len(units) == 6  # (reference + 1 run + timing) x 2 episodes
     assert units[1].name == "stability_cliff[mode=full, gate=cosine, value=0.9, episode=libero_spatial/task00/init00]"
+    assert units[4].name == "stability_cliff[timed_runs=2, episode=libero_spatial/task00/init00]"
     again, _ = SC.plan({"preset": "pi0-tiny", "steps": 2, "thresholds": [0.9], "modes": ["full"], "gates": [],
                         "suites": ["libero_spatial", "libero_goal"], "runs_dir": str(tmp_path)})
     assert again == units  # deterministic: a shard of one process is the shard of another
@@ -53,7 +60,7 @@ def test_units_are_named_by_their_parameters_and_shards_partition_them(tmp_path)
 
 def test_in_process_and_shards_give_the_same_results_and_merge_refuses_what_is_missing(tmp_path):
     here, sharded = cliff_config(tmp_path / "here"), cliff_config(tmp_path / "shards")
-    SC.record_cliff_runs(here, progress=False)
+    run_here(here)
     todo, factory = SC.plan({**vars(sharded)})
     with pytest.raises(U.IncompleteUnits, match=f"{len(todo)} of {len(todo)} units are not complete"):
         U.run_units(todo, factory, U.Runner(merge=True), progress=False)
@@ -88,7 +95,7 @@ def test_ray_gives_the_in_process_results_and_reports_a_units_own_error(ray_clus
     from dcvla.ray_runner import UnitFailed
 
     here, remote = cliff_config(tmp_path / "here"), cliff_config(tmp_path / "ray")
-    SC.record_cliff_runs(here, progress=False)
+    run_here(here)
     todo, factory = SC.plan({**vars(remote)})
     bad = U.make_unit("stability_cliff", tmp_path / "bad.nc", mode="full", gate="cosine", value=-1.0,
                       episode="libero_spatial/task99/init00")
@@ -104,7 +111,7 @@ def test_a_worker_killed_mid_unit_leaves_no_partial_file_and_the_unit_runs_again
     from dcvla.ray_runner import run_on_ray, start_workers
 
     here, remote = cliff_config(tmp_path / "here"), cliff_config(tmp_path / "ray")
-    SC.record_cliff_runs(here, progress=False)
+    run_here(here)
     todo, (_, config) = SC.plan({**vars(remote)})
     import ray_helpers
 
@@ -136,9 +143,9 @@ def test_the_command_line_shards_and_refuses_to_merge_what_is_missing(tmp_path, 
               "-p", "gates", "[]", "-p", "suites", '["libero_spatial"]', "-p", "runs_dir", str(tmp_path / "runs")]
     assert main(["run", "stability_cliff", *params, "--shard", "0/2"]) == 0
     out = capsys.readouterr().out
-    assert "shard 0/2 ran 1 units; 1 of 2 complete" in out and "dcvla merge stability_cliff" in out
+    assert "shard 0/2 ran 2 units; 2 of 3 complete" in out and "dcvla merge stability_cliff" in out  # and the timing
     assert main(["merge", "stability_cliff", *params]) == 2
-    assert "1 of 2 units are not complete (first: stability_cliff[mode=full" in capsys.readouterr().err
+    assert "1 of 3 units are not complete (first: stability_cliff[mode=full" in capsys.readouterr().err
     assert main(["run", "explorer", "--shard", "0/2"]) == 2
     assert "explorer has no units to shard or send to Ray" in capsys.readouterr().err
     assert main(["run", "stability_cliff", *params, "--shard", "0/2", "--ray", "auto"]) == 2

@@ -352,9 +352,10 @@ def save_figure(fig, name: str, figures_dir: str | Path, width: int = 1000, heig
 
 
 def write_table(table: pd.DataFrame, name: str, config: StudyConfig) -> Path:
-    """A study's table as a netCDF dataset under data/ (atomic), with the study config in its attrs."""
+    """A study's table as a netCDF dataset under data/ (atomic), with the study config and the table's own attrs
+    (e.g. "speed": how its speed columns were measured) in its attrs."""
     ds = xr.Dataset.from_dataframe(table.reset_index(drop=table.index.name is None))
-    ds.attrs.update({"study": name, "config": config_json(config)})
+    ds.attrs.update({**table.attrs, "study": name, "config": config_json(config)})
     return write_dataset(ds, Path(config.runs_dir).parent / f"{name}.nc")
 
 

@@ -25,6 +25,8 @@ from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
 from ..units import Unit, make_unit, run_units
 from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff
+from .speed import COLUMNS as SPEED_COLUMNS
+from .speed import is_timing, load_timings, speed_note, speed_table, time_episode, timing_unit
 
 STUDY = "stability_cliff"
 CLIFF_MODES = ("full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized")
@@ -159,9 +161,20 @@ def cliff_run_path(config: CliffConfig, mode: str, gate: str, episode: Episode, 
 
 def cliff_units(config: CliffConfig) -> list[Unit]:
     """One unit per (episode, mode, gate, value): the no-reuse reference, then `config.grid()`, episode by episode."""
-    grid = [("none", "", None)] + config.grid()
     return [make_unit(STUDY, cliff_run_path(config, mode, gate, episode, value), mode=mode, gate=gate, value=value,
-                      episode=episode.name) for episode in episodes(config) for mode, gate, value in grid]
+                      episode=episode.name) for episode in episodes(config) for mode, gate, value in cliff_keys(config)]
+
+
+def cliff_keys(config: CliffConfig) -> list[tuple[str, str, float | None]]:
+    """(mode, gate, value) of every run: the no-reuse reference, then `config.grid()`."""
+    return [("none", "", None)] + config.grid()
+
+
+def timing_units(config: CliffConfig) -> list[Unit]:
+    """One unit per episode: every run of `cliff_keys` timed on the episode's inferences, interleaved (`speed`)."""
+    names = [run_label(*key) for key in cliff_keys(config)]
+    return [timing_unit(STUDY, cliff_run_path(config, "none", "", episode, None), names, episode=episode.name)
+            for episode in episodes(config)]
 
 
 def success_units(config: CliffConfig) -> list[Unit]:
@@ -169,22 +182,24 @@ def success_units(config: CliffConfig) -> list[Unit]:
     from ..libero.evaluate import result_path  # the simulator's wrapper, not the simulator
 
     run_dir = Path(config.runs_dir) / "stability_cliff_success" / config.model_name()
-    keys = [("none", "", None)] + config.grid()
     return [make_unit(STUDY, result_path(run_dir, run_label(m, g, v), suite, task), trials=config.success_trials,
                       mode=m, gate=g, value=v, suite=suite, task=task)
-            for m, g, v in keys for suite in config.suites for task in config.success_tasks]
+            for m, g, v in cliff_keys(config) for suite in config.suites for task in config.success_tasks]
 
 
 def plan(parameters: dict) -> tuple[list[Unit], tuple[str, dict]]:
-    """Every unit the notebook runs with these parameters (the recordings, then the trials), and their worker."""
+    """Every unit the notebook runs with these parameters (the recordings, each episode's timing, then the trials),
+    and their worker."""
     config = CliffConfig.from_parameters(parameters)
-    return cliff_units(config) + (success_units(config) if config.success_trials else []), (__name__, asdict(config))
+    trials = success_units(config) if config.success_trials else []
+    return cliff_units(config) + timing_units(config) + trials, (__name__, asdict(config))
 
 
 class CliffWorker:
     """Runs stability_cliff units in one process: the no-reuse policy loaded once (or the one given), each
     episode's inputs warmed up on before its first recording here (pi0.5's prompt lengths change with the state:
-    new shapes' first kernels would slow whichever run came first), the simulator built per task for trials."""
+    new shapes' first kernels would slow whichever run came first), the timing units (`speed`), the simulator
+    built per task for trials."""
 
     def __init__(self, config: CliffConfig, base: FlowPolicy | None = None, progress: bool = True) -> None:
         self.config, self.base, self.progress = config, base, progress
@@ -194,6 +209,8 @@ class CliffWorker:
     def __call__(self, unit: Unit, path: Path) -> None:
         config = self.config
         self.base = self.base or pi0_base(config)
+        if is_timing(unit):
+            return self.time(unit, path)
         mode, gate, value = unit.get("mode"), unit.get("gate"), unit.get("value")
         policy = self.base.with_config(config.reuse_config(mode, gate, value))
         if unit.trials:
@@ -212,9 +229,20 @@ class CliffWorker:
             self.warmed.add(episode.name)
         if self.progress:
             print(f"[stability_cliff] {mode:<12} {gate:<12} {'' if value is None else value:<6} {episode.name}", flush=True)
-        labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": STUDY}
+        # frame f of the run is episode frame f * frame_stride, resized whole (explorer: the image the policy saw)
+        labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": STUDY,
+                  "frame_stride": config.replan_steps, "center_crop": 0}
         record_episode(policy, images, episode.instruction, path, states=states, labels=labels,
                        control_hz=20.0 / config.replan_steps)
+
+    def time(self, unit: Unit, path: Path) -> None:
+        """Every run of the episode timed on its inferences, interleaved (the reference first)."""
+        config, episode = self.config, self.episodes[unit.get("episode")]
+        policies = {run_label(*key): self.base.with_config(config.reuse_config(*key)) for key in cliff_keys(config)}
+        images, states = pi0_episode_inputs(episode, config.steps, config.replan_steps)
+        labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": STUDY,
+                  "dtype": config.dtype}
+        time_episode(policies, images, episode.instruction, states, config.device, path, labels)
 
 
 def worker(config: dict) -> CliffWorker:
@@ -237,6 +265,14 @@ def record_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> 
     return {(u.get("mode"), u.get("gate"), u.get("value"), u.get("episode")): Path(u.path) for u in todo}
 
 
+def time_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> list[xr.Dataset]:
+    """Run the timing units of `config` (one per episode, every run interleaved) under the process's runner
+    (complete ones are kept) and open them."""
+    todo = timing_units(config)
+    run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
+    return load_timings(todo)
+
+
 def run_label(mode: str, gate: str, value: float | None) -> str:
     """One (mode, gate, value) as a result-file method name: "none", "full-cosine-0.985"."""
     return mode if value is None else f"{mode}-{gate}-{value:g}"
@@ -254,7 +290,7 @@ def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.
     run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
     rates = load_results(Path(todo[0].path).parents[1]).success.mean(("suite", "task", "trial")).to_series()
     return pd.DataFrame([{"mode": m, "gate": g, "value": v, "success rate": float(rates[run_label(m, g, v)])}
-                         for m, g, v in [("none", "", None)] + config.grid()])
+                         for m, g, v in cliff_keys(config)])
 
 
 def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:
@@ -262,33 +298,40 @@ def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:
     return {key: open_recording(p) for key, p in paths.items()}
 
 
-def cliff_table(runs: dict[Key, xr.Dataset]) -> pd.DataFrame:
+def cliff_table(runs: dict[Key, xr.Dataset], timings: list[xr.Dataset]) -> pd.DataFrame:
     """Per (mode, gate, value): reuse rate (share of inferences whose gate opened), K/V reuse (share of the prefix's
-    token-layer K/V reused, "KV reuse"), latency and Hz (mean per inference), speedup and FLOPs ratio against the
-    no-reuse reference, the action drift to the reference (mean L2 per action over chunk and inferences; also its
-    max) and the drift per reuse (action drift / reuse rate: what one reusing inference costs)."""
+    token-layer K/V reused, "KV reuse"), the speed columns from the interleaved timings (`speed.speed_table`:
+    median over inferences of the paired no-reuse/run latency, the ratio of total times, the median ms and its Hz;
+    how they were measured is in `attrs["speed"]`), the FLOPs ratio against the no-reuse reference, the action
+    drift to the reference (mean L2 per action over chunk and inferences; also its max) and the drift per reuse
+    (action drift / reuse rate: what one reusing inference costs). The recordings' own latencies (each run alone,
+    one after another) give no column."""
     rows = []
     for (mode, gate, value, episode), ds in runs.items():
         if mode == "none":
             continue
         ref = runs[("none", "", None, episode)]
         drift = np.linalg.norm(ds.action.values - ref.action.values, axis=-1).mean(-1)  # [frame]
-        ms = ds.latency_ms.sum("stage").values
         rows.append({"mode": mode, "gate": gate, "value": value, "episode": episode,
                      "reuse rate": float(ds.gate.mean()), "KV reuse": float(ds.reuse_fraction.mean()),
-                     "latency ms": float(ms.mean()), "reference ms": float(ref.latency_ms.sum("stage").mean()),
                      "flops": float(ds.flops.sum()), "reference flops": float(ref.flops.sum()),
                      "action drift": float(drift.mean()), "max action drift": float(drift.max()),
                      "vision staleness": float(ds.staleness.sel(span="vision").mean()), "steps": ds.sizes["frame"]})
-    per_episode = pd.DataFrame(rows)
-    table = per_episode.groupby(["mode", "gate", "value"], as_index=False).agg(
-        {"reuse rate": "mean", "KV reuse": "mean", "latency ms": "mean", "reference ms": "mean", "flops": "sum",
-         "reference flops": "sum", "action drift": "mean", "max action drift": "max", "vision staleness": "mean", "steps": "sum"})
-    table["Hz"] = 1000.0 / table["latency ms"]
-    table["speedup"] = table["reference ms"] / table["latency ms"]
+    table = pd.DataFrame(rows).groupby(["mode", "gate", "value"], as_index=False).agg(
+        {"reuse rate": "mean", "KV reuse": "mean", "flops": "sum", "reference flops": "sum", "action drift": "mean",
+         "max action drift": "max", "vision staleness": "mean", "steps": "sum"})
+    speed = speed_table(timings, "none")
+    labels = [run_label(m, g, v) for m, g, v in zip(table["mode"], table["gate"], table["value"])]
+    untimed = sorted(set(labels) - set(speed.index))
+    if untimed:
+        raise ValueError(f"cliff_table: the timings hold no {untimed[:3]}{' ...' if len(untimed) > 3 else ''}")
+    for column in SPEED_COLUMNS:
+        table[column] = speed.loc[labels, column].to_numpy()
     table["FLOPs ratio"] = table["reference flops"] / table["flops"]
     table["drift per reuse"] = table["action drift"] / table["reuse rate"].replace(0, np.nan)
-    return table.drop(columns=["flops", "reference flops"])
+    table = table.drop(columns=["flops", "reference flops"])
+    table.attrs["speed"] = speed_note(timings, "none")
+    return table
 
 
 def locate_cliff(table: pd.DataFrame, metric: str = "action drift") -> pd.DataFrame:

@@ -1,0 +1,46 @@
+"""What `dcvla studies` prints after the paper set: the cache behaviour table and the stability cliff's, each
+followed by how its speed columns were measured (the tables' "speed" attribute, `speed.speed_note`)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import read_dataset
+from .common import divergence_column
+from .speed import HZ, MEDIAN_MS, SPEEDUP, TOTAL
+from .stability_cliff import consistency_vs_freshness, locate_cliff
+
+
+def print_note(note: str) -> None:
+    print("\n".join(textwrap.fill(line, 120, subsequent_indent="  ") for line in note.splitlines()))
+
+
+def print_cache_summary(path: Path, preset: str) -> None:
+    """The cache_behaviour table: reuse, FLOPs ratio, the interleaved speedups, action drift and divergence."""
+    ds = read_dataset(path)
+    table = ds.to_dataframe().set_index("method")
+    columns = ["reuse rate", "LLM reuse rate", "FLOPs ratio", SPEEDUP, TOTAL, MEDIAN_MS, "action drift",
+               divergence_column(table)]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"\nSummary (cache_behaviour, {preset} preset, shipped LIBERO frames):")
+        print(table[columns].round(4).to_string())
+    print_note(ds.attrs["speed"])
+
+
+def print_cliff_summary(path: Path, preset: str) -> None:
+    """The stability_cliff study in three tables: reuse/speed/drift per mode and threshold, the cliff per mode,
+    and full against vision_only at the same gate."""
+    ds = read_dataset(path)
+    table = ds.to_dataframe()
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"\nStability cliff ({preset} preset, K/V reuse across inferences, each mode under its own gate):")
+        columns = ["reuse rate", "KV reuse", SPEEDUP, TOTAL, MEDIAN_MS, HZ, "FLOPs ratio", "action drift"]
+        print(table.set_index(["mode", "gate", "value"])[columns].round(4).to_string())
+        print_note(ds.attrs["speed"])
+        print("\nWhere action drift jumps along each gate's parameter:")
+        print(locate_cliff(table).set_index(["gate", "mode"]).round(4).to_string())
+        print("\nConsistency vs freshness (full vs vision_only, same cosine gate):")
+        print(consistency_vs_freshness(table).set_index("threshold").round(4).to_string())
