@@ -49,9 +49,17 @@ table = libero_benchmark.success_table(results)
 common.write_table(table, "libero_benchmark", config)
 table
 
+# %% [markdown]
+# Per method over every trial: the success rate with its 95% Wilson interval, and each method against vanilla on
+# the same init states: the paired difference and the exact McNemar test of the trials where the two disagree.
+
+# %%
+libero_benchmark.success_table(results, by=())
+
 # %%
 fig = px.bar(table, x="suite", y="success rate", color="method", barmode="group", facet_col="task",
-             title="Closed-loop success" + ("" if config.checkpoint else " (random weights: not meaningful)"))
+             error_y=table["95% CI high"] - table["success rate"], error_y_minus=table["success rate"] - table["95% CI low"],
+             title="Closed-loop success, 95% Wilson intervals" + ("" if config.checkpoint else " (random weights: not meaningful)"))
 figures.append(common.save_figure(fig, "libero_benchmark", config.figures_dir)); fig
 
 # %%

@@ -131,10 +131,12 @@ def test_long_horizon_sweeps_and_cliff(tmp_path):
 
 
 def test_libero_benchmark_smoke(tmp_path):
-    run_study("libero_benchmark", tmp_path, "-p", "suites", '["libero_spatial"]', "-p", "methods", '["dual_cache"]',
-              "-p", "max_steps", "2")
-    table = read_dataset(tmp_path / "libero_benchmark.nc").to_dataframe()
-    assert list(table.method) == ["dual_cache"] and table["success rate"].between(0, 1).all()
+    run_study("libero_benchmark", tmp_path, "-p", "suites", '["libero_spatial"]', "-p", "methods",
+              '["vanilla", "dual_cache"]', "-p", "max_steps", "2")
+    table = read_dataset(tmp_path / "libero_benchmark.nc").to_dataframe().set_index("method")
+    assert sorted(table.index) == ["dual_cache", "vanilla"] and table["success rate"].between(0, 1).all()
+    assert (table["95% CI low"] <= table["success rate"]).all() and (table["success rate"] <= table["95% CI high"]).all()
+    assert table.loc["vanilla", "McNemar p"] == 1.0 and table.loc["dual_cache", "paired trials"] == 1
 
 
 def timings_of(latency: dict[str, list[float]], episode: str) -> xr.Dataset:
@@ -419,7 +421,8 @@ def test_stability_cliff_measures_closed_loop_success(tmp_path):
                          suites=["libero_spatial"], success_trials=1, max_steps=10, runs_dir=str(tmp_path / "runs"))
     table = success_table(config, pi0_base(config))
     assert table[["mode", "gate"]].values.tolist() == [["none", ""], ["full", "cosine"], ["full", "max_age"]]
-    assert table["success rate"].between(0, 1).all()
+    assert table["success rate"].between(0, 1).all() and (table["trials"] == 1).all()
+    assert (table["95% CI low"] <= table["success rate"]).all() and table["McNemar p"].iloc[0] == 1.0
     files = sorted(p.parent.name for p in (tmp_path / "runs" / "stability_cliff_success" / "pi0-tiny").glob("*/*.nc"))
     assert files == sorted(run_label(*key) for key in [("none", "", None), ("full", "cosine", 0.9), ("full", "max_age", 2)])
 

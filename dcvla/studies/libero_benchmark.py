@@ -11,6 +11,7 @@ import xarray as xr
 
 from ..openvla import METHODS, CacheConfig
 from ..openvla.cache_policy import CachePolicyBase
+from ..success import success_summary
 from ..units import Unit, make_unit, run_units
 from .common import SUITES, PolicyParameters, base_policy, check_names
 
@@ -97,6 +98,9 @@ def evaluate(config: BenchmarkConfig, base: CachePolicyBase | None = None) -> xr
     return load_results(results_dir(config))
 
 
-def success_table(results: xr.Dataset) -> pd.DataFrame:
-    """One row per (method, suite, task): the success rate over the trials."""
-    return results.success.mean("trial").to_dataframe("success rate").reset_index()
+def success_table(results: xr.Dataset, reference: str = "vanilla", by: tuple[str, ...] = ("suite", "task")) -> pd.DataFrame:
+    """One row per method and `by` group (default per suite and task; () for one row per method over every trial):
+    trials, successes, the success rate with its 95% Wilson interval, and against `reference` (the first method when
+    it was not run) on the same init states: the paired difference and the exact McNemar p (`dcvla.success`)."""
+    methods = [str(m) for m in results.method.values]
+    return success_summary(results.success, reference if reference in methods else methods[0], by=by)

@@ -23,6 +23,7 @@ from ..prefix_reuse import COMPARE_TO, GATES, MODES, ReuseConfig
 from ..smolvla import PRESETS as SMOLVLA_PRESETS
 from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
+from ..success import success_summary
 from ..units import Unit, make_unit, run_units
 from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff
 from .speed import COLUMNS as SPEED_COLUMNS
@@ -281,15 +282,18 @@ def run_label(mode: str, gate: str, value: float | None) -> str:
 def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.DataFrame:
     """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included: `success_trials` trials
     of each task in `success_tasks` of each suite, openpi's protocol (`dcvla.libero.evaluate`: both cameras, the
-    state, `replan_steps` actions per chunk; no center crop), one unit per task under the process's runner.
+    state, `replan_steps` actions per chunk; no center crop), one unit per task under the process's runner; with
+    95% Wilson intervals and, against the reference on the same init states, the paired difference and the exact
+    McNemar p (`dcvla.success`).
     Resumable: trials already in a result file are kept. Meaningful with a trained checkpoint (`pi0_checkpoint`);
     random weights succeed by chance only."""
     from ..libero.evaluate import load_results
 
     todo = success_units(config)
     run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
-    rates = load_results(Path(todo[0].path).parents[1]).success.mean(("suite", "task", "trial")).to_series()
-    return pd.DataFrame([{"mode": m, "gate": g, "value": v, "success rate": float(rates[run_label(m, g, v)])}
+    results = load_results(Path(todo[0].path).parents[1])
+    rows = success_summary(results.success, "none").set_index("method")
+    return pd.DataFrame([{"mode": m, "gate": g, "value": v, **rows.loc[run_label(m, g, v)].to_dict()}
                          for m, g, v in cliff_keys(config)])
 
 

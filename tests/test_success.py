@@ -1,0 +1,49 @@
+"""Success statistics (dcvla.success): Wilson intervals and exact McNemar tests against published values, and the
+per-method table the studies print."""
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.stats import binomtest
+
+from dcvla.success import mcnemar_exact, success_summary, wilson_interval
+
+
+@pytest.mark.parametrize("successes, trials, low, high", [  # Wilson (1927) score intervals, z = 1.96
+    (0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (20, 20, 0.8389, 1.0), (12, 20, 0.3866, 0.7812)])
+def test_wilson_interval(successes, trials, low, high):
+    np.testing.assert_allclose(wilson_interval(successes, trials), (low, high), atol=1e-4)
+
+
+def test_wilson_interval_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="0 <= successes <= trials"):
+        wilson_interval(3, 2)
+
+
+def test_mcnemar_exact_is_the_binomial_test_of_the_discordant_trials():
+    a = np.array([1] * 8 + [0] * 2 + [1] * 5 + [0] * 5, bool)
+    b = np.array([0] * 8 + [1] * 2 + [1] * 5 + [0] * 5, bool)
+    only_a, only_b, p = mcnemar_exact(a, b)
+    assert (only_a, only_b) == (8, 2)
+    assert p == pytest.approx(binomtest(2, 10, 0.5).pvalue) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(a, a)[2] == 1.0
+
+
+def test_success_summary_pairs_methods_on_the_same_trials():
+    ref = [1, 1, 0, 0, 1, 0, 1, 1, 0, 1]
+    run = [1, 0, 0, 0, 1, 0, 0, 1, 0, np.nan]  # the last trial not run: left out of the pair
+    success = xr.DataArray(np.array([[ref], [run]], float)[:, :, None, :], dims=("method", "suite", "task", "trial"),
+                           coords={"method": ["vanilla", "dual_cache"], "suite": ["libero_spatial"], "task": [0]})
+    table = success_summary(success, "vanilla").set_index("method")
+    row = table.loc["dual_cache"]
+    assert (row["trials"], row["successes"], row["paired trials"]) == (9, 3, 9)
+    assert row["success rate"] == pytest.approx(3 / 9)
+    assert row["difference to vanilla"] == pytest.approx(3 / 9 - 5 / 9)
+    assert (row["only this succeeded"], row["only vanilla succeeded"]) == (0, 2)
+    assert row["McNemar p"] == pytest.approx(0.5)
+    np.testing.assert_allclose([row["95% CI low"], row["95% CI high"]], wilson_interval(3, 9))
+    assert table.loc["vanilla", "McNemar p"] == 1.0 and table.loc["vanilla", "trials"] == 10
+    per_task = success_summary(success, "vanilla", by=("suite", "task"))
+    assert per_task[["suite", "task"]].values.tolist() == [["libero_spatial", 0]] * 2
+    with pytest.raises(ValueError, match="no 'none' trials"):
+        success_summary(success, "none")
