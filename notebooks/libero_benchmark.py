@@ -32,6 +32,7 @@ methods = ["vanilla", "dual_cache"]
 suites = ["libero_spatial"]
 tasks = [0]               # task ids per suite
 trials = 1                # init states 0..trials-1 (the protocol uses 50)
+seeds = [0]               # evaluation seeds (0: the protocol's); each runs every trial again
 max_steps = 10            # 0: the protocol's per-suite budget; smoke runs cut it short
 
 # %%

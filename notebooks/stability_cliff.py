@@ -59,6 +59,7 @@ replan_steps = 5          # frames between inferences (openpi executes 5 actions
 compare_to = "previous"   # the gate compares with the previous inference (the report), or with the "anchor" one
 success_trials = 0        # closed-loop LIBERO trials per run and task (with a checkpoint; 0: none)
 success_tasks = [0]       # task ids of each suite for success_trials
+success_seeds = [0]       # evaluation seeds of those trials (0: the protocol's)
 max_steps = 0             # env steps per trial (0: the protocol's budget)
 
 # %%

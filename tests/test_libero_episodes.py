@@ -163,7 +163,13 @@ def test_evaluation_records_failures_and_resumes(spatial_env, tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
         V.evaluate_task(RecordingPolicy(), method="m", trials=4, **dict(kw, max_steps=5))
     both = V.load_results(tmp_path)
-    assert set(both.method.values) == {"m", "flaky"} and both.success.dims == ("method", "suite", "task", "trial")
+    assert set(both.method.values) == {"m", "flaky"} and both.success.dims == ("method", "suite", "task", "seed", "trial")
+    # another evaluation seed is another file, its own draw of the RNGs, beside the protocol's seed 0
+    ds = V.evaluate_task(RecordingPolicy(), method="m", trials=2, seed=1, **kw)
+    assert (ds.attrs["seed"], ds.attrs["env_seed"], ds.attrs["evaluation_seed"]) == (protocol.SEED + 1, protocol.ENV_SEED + 1, 1)
+    assert V.result_path(tmp_path, "m", "libero_spatial", 0, seed=1).name == "libero_spatial_task00_seed1.nc"
+    seeds = V.load_results(tmp_path, method="m")
+    assert seeds.seed.values.tolist() == [0, 1] and int(seeds.success.sel(seed=1).notnull().sum()) == 2
 
 
 def test_loading_a_missing_or_foreign_file_names_it(tmp_path):

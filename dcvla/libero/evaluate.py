@@ -177,9 +177,18 @@ def _replan_steps(policy: Any) -> int:
     return int(value)
 
 
-def result_path(run_dir: str | Path, method: str, suite: str, task_id: int) -> Path:
-    """`<run_dir>/<method>/<suite>_task<NN>.nc`."""
-    return Path(run_dir) / method / f"{suite}_task{task_id:02d}.nc"
+def result_path(run_dir: str | Path, method: str, suite: str, task_id: int, seed: int = 0) -> Path:
+    """`<run_dir>/<method>/<suite>_task<NN>.nc`; `..._seed<S>.nc` for seed S > 0."""
+    return Path(run_dir) / method / f"{suite}_task{task_id:02d}{f'_seed{seed}' if seed else ''}.nc"
+
+
+def seeds_of(seed: int) -> tuple[int, int]:
+    """(numpy/torch/python seed, env seed) of evaluation seed `seed`: 0 is the upstream protocol's (7 and 0); seed s
+    shifts both by s, so every seed is another draw of the policy's sampling noise and of the simulator's RNG on the
+    same init states."""
+    if seed < 0:
+        raise ValueError(f"evaluation seed must be >= 0, got {seed}")
+    return protocol.SEED + seed, protocol.ENV_SEED + seed
 
 
 def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) -> xr.Dataset:
@@ -206,7 +215,8 @@ def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) 
 
 
 #: Attributes added after RESULT_VERSION 1 files were first written, with the value those files imply.
-_POLICY_ATTR_DEFAULTS = {"uses_state": 0, "uses_wrist": 0, "replan_steps": 1, "action_convention": "openvla"}
+_POLICY_ATTR_DEFAULTS = {"uses_state": 0, "uses_wrist": 0, "replan_steps": 1, "action_convention": "openvla",
+                         "evaluation_seed": 0}
 
 
 def uses_wrist(policy: Any) -> bool:
@@ -229,7 +239,7 @@ def _check_compatible(old: xr.Dataset, attrs: dict, path: Path) -> None:
 def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path, method: str | None = None,
                   trials: int | Iterable[int] = protocol.NUM_TRIALS, max_steps: int | None = None,
                   center_crop: bool = True, progress: bool = True, env: Any = None,
-                  path: str | Path | None = None) -> xr.Dataset:
+                  path: str | Path | None = None, seed: int = 0) -> xr.Dataset:
     """Evaluate one policy on one task; resumable, one netCDF file per (method, suite, task).
 
     Args:
@@ -243,6 +253,7 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
         progress: show a tqdm bar.
         env: an existing env for this task to reuse (else one is built and closed here).
         path: the result file instead of `result_path(run_dir, ...)` (a `dcvla.units` unit's).
+        seed: the evaluation seed (`seeds_of`; 0: the protocol's); a given env is reseeded with it.
 
     Returns:
         The dataset for all trials in the file (earlier runs' included), dims (trial, step), sorted by trial.
@@ -255,8 +266,8 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     if bad:
         raise ValueError(f"trial (init state) indices {bad} out of range for {suite}/{info.task_id}; valid: 0..{len(init_states) - 1}")
     budget = protocol.max_steps(suite) if max_steps is None else int(max_steps)
-    attrs = _result_attrs(policy, method, suite, info, budget, center_crop)
-    path = Path(path) if path else result_path(run_dir, method, suite, info.task_id)
+    attrs = _result_attrs(policy, method, suite, info, budget, center_crop, seed)
+    path = Path(path) if path else result_path(run_dir, method, suite, info.task_id, seed)
     old = _read_previous(path, f"{method} on {suite}/{info.task_id}")
     if old is not None:
         _check_compatible(old, attrs, path)
@@ -264,10 +275,12 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     todo = [t for t in wanted if t not in done_trials]
     if not todo:
         return old
-    seed_everything(protocol.SEED)
+    rng_seed, env_seed = seeds_of(seed)
+    seed_everything(rng_seed)
     own = env is None
     env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION,
-                                               seed=protocol.ENV_SEED, cameras=cameras_for(policy))
+                                               seed=None, cameras=cameras_for(policy))
+    env.seed(env_seed)  # a given env too: every evaluation starts from its seed's draw
     try:
         return _run_trials(policy, env, suite, info, init_states, todo, budget, center_crop, old, attrs, path, progress)
     finally:
@@ -291,11 +304,12 @@ def _read_previous(path: Path, run: str) -> xr.Dataset | None:
     return old
 
 
-def _result_attrs(policy: Any, method: str, suite: str, info: Any, budget: int, center_crop: bool) -> dict:
+def _result_attrs(policy: Any, method: str, suite: str, info: Any, budget: int, center_crop: bool, seed: int) -> dict:
     """What a result file records of the protocol and the policy (a resumed run must match all of it)."""
+    rng_seed, env_seed = seeds_of(seed)
     return dict(method=method, suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
-                max_steps=budget, wait_steps=protocol.WAIT_STEPS, center_crop=int(center_crop), seed=protocol.SEED,
-                env_seed=protocol.ENV_SEED, render_resolution=protocol.RENDER_RESOLUTION,
+                max_steps=budget, wait_steps=protocol.WAIT_STEPS, center_crop=int(center_crop), seed=rng_seed,
+                env_seed=env_seed, evaluation_seed=seed, render_resolution=protocol.RENDER_RESOLUTION,
                 policy_resolution=protocol.POLICY_RESOLUTION, jpeg_decoder=protocol.JPEG_DECODER,
                 result_version=RESULT_VERSION, uses_state=int(bool(getattr(policy, "uses_state", False))),
                 uses_wrist=int(uses_wrist(policy)),
@@ -323,7 +337,7 @@ def _run_trials(policy: Any, env: Any, suite: str, info: Any, init_states: np.nd
 
 
 def load_results(run_dir: str | Path, method: str | None = None) -> xr.Dataset:
-    """Stack every result file under `run_dir` into one dataset with dims (method, suite, task, trial).
+    """Stack every result file under `run_dir` into one dataset with dims (method, suite, task, seed, trial).
 
     Trials missing from a file (partial runs) are NaN. `step` is padded to the longest budget.
     """
@@ -331,7 +345,8 @@ def load_results(run_dir: str | Path, method: str | None = None) -> xr.Dataset:
     pattern = f"{method}/*.nc" if method else "*/*.nc"
     for p in sorted(Path(run_dir).glob(pattern)):
         ds = read_dataset(p)
-        ds = ds.expand_dims(method=[ds.attrs["method"]], suite=[ds.attrs["suite"]], task=[int(ds.attrs["task_id"])])
+        ds = ds.expand_dims(method=[ds.attrs["method"]], suite=[ds.attrs["suite"]], task=[int(ds.attrs["task_id"])],
+                            seed=[int(ds.attrs.get("evaluation_seed", 0))])
         rows.append(ds)
     if not rows:
         raise ValueError(f"no result files under {run_dir}" + (f" for method {method!r}" if method else ""))

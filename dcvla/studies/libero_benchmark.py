@@ -27,6 +27,7 @@ class BenchmarkConfig(PolicyParameters):
     suites: list[str] = field(default_factory=lambda: ["libero_spatial"])
     tasks: list[int] = field(default_factory=lambda: [0])  # task ids, the same for every suite
     trials: int = 1                      # init states 0..trials-1 (the protocol uses 50)
+    seeds: list[int] = field(default_factory=lambda: [0])  # evaluation seeds (0: the protocol's), each on every trial
     max_steps: int = 10                  # policy steps per trial (0 = the protocol's per-suite budget)
     runs_dir: str = "data/runs"
     figures_dir: str = "figures"
@@ -38,6 +39,8 @@ class BenchmarkConfig(PolicyParameters):
         check_names("BenchmarkConfig.suites", self.suites, SUITES, "suites")
         if not self.tasks or any(not isinstance(t, int) or t < 0 for t in self.tasks):
             raise ValueError(f"BenchmarkConfig.tasks must be task ids >= 0, got {self.tasks}")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"BenchmarkConfig.seeds must be a list of ints >= 0, got {self.seeds}")
         if self.trials < 1 or self.max_steps < 0:
             raise ValueError(f"BenchmarkConfig: trials must be >= 1 and max_steps >= 0, got {self.trials}, {self.max_steps}")
 
@@ -48,12 +51,12 @@ def results_dir(config: BenchmarkConfig) -> Path:
 
 
 def benchmark_units(config: BenchmarkConfig) -> list[Unit]:
-    """One unit per (method, suite, task): `trials` trials into one result file."""
+    """One unit per (method, suite, task, seed): `trials` trials into one result file."""
     from ..libero.evaluate import result_path
 
-    return [make_unit(STUDY, result_path(results_dir(config), method, suite, task), trials=config.trials,
-                      method=method, suite=suite, task=task)
-            for method in config.methods for suite in config.suites for task in config.tasks]
+    return [make_unit(STUDY, result_path(results_dir(config), method, suite, task, seed), trials=config.trials,
+                      method=method, suite=suite, task=task, seed=seed)
+            for method in config.methods for suite in config.suites for task in config.tasks for seed in config.seeds]
 
 
 class BenchmarkWorker:
@@ -69,7 +72,7 @@ class BenchmarkWorker:
         self.base = self.base or base_policy(config)
         policy = self.base.with_config(CacheConfig(method=unit.get("method"), unnorm_key=config.unnorm_key or None))
         evaluate_task(policy, unit.get("suite"), unit.get("task"), "", method=unit.get("method"), trials=unit.trials,
-                      max_steps=config.max_steps or None, progress=self.progress, path=path)
+                      max_steps=config.max_steps or None, progress=self.progress, path=path, seed=unit.get("seed"))
 
 
 def worker(config: dict) -> BenchmarkWorker:

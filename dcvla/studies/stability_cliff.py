@@ -68,6 +68,7 @@ class CliffConfig(Parameters):
     compare_to: str = "previous"         # the gate's reference: "previous" inference (the report) or "anchor"
     success_trials: int = 0              # closed-loop LIBERO trials per run and task (0: none; for a checkpoint)
     success_tasks: list[int] = field(default_factory=lambda: [0])  # task ids of each suite, for success_trials
+    success_seeds: list[int] = field(default_factory=lambda: [0])  # evaluation seeds of the trials (0: the protocol's)
     max_steps: int = 0                   # env steps per trial (0: the protocol's per-suite budget)
     runs_dir: str = "data/runs"
     figures_dir: str = "figures"
@@ -93,9 +94,9 @@ class CliffConfig(Parameters):
                              f"episodes_per_suite >= 0; got {self.steps}, {self.replan_steps}, {self.episodes_per_suite}")
         if self.compare_to not in COMPARE_TO:
             raise ValueError(f"CliffConfig.compare_to must be one of {COMPARE_TO}, got {self.compare_to!r}")
-        if self.success_trials < 0 or self.max_steps < 0 or any(t < 0 for t in self.success_tasks):
-            raise ValueError(f"CliffConfig: success_trials, max_steps and success_tasks must be >= 0, got "
-                             f"{self.success_trials}, {self.max_steps}, {self.success_tasks}")
+        if self.success_trials < 0 or self.max_steps < 0 or any(t < 0 for t in self.success_tasks + self.success_seeds):
+            raise ValueError(f"CliffConfig: success_trials, max_steps, success_tasks and success_seeds must be >= 0, got "
+                             f"{self.success_trials}, {self.max_steps}, {self.success_tasks}, {self.success_seeds}")
 
     def pi0_preset(self) -> str:
         """The flow preset `preset` names (a bare "small" / "tiny" is pi0's)."""
@@ -183,9 +184,10 @@ def success_units(config: CliffConfig) -> list[Unit]:
     from ..libero.evaluate import result_path  # the simulator's wrapper, not the simulator
 
     run_dir = Path(config.runs_dir) / "stability_cliff_success" / config.model_name()
-    return [make_unit(STUDY, result_path(run_dir, run_label(m, g, v), suite, task), trials=config.success_trials,
-                      mode=m, gate=g, value=v, suite=suite, task=task)
-            for m, g, v in cliff_keys(config) for suite in config.suites for task in config.success_tasks]
+    return [make_unit(STUDY, result_path(run_dir, run_label(m, g, v), suite, task, seed), trials=config.success_trials,
+                      mode=m, gate=g, value=v, suite=suite, task=task, seed=seed)
+            for m, g, v in cliff_keys(config) for suite in config.suites for task in config.success_tasks
+            for seed in config.success_seeds]
 
 
 def plan(parameters: dict) -> tuple[list[Unit], tuple[str, dict]]:
@@ -218,7 +220,7 @@ class CliffWorker:
             from ..libero.evaluate import evaluate_task
 
             evaluate_task(policy, unit.get("suite"), unit.get("task"), "", method=run_label(mode, gate, value),
-                          trials=unit.trials, max_steps=config.max_steps or None, center_crop=False,
+                          trials=unit.trials, max_steps=config.max_steps or None, center_crop=False, seed=unit.get("seed"),
                           progress=self.progress, path=path)
             return
         episode = self.episodes[unit.get("episode")]
