@@ -34,6 +34,7 @@ demos: $(STAMP)
 
 train-micro: $(STAMP)
 	$(PY) scripts/train_micro.py openvla-micro
+	$(PY) scripts/train_micro.py smolvla-micro
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_latency.py --preset tiny --preset small

@@ -111,6 +111,14 @@ Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 def run_prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int,
                       heads: tuple[int, int, int], rope: Rope, mask: Callable[[torch.Tensor], torch.Tensor] | None = None
                       ) -> PrefixOutput:
+    """`prefix_layers` under inference mode (pi0's prefix). `prefix_layers` itself is differentiable outside inference
+    mode, the store's K/V carrying the graph: SmolVLA's training runs it so (`dcvla.smolvla.train`)."""
+    return prefix_layers(layers, inputs, plans, store, step, heads, rope, mask)
+
+
+def prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int,
+                  heads: tuple[int, int, int], rope: Rope, mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> PrefixOutput:
     """Run a prefix LM's decoder layers (transformers' Llama / Gemma layers) over the prefix under per-layer plans,
     leaving every layer's post-RoPE K/V of every prefix position in `store`. The last layer's output is read by
     nobody (the expert reads the prefix's K/V only), so the last layer projects K/V and stops.

@@ -4,7 +4,8 @@ every stored tensor to the model strictly, and filling a model built on the meta
 A lerobot policy directory holds `model.safetensors` (or shards with an index), lerobot's `config.json` (its
 `"type"`, chunk size, state/action widths, image resolution) and its processors (`dcvla.normalization`). Each family
 maps a checkpoint key to its model's key (or to None: accepted and ignored, for a reason the family tables); anything
-else missing, unexpected or misshapen is named in one error with the file. Only safetensors are read.
+else missing, unexpected or misshapen is named in one error with the file. Only safetensors are read. `save_model`
+writes a model trained here in that layout.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from .devices import (INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_files, misfit_message, parse_dtype,
                       read_headers, refuse_pickle, resolve_checkpoint_dir, stream_tensors)
+from .io import atomic_path
 from .normalization import read_normalization
 
 WEIGHTS_FILE = "model.safetensors"
@@ -113,6 +115,23 @@ def fill(meta_model: nn.Module, folder: Path, headers: dict, routes: dict[str, s
             params[routes[key]].copy_(tensor)
     model.normalization = read_normalization(folder)
     return model.eval()
+
+
+def save_model(directory: str | Path, model: nn.Module, config: dict, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """`model` as a lerobot policy saves it: `model.safetensors` (every state-dict key under the policy's `model.`,
+    floating tensors in `dtype`, None: as they are) and lerobot's `config.json` (`config`), each written atomically.
+    The processors' statistics are `dcvla.normalization.write_normalization`'s."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    state = {f"model.{key}": value.detach().to("cpu", dtype if dtype is not None and value.is_floating_point()
+                                               else value.dtype).contiguous()
+             for key, value in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        tmp.write_bytes(save(state, metadata={"format": "pt"}))
+    with atomic_path(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=4) + "\n")
+    return directory
 
 
 def lerobot_type(folder: Path, known: tuple[str, ...]) -> str | None:

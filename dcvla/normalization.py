@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .devices import CheckpointError
+from .io import atomic_path
 
-PREPROCESSOR_FILE = "policy_preprocessor.json"
+PREPROCESSOR_FILE, POSTPROCESSOR_FILE = "policy_preprocessor.json", "policy_postprocessor.json"
 STATE, ACTION = "observation.state", "action"  # lerobot's feature names
 
 # Mean and std of the 8-dim LIBERO state (eef pos, axis-angle, gripper qpos) over every frame of the shipped
@@ -105,3 +106,32 @@ def read_normalization(folder: Path) -> Normalization | None:
             raise CheckpointError(f"{folder / state_file}: {feature} is normalised with {mode}, which needs "
                                   f"{', '.join(missing)}; the file has {sorted(stats.get(feature, {}))}")
     return Normalization(modes, stats, float(config.get("eps", 1e-8)))
+
+
+def write_normalization(folder: Path, normalization: Normalization, features: dict[str, dict]) -> dict[str, str]:
+    """`normalization` as lerobot's processors save it (`read_normalization` reads it back): the normalizer step over
+    every feature in `policy_preprocessor.json`, the unnormalizer over the action in `policy_postprocessor.json`, each
+    naming its statistics file (`<feature>.<stat>`, float32) and mapping each feature type to its mode (returned, as
+    lerobot's `normalization_mapping`). `features`: lerobot's feature name -> {"type": "STATE" | "ACTION" | "VISUAL",
+    "shape": [...]}. The processors' other steps (tokenizer, batching, device) are not written: dcvla's policy does
+    their work itself."""
+    from safetensors.numpy import save
+
+    norm_map: dict[str, str] = {}
+    for name, feature in features.items():
+        mode = normalization.modes.get(name, "IDENTITY")
+        if norm_map.setdefault(feature["type"], mode) != mode:
+            raise ValueError(f"features of type {feature['type']} are normalised both {norm_map[feature['type']]} and "
+                             f"{mode}; lerobot maps one mode per feature type")
+    stats = save({f"{name}.{stat}": np.asarray(values, np.float32)
+                  for name, by_stat in normalization.stats.items() for stat, values in by_stat.items()})
+    for config_file, registry, kept in ((PREPROCESSOR_FILE, "normalizer_processor", features),
+                                        (POSTPROCESSOR_FILE, "unnormalizer_processor", {ACTION: features[ACTION]})):
+        state_file = f"{config_file.removesuffix('.json')}_step_0_{registry}.safetensors"
+        step = {"registry_name": registry, "config": {"eps": normalization.eps, "features": kept, "norm_map": norm_map},
+                "state_file": state_file}
+        with atomic_path(folder / state_file) as tmp:
+            tmp.write_bytes(stats)
+        with atomic_path(folder / config_file) as tmp:
+            tmp.write_text(json.dumps({"name": config_file.removesuffix(".json"), "steps": [step]}, indent=2) + "\n")
+    return norm_map

@@ -1,15 +1,19 @@
 """Train a micro policy on the project's demonstrations (scripts/record_demos.py) and write it in its family's
 published layout, loadable by the family's strict loader.
 
-    MUJOCO_GL=egl .venv/bin/python scripts/train_micro.py openvla-micro            # make train-micro
+    MUJOCO_GL=egl .venv/bin/python scripts/train_micro.py openvla-micro            # make train-micro (both)
+    MUJOCO_GL=egl .venv/bin/python scripts/train_micro.py smolvla-micro
     .venv/bin/python scripts/train_micro.py openvla-micro --stop-after 500          # a slice; rerun to go on
 
 `openvla-micro` is the OpenVLA architecture (DINOv2 + SigLIP towers, projector, Llama with action tokens) at micro
-widths, trained from seeded random weights with OpenVLA's objective (`dcvla.openvla.train`) on every frame of every
-demonstration under --demos. The run is resumable: its state (weights, optimiser, step) goes to
-<work>/train_state.pt every --checkpoint-every steps, the loss per step to <work>/loss.csv; a rerun with the same
-settings continues from the last checkpoint and takes the same batches. At the end the checkpoint goes to --out
-(bfloat16 safetensors in OpenVLA's layout, dataset_statistics.json) and the loss curve to --figure.
+widths, trained from seeded random weights with OpenVLA's objective (`dcvla.openvla.train`); `smolvla-micro` is
+SmolVLA's (SigLIP, pixel-shuffle connector, SmolLM2 layers, the flow-matching action expert), trained with lerobot
+SmolVLA's flow-matching objective (`dcvla.smolvla.train`). Each learns from every frame of every demonstration
+under --demos. The run is resumable: its state (weights, optimiser, step) goes to <work>/train_state.pt every
+--checkpoint-every steps, the loss per step to <work>/loss.csv; a rerun with the same settings continues from the
+last checkpoint and takes the same batches. At the end the checkpoint goes to --out (bfloat16, in the family's
+published layout: OpenVLA's safetensors and dataset_statistics.json; lerobot's model.safetensors, config.json and
+normaliser files, with dcvla's tokenizer) and the loss curve to --figure.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from dcvla.libero.episodes import DEMO_DIR, DEMO_TASKS, load_episodes
 from dcvla.training import LOSS_FILE, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("openvla-micro",)
 
 
 def load_demos(directory: Path) -> list:
@@ -64,14 +67,49 @@ def train_openvla(args: argparse.Namespace, config: TrainConfig) -> None:
     model = random_model(preset, seed=config.seed)
     model.norm_stats = dataset_statistics(demos)
     data = DemoFrames(demos, Processor(load_tokenizer(), preset), model, model.norm_stats)
-    print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {len(data)} frames, "
+    train_and_save(args, config, model, lambda m, idx: action_loss(m, data, idx), len(data),
+                   lambda out: save_pretrained(model, out))
+
+
+def train_and_save(args: argparse.Namespace, config: TrainConfig, model: torch.nn.Module, loss, n_samples: int,
+                   save) -> None:
+    """Train `model` with `loss` over `n_samples` (resuming from --work) and, once every step is done, `save` it to
+    --out."""
+    print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {n_samples} frames, "
           f"{config.steps} steps of {config.batch_size}", flush=True)
-    step = train(model, lambda m, idx: action_loss(m, data, idx), len(data), config, args.work, stop_after=args.stop_after)
+    step = train(model, loss, n_samples, config, args.work, stop_after=args.stop_after)
     if step < config.steps:
         print(f"stopped at step {step} of {config.steps}; rerun the same command to go on", flush=True)
         return
-    save_pretrained(model, args.out)
+    save(args.out)
     print(f"checkpoint -> {args.out}", flush=True)
+
+
+def smolvla_demos(episodes: list) -> list:
+    """Episodes as SmolVLA training demonstrations: the agent and wrist views as the LIBERO evaluation hands a flow
+    policy them (uncropped: lerobot and openpi resize the whole view), the oracle's actions in LIBERO's own
+    convention (SmolVLA's, as lerobot's LIBERO datasets hold them), the robot states."""
+    from dcvla.smolvla.train import Demo
+
+    return [Demo(ep.instruction, ep.actions, ep.states, lambda ep=ep: (ep.frames, ep.wrist_frames)) for ep in episodes]
+
+
+def train_smolvla(args: argparse.Namespace, config: TrainConfig) -> None:
+    from dcvla.smolvla import SmolVLAPolicy, random_model
+    from dcvla.smolvla.train import DemoFrames, dataset_statistics, flow_loss
+    from dcvla.tokenizer import load_tokenizer
+
+    demos = smolvla_demos(load_demos(args.demos))
+    model = random_model(args.preset, seed=config.seed)
+    model.normalization = dataset_statistics(demos)
+    policy = SmolVLAPolicy(model, load_tokenizer())
+    data = DemoFrames(demos, policy)
+    train_and_save(args, config, model, lambda m, idx: flow_loss(m, data, idx), len(data), policy.save_pretrained)
+
+
+TRAINERS = {"openvla-micro": (train_openvla, "action-token cross-entropy"),
+            "smolvla-micro": (train_smolvla, "flow-matching squared error")}
+FAMILIES = tuple(TRAINERS)
 
 
 def loss_figure(work: Path, figure: Path, title: str) -> None:
@@ -111,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"training {args.preset} on the demonstrations of {', '.join(f'{s} task {t}' for s, t in DEMO_TASKS.items())}",
           flush=True)
-    train_openvla(args, config)
-    loss_figure(args.work, args.figure, f"{args.preset}: action-token cross-entropy per step")
+    trainer, objective = TRAINERS[args.preset]
+    trainer(args, config)
+    loss_figure(args.work, args.figure, f"{args.preset}: {objective} per step")
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

@@ -160,3 +160,182 @@ def test_train_micro_script_trains_resumes_and_writes_the_checkpoint(tmp_path, c
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert script.main(args) == 0
     assert len(list(csv.DictReader((tmp_path / "work" / LOSS_FILE).open()))) == 2
+
+
+# --------------------------------------------------------------------------------------------- SmolVLA (flow)
+@pytest.fixture(scope="module")
+def smolvla_demos():
+    """The shipped libero_spatial episodes with their wrist views, every 4th frame, as SmolVLA demonstrations (their
+    two instructions tokenize to prompts of different lengths)."""
+    k = slice(None, None, 4)
+    episodes = [replace(ep, jpegs=ep.jpegs[k], wrist_jpegs=ep.wrist_jpegs[k], eef_pos=ep.eef_pos[k],
+                        eef_quat=ep.eef_quat[k], gripper_qpos=ep.gripper_qpos[k], actions=ep.actions[k], done=ep.done[k],
+                        _frames=None, _wrist_frames=None) for ep in load_episodes(suite="libero_spatial")]
+    return SCRIPT.smolvla_demos(episodes)
+
+
+def smolvla_data(demos, preset="smolvla-tiny", seed=0, **changes):
+    """A random SmolVLA of `preset` (with `changes`; 1024 token rows, as the micro preset holds dcvla's tokenizer:
+    the tiny preset's 32,000 would be most of a step's time) normalised with the demonstrations' statistics, its
+    policy on dcvla's tokenizer, and the demonstrations as its training samples."""
+    from dcvla.smolvla import SmolVLAPolicy
+    from dcvla.smolvla import random_model as smolvla_model
+    from dcvla.smolvla.config import get_preset, with_dims
+    from dcvla.smolvla.train import DemoFrames, dataset_statistics
+    from dcvla.tokenizer import load_tokenizer
+
+    model = smolvla_model(with_dims(get_preset(preset), **{"vocab_size": 1024, **changes}), seed=seed)
+    model.normalization = dataset_statistics(demos)
+    policy = SmolVLAPolicy(model, load_tokenizer(), seed=seed)
+    return model, policy, DemoFrames(demos, policy)
+
+
+def test_smolvla_learns_lerobots_targets_on_what_its_evaluation_hands_it(smolvla_demos):
+    """LIBERO's own action convention (what the evaluation executes unflipped), MEAN_STD statistics in float32, chunks
+    padded at the episode's end by repeating the last action and masking it, and micro frames that the policy's
+    resize leaves untouched."""
+    from dcvla.libero.protocol import POLICY_RESOLUTION, action_convention, postprocess
+    from dcvla.normalization import ACTION, STATE
+    from dcvla.smolvla import SmolVLAPolicy
+    from dcvla.smolvla.train import chunk_rows
+
+    assert action_convention(SmolVLAPolicy) == "libero"
+    actions = np.concatenate([d.actions for d in smolvla_demos])
+    assert set(np.unique(actions[:, -1])) == {-1.0, 1.0}
+    np.testing.assert_array_equal(np.stack([postprocess(a, "libero") for a in actions]), actions)
+    model, policy, data = smolvla_data(smolvla_demos, "smolvla-micro")
+    norm = model.normalization
+    assert norm.modes == {STATE: "MEAN_STD", ACTION: "MEAN_STD"}
+    np.testing.assert_array_equal(norm.stats[ACTION]["std"], actions.astype(np.float64).std(0).astype(np.float32))
+    rows, is_pad = chunk_rows(5, 3)
+    np.testing.assert_array_equal(rows, [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4], [4, 4, 4]])
+    np.testing.assert_array_equal(is_pad, rows != np.arange(5)[:, None] + np.arange(3))
+    last = len(smolvla_demos[0].actions) - 1
+    batch = data.batch([last])
+    assert batch.is_pad[0].tolist() == [False] + [True] * 9 and (batch.actions[0, 1:] == batch.actions[0, 0]).all()
+    frames = data.frames(last)
+    assert model.config.image_size == POLICY_RESOLUTION == frames[0].shape[0]  # resize-with-pad: the identity
+    expected = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+    assert torch.equal(batch.pixels[0], expected)
+    assert sum(p.numel() for p in model.parameters()) * 2 < 40e6  # ships under 40 MB in bfloat16
+
+
+def test_the_flow_objective_differentiates_the_policys_own_velocity(smolvla_demos):
+    """The training forward's velocity is the policy's: two Euler steps of the policy (t = 1, then 0.5) are
+    reproduced exactly from the training velocities of the same sample, batched beside one whose prompt has another
+    length; the gradient reaches the vision tower, the prefix layers (through the K/V store) and the expert."""
+    from dcvla.smolvla.train import velocities
+
+    model, policy, data = smolvla_data(smolvla_demos, num_steps=2)
+    i, other = 5, len(smolvla_demos[0].actions) + 5  # frames of the two demonstrations
+    d, f = data.index[i]
+    policy.step(data.frames(i), smolvla_demos[d].instruction, smolvla_demos[d].states[f])
+    noise = policy.last.noise.clone()
+    batch = data.batch([i, other])
+    assert batch.prompts[0].shape != batch.prompts[1].shape
+    first = velocities(model, batch, torch.cat([noise, noise]), torch.ones(2))
+    x = noise - 0.5 * first[:1]
+    second = velocities(model, batch, torch.cat([x, x]), torch.full((2,), 0.5))
+    torch.testing.assert_close(x - 0.5 * second[:1], policy.last.chunk_normalized, rtol=0, atol=1e-6)
+    second.sum().backward()
+    for module in (model.parts.vision_model.embeddings.patch_embedding, model.text_model.layers[0].self_attn.k_proj,
+                   model.expert.layers[1].self_attn.k_proj, model.state_proj, model.action_in_proj):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+
+
+def test_the_flow_loss_is_lerobots_reduction(smolvla_demos, monkeypatch):
+    """The squared error against u_t = noise - actions, over the 7 real action dims and the unpadded rows only,
+    with x_t = t noise + (1 - t) actions; noise and times a function of the batch, t in lerobot's [0.001, 1]."""
+    from dcvla.smolvla import train as flow
+
+    model, _, data = smolvla_data(smolvla_demos)
+    indices = [3, len(smolvla_demos[0].actions) - 2]  # the second one's chunk runs past the episode's end
+    seen = {}
+
+    def constant(model, batch, x_t, t):  # a velocity of 0.5 everywhere, recording what it was asked
+        seen.update(x_t=x_t, t=t)
+        return torch.full_like(x_t, 0.5)
+
+    monkeypatch.setattr(flow, "velocities", constant)
+    loss = flow.flow_loss(model, data, indices)
+    batch = data.batch(indices)
+    noise, t = flow.flow_noise(indices, tuple(batch.actions.shape))
+    assert torch.equal(noise, flow.flow_noise(indices, tuple(batch.actions.shape))[0]) and ((t >= 0.001) & (t <= 1)).all()
+    torch.testing.assert_close(seen["x_t"], t[:, None, None] * noise + (1 - t[:, None, None]) * batch.actions)
+    kept = (noise - batch.actions)[:, :, :7][~batch.is_pad]  # [real row, 7]
+    assert kept.shape == (10 + 2, 7)
+    torch.testing.assert_close(loss, ((kept - 0.5) ** 2).mean())
+
+
+def test_a_stopped_smolvla_run_resumes_to_the_same_weights(smolvla_demos, tmp_path):
+    """Stopped after 3 of 4 steps (as a time limit stops it) and resumed into other weights, the run ends where the
+    uninterrupted one does: the flow's noise and times are the batch's, not the global RNG's."""
+    from dcvla.smolvla.train import flow_loss
+
+    config = TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=2)
+    straight, _, data = smolvla_data(smolvla_demos)  # the samples are the same for every model here
+    loss = lambda m, idx: flow_loss(m, data, idx)  # noqa: E731
+    assert train(straight, loss, len(data), config, tmp_path / "straight", progress=False) == 4
+    assert train(smolvla_data(smolvla_demos)[0], loss, len(data), config, tmp_path / "resumed", progress=False,
+                 stop_after=3) == 3
+    resumed = smolvla_data(smolvla_demos, seed=1)[0]  # other weights: the checkpoint must replace them
+    assert train(resumed, loss, len(data), config, tmp_path / "resumed", progress=False) == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_smolvla_fits_a_batch_and_ships_lerobots_layout_that_loads_strictly(smolvla_demos, tmp_path):
+    """A few steps on one batch lower the loss; the policy saves lerobot's files (bfloat16 weights, config.json, the
+    normaliser steps' statistics) and its tokenizer, which `SmolVLAPolicy.from_pretrained` loads strictly with no
+    preset given, to the same weights and statistics, and whose reuse modes run."""
+    from dcvla.normalization import ACTION, STATE
+    from dcvla.prefix_reuse import ReuseConfig
+    from dcvla.smolvla import SmolVLAPolicy
+    from dcvla.smolvla.train import flow_loss
+
+    with pytest.raises(ValueError, match="'smolvla-tiny' is not a preset, or the model differs from it"):
+        smolvla_data(smolvla_demos)[1].save_pretrained(tmp_path / "off-preset")  # its 1024 token rows are not tiny's
+    model, policy, data = smolvla_data(smolvla_demos, "smolvla-micro")
+    config = TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup=1, checkpoint_every=8)
+    train(model, lambda m, idx: flow_loss(m, data, np.arange(4)), len(data), config, tmp_path / "work", progress=False)
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "work" / LOSS_FILE).open())]
+    assert losses[-1] < 0.7 * losses[0], losses
+    policy.save_pretrained(tmp_path / "ckpt")
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {
+        "model.safetensors", "config.json", "policy_preprocessor.json", "policy_postprocessor.json",
+        "policy_preprocessor_step_0_normalizer_processor.safetensors",
+        "policy_postprocessor_step_0_unnormalizer_processor.safetensors", "tokenizer.json"}
+    loaded = SmolVLAPolicy.from_pretrained(tmp_path / "ckpt", config=ReuseConfig(mode="full", threshold=-1.0))
+    assert loaded.model.config == model.config and loaded.model.dtype == torch.float32
+    for (name, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), name
+    for feature in (STATE, ACTION):
+        assert loaded.model.normalization.modes[feature] == "MEAN_STD"
+        for stat, values in model.normalization.stats[feature].items():
+            np.testing.assert_array_equal(loaded.model.normalization.stats[feature][stat], values)
+    demo = smolvla_demos[0]
+    for f in (0, 1):
+        chunk = loaded.step(data.frames(f), demo.instruction, demo.states[f])
+    assert chunk.shape == (10, 7) and loaded.last.gate and loaded.last.reuse_fraction > 0
+
+
+def test_train_micro_script_trains_smolvla_micro_and_writes_lerobots_layout(tmp_path, capsys):
+    """scripts/train_micro.py smolvla-micro end to end at two steps: the checkpoint the policy loads with no preset
+    given, the loss curve; a rerun resumes at the end and trains nothing more."""
+    import shutil
+
+    from dcvla.libero.episodes import list_episodes
+    from dcvla.smolvla import SmolVLAPolicy
+
+    root = tmp_path / "demos"
+    root.mkdir()
+    shutil.copy(list_episodes(suite="libero_goal")[0], root)
+    args = ["smolvla-micro", "--demos", str(root), "--out", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+            "--figure", str(tmp_path / "loss.png"), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1"]
+    assert SCRIPT.main(args) == 0
+    out = capsys.readouterr().out
+    assert "demonstrations: libero_goal task 6: 1\n" in out and "smolvla-micro: 3.3 M parameters" in out
+    policy = SmolVLAPolicy.from_pretrained(tmp_path / "ckpt")
+    assert policy.model.config.name == "smolvla-micro" and (tmp_path / "loss.png").stat().st_size > 0
+    assert SCRIPT.main(args) == 0
+    assert len(list(csv.DictReader((tmp_path / "work" / LOSS_FILE).open()))) == 2

@@ -18,7 +18,11 @@ What dcvla does differently, all exact (the parity test holds it to lerobot's nu
   advance positions (`cumsum(pad) - 1`), so dropping it changes no other token;
 - the cross-attention layers' K/V (`k_proj`, `v_proj` of the prefix's K/V) do not depend on the noisy actions or the
   time: they are projected once per inference (`cross_kv`), where lerobot projects them at every Euler step;
-- the last prefix layer's output is read by nobody: it projects its K/V and stops (`dcvla.flow.run_prefix_layers`).
+- the last prefix layer's output is read by nobody: it projects its K/V and stops (`dcvla.flow.prefix_layers`).
+
+Every step but the Euler loop (`sample_actions`, under inference mode) is differentiable outside inference mode:
+training (`dcvla.smolvla.train`) runs these very methods with gradients, the policy under `FlowPolicy.step`'s
+inference mode.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector, SmolV
 
 from .. import flops as F
 from ..attention import attend, project_qkv, rotate
-from ..flow import Level, PrefixInputs, PrefixOutput, euler, run_prefix_layers, time_embedding
+from ..flow import Level, PrefixInputs, PrefixOutput, euler, prefix_layers, time_embedding
 from ..kv_store import KVStore, LayerPlan
 from ..normalization import LIBERO_STATE_STATS, Normalization, random_normalization
 from ..prefix_reuse import LIBERO_ACTION_DIM
@@ -137,7 +141,6 @@ class SmolVLAModel(nn.Module):
         return t.num_heads, t.num_kv_heads, t.head_dim
 
     # ------------------------------------------------------------------------------------------------ prefix
-    @torch.inference_mode()
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[camera, 3, H, W] in [-1, 1] -> image tokens [camera, tokens_per_image, width], x sqrt(width) (lerobot
         scales by the width's square root as a tensor of the model's dtype)."""
@@ -145,7 +148,6 @@ class SmolVLAModel(nn.Module):
         tokens = self.parts.connector(features)
         return tokens * torch.tensor(tokens.shape[-1] ** 0.5, dtype=tokens.dtype, device=tokens.device)
 
-    @torch.inference_mode()
     def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[1, text] -> [1, text, width], x sqrt(width)."""
         embedded = self.text_model.embed_tokens(token_ids)
@@ -158,11 +160,14 @@ class SmolVLAModel(nn.Module):
         booleans, one per image slot) only checks the count."""
         if sum(image_present) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images for {sum(image_present)} present cameras")
+        return self.prefix_of(self.embed_images(pixel_values), token_ids, state)
+
+    def prefix_of(self, images: torch.Tensor, token_ids: torch.Tensor, state: torch.Tensor | None) -> PrefixInputs:
+        """The prefix of the present cameras' image tokens [camera, tokens_per_image, width] (`embed_images`: training
+        embeds a whole batch's cameras at once), the prompt tokens [1, text] and the state [max_state_dim]."""
         if state is None:
             raise ValueError("SmolVLA's prefix ends with the state token: give the normalised, padded state")
-        images = self.embed_images(pixel_values)
-        with torch.inference_mode():
-            state_token = self.state_proj(state.to(self.dtype))[None, None]  # [1, 1, width]
+        state_token = self.state_proj(state.to(self.dtype))[None, None]  # [1, 1, width]
         return PrefixInputs([images[i : i + 1] for i in range(images.shape[0])], self.embed_text(token_ids), state_token)
 
     def new_store(self, prefix_len: int) -> KVStore:
@@ -170,7 +175,7 @@ class SmolVLAModel(nn.Module):
         return KVStore(t.depth, prefix_len, t.num_heads, t.num_kv_heads, t.head_dim, self.dtype, self.device)
 
     def run_prefix(self, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int) -> PrefixOutput:
-        """Run the kept text layers over the prefix under per-layer plans (`dcvla.flow.run_prefix_layers`): the
+        """Run the kept text layers over the prefix under per-layer plans (`dcvla.flow.prefix_layers`): the
         image and prompt rows attend to each other, the state token (last) to every row."""
         state_slot = inputs.spans["state"].start
         wavelength, head_dim = self.config.rope_max_wavelength, self.config.text.head_dim
@@ -180,8 +185,8 @@ class SmolVLAModel(nn.Module):
             allowed[:, state_slot] = rows == state_slot
             return allowed
 
-        return run_prefix_layers(self.text_model.layers, inputs, plans, store, step, self._heads(),
-                                 lambda x, rows: rope_tables(rows, head_dim, wavelength), mask)
+        return prefix_layers(self.text_model.layers, inputs, plans, store, step, self._heads(),
+                             lambda x, rows: rope_tables(rows, head_dim, wavelength), mask)
 
     # ------------------------------------------------------------------------------------------------ suffix
     def embed_actions(self, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +196,6 @@ class SmolVLAModel(nn.Module):
         fused = torch.cat([actions, time[:, None].expand_as(actions)], dim=-1)
         return self.action_time_mlp_out(nn.functional.silu(self.action_time_mlp_in(fused)))
 
-    @torch.inference_mode()
     def cross_kv(self, store: KVStore) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per cross-attention layer, the expert's K/V of the prefix ([1, kv_head, prefix, head_dim] each): its own
         `k_proj` / `v_proj` of the prefix's post-RoPE K/V of that layer, heads flattened as lerobot does."""
@@ -206,7 +210,6 @@ class SmolVLAModel(nn.Module):
             out[layer] = (k, v)
         return out
 
-    @torch.inference_mode()
     def velocity(self, store: KVStore, noisy_actions: torch.Tensor, t: torch.Tensor,
                  cross: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """The velocity [1, chunk, max_action_dim] (float32) at time t [1] of the action tokens, attending to the

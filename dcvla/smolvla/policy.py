@@ -16,6 +16,7 @@ baseline every cross-frame mode is measured against.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from ..flow import resize_with_pad
 from ..flow_policy import FlowPolicy
 from ..prefix_reuse import ReuseConfig
 from ..tokenizer import load_tokenizer
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, save_pretrained
 from .model import random_model
 
 
@@ -52,6 +53,13 @@ class SmolVLAPolicy(FlowPolicy):
             raise FileNotFoundError(f"{err}: SmolVLA needs SmolVLM2's tokenizer; pass tokenizer= a directory holding "
                                     "HuggingFaceTB/SmolVLM2-500M-Video-Instruct's") from None
         return cls(load_pretrained(path, preset, dtype=dtype, device=device), words, config, seed=seed)
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+        """The model in lerobot's layout (`dcvla.smolvla.checkpoint.save_pretrained`) with the policy's tokenizer
+        beside it, so `from_pretrained(directory)` needs nothing else (lerobot's checkpoints ship no tokenizer)."""
+        directory = save_pretrained(self.model, directory, dtype)
+        self.tokenizer.save_pretrained(directory)
+        return directory
 
     def prompt(self, instruction: str, state_n: np.ndarray) -> tuple[str, tuple[int, int]]:
         """lerobot's: the task as given, with "\\n" appended unless it ends with one; the state is not in it."""

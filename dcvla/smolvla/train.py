@@ -1,0 +1,171 @@
+"""Training a SmolVLA-architecture model on demonstrations (the micro preset), with lerobot SmolVLA's objective.
+
+Each sample is one frame of a demonstration, as lerobot's LIBERO datasets give it to `SmolVLAPolicy.forward`: the
+cameras (agent view, wrist view) and the robot state at that frame, the instruction, and the next `chunk_size`
+actions. Past the episode's end the chunk repeats its last action and `action_is_pad` masks those rows out of the
+loss (lerobot's delta-timestamp query: indices clamped to the episode, `is_pad` where they were). The actions stay
+in LIBERO's own convention (gripper -1 open, +1 close), as lerobot's LIBERO datasets hold them and as
+`SmolVLAPolicy` declares (`action_convention = "libero"`).
+
+The objective is lerobot's `VLAFlowMatching.forward` with `SmolVLAPolicy.forward`'s reduction: time t ~ Beta(1.5, 1)
+x 0.999 + 0.001, noise ~ N(0, 1) over the padded chunk, x_t = t noise + (1 - t) actions, target u_t = noise -
+actions; the loss is the squared error of the predicted velocity per element over the real action dims (7 of
+`max_action_dim`) and the unpadded rows, summed and divided by their count. State and action are normalised MEAN_STD
+with the statistics lerobot's checkpoint stores (`dataset_statistics`, float32), the state and action zero-padded to
+`max_state_dim` / `max_action_dim` as lerobot's `pad_vector`. Everything is trained (a micro preset has no pretrained
+VLM to freeze, where lerobot fine-tunes the expert only).
+
+The inputs are prepared by the policy itself (`SmolVLAPolicy.pixel_values`, `encode_prompt`, `normalize_state`) and
+the velocity is the model's own differentiable code (`velocities`: `embed_images`, `prefix_of`, `run_prefix`,
+`velocity`), the code the policy integrates at inference (tests/test_training.py holds them equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..normalization import ACTION, STATE, Normalization
+from ..prefix_reuse import LIBERO_ACTION_DIM
+from .model import SmolVLAModel
+from .policy import SmolVLAPolicy
+
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)  # lerobot's DEFAULT_QUANTILES, as q01 ... q99
+TIME_BETA, TIME_SCALE, TIME_OFFSET = (1.5, 1.0), 0.999, 0.001  # lerobot's `sample_time`
+
+
+@dataclass
+class Demo:
+    """One demonstration: its instruction, actions [n, 7] in LIBERO's convention, robot states [n, 8], and a
+    function returning its frames per camera (agent view, wrist view), each [n, H, W, 3] uint8 as the policy is
+    handed them (called once, when first needed)."""
+
+    instruction: str
+    actions: np.ndarray
+    states: np.ndarray
+    frames: Callable[[], Sequence[np.ndarray]]
+
+
+def dataset_statistics(demos: Sequence[Demo]) -> Normalization:
+    """The demonstrations' normaliser as a lerobot SmolVLA checkpoint carries it: MEAN_STD for the state and the
+    action, each with the per-dim statistics lerobot's `compute_stats` keeps over every frame (min, max, mean, std
+    over the population, the `QUANTILES`, here exact; not its frame count, which `FlowPolicy.normalize_state` would
+    take for a state width), rounded to float32 as the statistics file stores them, so training normalises as the
+    loaded checkpoint will."""
+    def stats(x: np.ndarray) -> dict[str, np.ndarray]:
+        x = x.astype(np.float64)
+        values = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0),
+                  **{f"q{round(q * 100):02d}": np.quantile(x, q, axis=0) for q in QUANTILES}}
+        return {k: v.astype(np.float32).astype(np.float64) for k, v in values.items()}
+
+    return Normalization({STATE: "MEAN_STD", ACTION: "MEAN_STD"},
+                         {STATE: stats(np.concatenate([d.states for d in demos])),
+                          ACTION: stats(np.concatenate([d.actions for d in demos]))})
+
+
+def pad_vector(x: np.ndarray, dim: int) -> np.ndarray:
+    """lerobot's `pad_vector`: x [..., d] zero-padded to [..., dim]."""
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dim - x.shape[-1])])
+
+
+def chunk_rows(n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The action rows [n, chunk] each frame's chunk reads, clamped to the episode's last, and which of them are
+    padding [n, chunk] (lerobot's `_get_query_indices` with delta indices 0..chunk-1)."""
+    wanted = np.arange(n)[:, None] + np.arange(chunk)[None, :]
+    return np.minimum(wanted, n - 1), wanted >= n
+
+
+@dataclass
+class Batch:
+    """A batch of samples as the model takes them."""
+
+    pixels: torch.Tensor         # [sample, camera, 3, H, W] in [-1, 1]
+    prompts: list[torch.Tensor]  # per sample, the prompt's token ids [1, text]
+    states: torch.Tensor         # [sample, max_state_dim] normalised, zero-padded
+    actions: torch.Tensor        # [sample, chunk, max_action_dim] normalised, zero-padded
+    is_pad: torch.Tensor         # [sample, chunk] bool: past the episode's end
+
+
+class DemoFrames:
+    """Every frame of `demos` as SmolVLA training samples, prepared by `policy` (its model's statistics must be the
+    demonstrations'); a demonstration's frames are decoded on first use and kept."""
+
+    def __init__(self, demos: Sequence[Demo], policy: SmolVLAPolicy) -> None:
+        self.demos, self.policy = list(demos), policy
+        cfg, norm = policy.model.config, policy.model.normalization
+        self.index = [(d, f) for d, demo in enumerate(self.demos) for f in range(len(demo.actions))]
+        self.prompts = {demo.instruction: torch.tensor([policy.encode_prompt(demo.instruction)[0]]) for demo in self.demos}
+        self.states = [torch.from_numpy(pad_vector(np.stack([policy.normalize_state(s) for s in demo.states]),
+                                                   cfg.max_state_dim)).float() for demo in self.demos]
+        self.chunks = []
+        for demo in self.demos:
+            rows, is_pad = chunk_rows(len(demo.actions), cfg.chunk_size)
+            normalised = pad_vector(norm.normalize(demo.actions, ACTION), cfg.max_action_dim)  # [n, max_action_dim]
+            self.chunks.append((torch.from_numpy(normalised[rows]).float(), torch.from_numpy(is_pad)))
+        self._frames: dict[int, Sequence[np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def frames(self, i: int) -> list[np.ndarray]:
+        """Sample `i`'s camera images, each [H, W, 3] uint8, as the policy is handed them."""
+        d, f = self.index[i]
+        if d not in self._frames:
+            cameras = self._frames[d] = self.demos[d].frames()
+            if {len(frames) for frames in cameras} != {len(self.demos[d].actions)}:
+                raise ValueError(f"demonstration {d} ({self.demos[d].instruction!r}) has {[len(c) for c in cameras]} "
+                                 f"frames per camera for {len(self.demos[d].actions)} actions")
+        return [frames[f] for frames in self._frames[d]]
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """Samples `indices`: each frame's cameras through the policy's preprocessing, its prompt, state and chunk."""
+        pixels, prompts, states, actions, is_pad = [], [], [], [], []
+        for i in map(int, indices):
+            d, f = self.index[i]
+            pixels.append(self.policy.pixel_values(self.frames(i))[1])
+            prompts.append(self.prompts[self.demos[d].instruction])
+            states.append(self.states[d][f])
+            actions.append(self.chunks[d][0][f])
+            is_pad.append(self.chunks[d][1][f])
+        return Batch(torch.stack(pixels), prompts, torch.stack(states), torch.stack(actions), torch.stack(is_pad))
+
+
+def velocities(model: SmolVLAModel, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The model's velocity [sample, chunk, max_action_dim] (float32) at x_t [sample, chunk, max_action_dim] and t
+    [sample], with gradients: every sample's cameras through the vision tower at once, then per sample (its prompt
+    has its own length) the policy's prefix, its K/V in a fresh store, and the expert at (x_t, t)."""
+    device = model.device
+    cameras = batch.pixels.shape[1]
+    images = model.embed_images(batch.pixels.flatten(0, 1).to(device))  # [sample * camera, token, width]
+    out = []
+    for b, prompt in enumerate(batch.prompts):
+        prefix = model.prefix_of(images[b * cameras : (b + 1) * cameras], prompt.to(device), batch.states[b].to(device))
+        store = model.new_store(prefix.length)
+        model.run_prefix(prefix, None, store, 0)
+        out.append(model.velocity(store, x_t[b : b + 1].to(device), t[b : b + 1].to(device)))
+    return torch.cat(out)
+
+
+def flow_noise(indices: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise [shape] and times [sample] of a batch, a function of its sample indices (so a resumed run draws
+    what the uninterrupted one drew): lerobot's N(0, 1) and Beta(1.5, 1) x 0.999 + 0.001."""
+    rng = np.random.default_rng([int(i) for i in indices])
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    t = rng.beta(*TIME_BETA, size=shape[0]) * TIME_SCALE + TIME_OFFSET
+    return torch.from_numpy(noise), torch.from_numpy(t.astype(np.float32))
+
+
+def flow_loss(model: SmolVLAModel, data: DemoFrames, indices: Sequence[int]) -> torch.Tensor:
+    """lerobot SmolVLA's flow-matching loss of samples `indices`: the squared error of the velocity against
+    noise - actions, over the real action dims of the unpadded rows."""
+    batch = data.batch(indices)
+    noise, t = flow_noise(indices, tuple(batch.actions.shape))
+    x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * batch.actions
+    v_t = velocities(model, batch, x_t, t)
+    u_t = (noise - batch.actions).to(v_t.device)
+    keep = ~batch.is_pad.to(v_t.device)  # [sample, chunk]
+    losses = torch.nn.functional.mse_loss(v_t, u_t, reduction="none")[:, :, :LIBERO_ACTION_DIM] * keep[..., None]
+    return losses.sum() / (keep.sum() * LIBERO_ACTION_DIM).clamp_min(1)
