@@ -116,11 +116,12 @@ def loss_figure(work: Path, figure: Path, title: str) -> None:
     import pandas as pd
     import plotly.express as px
 
+    from dcvla.studies.common import save_figure
+
     log = pd.read_csv(work / LOSS_FILE)
     log["loss (mean of 50 steps)"] = log["loss"].rolling(50, min_periods=1).mean()
     fig = px.line(log, x="step", y=["loss", "loss (mean of 50 steps)"], title=title, log_y=True)
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_image(figure, width=900, height=450)
+    save_figure(fig, figure.stem, figure.parent, width=900, height=450)
     print(f"loss curve -> {figure}", flush=True)
 
 

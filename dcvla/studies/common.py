@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import time
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -343,11 +344,25 @@ def find_cliff(table: pd.DataFrame, metric: str = "action KL") -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------- figures
+KALEIDO_TRIES = 3
+
+
 def save_figure(fig, name: str, figures_dir: str | Path, width: int = 1000, height: int = 520) -> Path:
-    """Write a plotly figure as PNG (kaleido + chromium) under figures_dir; returns the path."""
+    """Write a plotly figure as PNG (kaleido + chromium) under figures_dir; returns the path.
+
+    On a loaded machine kaleido sometimes calls into its page before the page's script has run and fails with
+    "kaleido_scopes is not defined"; the export is then tried again (up to `KALEIDO_TRIES` times), and any other
+    error, or the same one every time, is raised."""
     path = Path(figures_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_image(str(path), width=width, height=height, scale=1)
+    for attempt in range(1, KALEIDO_TRIES + 1):
+        try:
+            fig.write_image(str(path), width=width, height=height, scale=1)
+            return path
+        except Exception as err:  # kaleido's JavascriptError comes from its browser driver's own module
+            if "kaleido_scopes is not defined" not in str(err) or attempt == KALEIDO_TRIES:
+                raise
+            time.sleep(attempt)
     return path
 
 
