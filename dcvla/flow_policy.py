@@ -149,10 +149,9 @@ class FlowPolicy:
                              f"(LIBERO: 8), got shape {arr.shape}")
         if not np.isfinite(arr).all():
             raise ValueError(f"state has non-finite values: {arr}")
-        expected = self.model.normalization.stats.get(STATE, {})
-        dims = {len(v) for v in expected.values()}
-        if dims and dims != {arr.shape[0]}:
-            raise ValueError(f"state has {arr.shape[0]} values; the checkpoint's statistics have {dims.pop()}")
+        width = self.model.normalization.width(STATE)
+        if width is not None and width != arr.shape[0]:
+            raise ValueError(f"state has {arr.shape[0]} values; the checkpoint's statistics have {width}")
         return self.model.normalization.normalize(arr, STATE)
 
     def encode_prompt(self, instruction: str, state: np.ndarray | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:

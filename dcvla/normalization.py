@@ -41,6 +41,12 @@ class Normalization:
     stats: dict[str, dict[str, np.ndarray]]   # feature -> stat -> values
     eps: float = 1e-8
 
+    def width(self, feature: str) -> int | None:
+        """How many values of `feature` the statistics its mode uses hold (None: IDENTITY, any width). Other entries
+        of the file (lerobot's one-value `count`, unused quantiles) say nothing of the width."""
+        mode = self.modes.get(feature, "IDENTITY")
+        return None if mode == "IDENTITY" else len(self.stats[feature][_STATS[mode][0]])
+
     def normalize(self, values: np.ndarray, feature: str, inverse: bool = False) -> np.ndarray:
         """lerobot's formulas in float64: MEAN_STD (x - mean) / (std + eps) (inverse x * std + mean); MIN_MAX and the
         quantile modes map [lo, hi] to [-1, 1] (a zero range becomes eps); IDENTITY leaves x."""

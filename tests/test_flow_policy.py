@@ -316,6 +316,23 @@ def test_bad_config_is_named(kwargs, match):
         ReuseConfig(**kwargs)
 
 
+def test_the_state_width_comes_from_the_statistics_the_mode_uses(pi0, pi0_clip):
+    """lerobot's statistics files may hold a one-value `count` beside the per-dim statistics: it is no state width."""
+    from dataclasses import replace
+
+    _, states, _ = pi0_clip
+    norm = pi0.model.normalization
+    counted = replace(norm, stats={k: dict(v, count=np.array([1234.0])) for k, v in norm.stats.items()})
+    assert counted.width("observation.state") == 8
+    pi0.model.normalization = counted
+    try:
+        np.testing.assert_array_equal(pi0.normalize_state(states[1]), norm.normalize(states[1], "observation.state"))
+        with pytest.raises(ValueError, match="state has 7 values; the checkpoint's statistics have 8"):
+            pi0.normalize_state(states[1][:7])
+    finally:
+        pi0.model.normalization = norm
+
+
 def test_layer_wise_from_past_the_depth(pi0):
     with pytest.raises(ValueError, match=f"layer_wise_from={DEPTH} is past the prefix LM's {DEPTH} layers"):
         pi0.with_config(ReuseConfig(mode="layer_wise", layer_wise_from=DEPTH))
