@@ -4,7 +4,10 @@ The package keeps the upstream LIBERO API (`libero.libero.benchmark`, `OffScreen
 module is a thin layer that adds validated names (errors list the valid choices), a task record, and
 environment construction with the settings the OpenVLA evaluation uses (256x256 render, env seed 0).
 Rendering runs on the CPU through Mesa EGL; `MUJOCO_GL` must be set before mujoco is first imported,
-which is why it is defaulted here at import time rather than inside `make_env`.
+which is why it is defaulted here at import time rather than inside `make_env`. Mesa's software rasteriser
+(llvmpipe) renders on one thread here unless `LP_NUM_THREADS` says otherwise: on the 2-core machine a LIBERO step
+with both cameras at 256 px took 237 ms on one thread against 398 ms on llvmpipe's default two (its threads
+contend with the physics and with each other), and simulator workers run one per core anyway.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("LP_NUM_THREADS", "1")
 
 #: The suites this workbench supports, in the order the OpenVLA paper reports them (libero_90 last).
 SUITES: tuple[str, ...] = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
