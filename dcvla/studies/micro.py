@@ -1,0 +1,44 @@
+"""The micro policies the project ships (docs/micro.md): small policies of the published architectures, trained here
+on the scripted demonstrations of one task per LIBERO suite (`dcvla.libero.episodes.DEMO_TASKS`); not OpenVLA or
+SmolVLA. Each checkpoint is in its family's published layout under `checkpoints/<preset>` and is loaded by that
+family's strict loader, so every cache method, reuse mode and gate applies to it unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Where the shipped checkpoints live (the repository's `checkpoints/`).
+CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+#: Every micro preset, with the family that loads it.
+MICRO_FAMILIES = {"openvla-micro": "openvla", "smolvla-micro": "smolvla"}
+#: The micro presets whose trained checkpoints are committed (a test loads each and runs it in the simulator).
+SHIPPED: tuple[str, ...] = ()
+
+
+def micro_checkpoint(preset: str) -> Path:
+    """`checkpoints/<preset>`; a clear error when the preset is no micro preset or its checkpoint is not there."""
+    if preset not in MICRO_FAMILIES:
+        raise ValueError(f"unknown micro preset {preset!r}; known: {', '.join(MICRO_FAMILIES)}")
+    path = CHECKPOINT_DIR / preset
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no {preset} checkpoint; train it with "
+                                f"`.venv/bin/python scripts/train_micro.py {preset}` (docs/micro.md)")
+    return path
+
+
+def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """The shipped micro policy `preset` without caching (OpenVLA's `vanilla`; the flow policies' reuse mode
+    `none`), loaded strictly from `checkpoints/<preset>`."""
+    path = micro_checkpoint(preset)
+    if MICRO_FAMILIES[preset] == "openvla":
+        from ..openvla.loading import vanilla_policy
+        from ..openvla.train import STATS_KEY
+
+        return vanilla_policy(checkpoint=path, unnorm_key=STATS_KEY, dtype=dtype, device=device)
+    from ..smolvla import SmolVLAPolicy
+
+    return SmolVLAPolicy.from_pretrained(path, dtype=dtype, device=device)

@@ -1,0 +1,86 @@
+"""A shipped micro policy's closed-loop rollout as a GIF (the README's): one trial of the upstream protocol on an
+official init state, the agent view as the policy saw it (rotated upright), every --every-th step.
+
+    MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro                  # -> figures/rollout_smolvla-micro.gif
+    MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro --suite libero_10 --init 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dcvla.io import atomic_path
+from dcvla.libero import protocol
+from dcvla.libero.env import close_env, get_init_states, get_task, make_env
+from dcvla.libero.episodes import DEMO_TASKS
+from dcvla.libero.evaluate import cameras_for, run_trial, seed_everything
+from dcvla.studies.micro import MICRO_FAMILIES, load_micro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Filmed:
+    """The env, keeping the agent view of every step's observation."""
+
+    def __init__(self, env: Any) -> None:
+        self.env, self.frames = env, []
+
+    def _keep(self, obs: dict) -> dict:
+        self.frames.append(protocol.rotate180(obs["agentview_image"]))
+        return obs
+
+    def set_init_state(self, state: np.ndarray) -> dict:
+        return self._keep(self.env.set_init_state(state))
+
+    def step(self, action: list) -> tuple:
+        obs, *rest = self.env.step(action)
+        return (self._keep(obs), *rest)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+
+def write_gif(frames: list[np.ndarray], path: Path, caption: str, every: int, size: int) -> None:
+    images = []
+    for i, frame in enumerate(frames[::every]):
+        image = Image.fromarray(frame).resize((size, size), Image.LANCZOS)
+        ImageDraw.Draw(image).text((4, 4), f"{caption}  step {i * every}", fill=(255, 255, 255))
+        images.append(image.convert("P", palette=Image.ADAPTIVE))
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", choices=list(MICRO_FAMILIES))
+    ap.add_argument("--suite", default="libero_spatial", choices=list(DEMO_TASKS))
+    ap.add_argument("--init", type=int, default=0, help="official init state (default 0)")
+    ap.add_argument("--every", type=int, default=4, help="keep every N-th step (default 4)")
+    ap.add_argument("--size", type=int, default=192, help="GIF side in pixels (default 192)")
+    ap.add_argument("--out", type=Path, help="default figures/rollout_PRESET.gif")
+    args = ap.parse_args(argv)
+    out = args.out or ROOT / "figures" / f"rollout_{args.preset}.gif"
+    policy = load_micro(args.preset)
+    task = DEMO_TASKS[args.suite]
+    info = get_task(args.suite, task)
+    seed_everything()
+    env = Filmed(make_env(args.suite, task, cameras=cameras_for(policy)))
+    try:
+        result = run_trial(policy, env, args.suite, get_init_states(args.suite, task)[args.init], info.instruction,
+                           center_crop=MICRO_FAMILIES[args.preset] == "openvla")
+    finally:
+        close_env(env.env)
+    outcome = "success" if result.success else "failure"
+    write_gif(env.frames, out, f"{args.preset}: {outcome}", args.every, args.size)
+    print(f"{args.suite} task {task} init {args.init}: {outcome} in {result.steps} steps -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

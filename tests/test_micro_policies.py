@@ -1,0 +1,45 @@
+"""The shipped micro policies (dcvla.studies.micro): each loads with its family's strict loader from
+checkpoints/<preset>, stays under 40 MB, and runs a closed-loop step in the simulator on the first official init
+state of every task it was trained on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dcvla.studies.micro import CHECKPOINT_DIR, SHIPPED, load_micro, micro_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_a_missing_or_unknown_micro_checkpoint_is_named(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown micro preset 'pi0-micro'; known: openvla-micro, smolvla-micro"):
+        micro_checkpoint("pi0-micro")
+    monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no smolvla-micro checkpoint; train it with .*train_micro.py smolvla-micro"):
+        micro_checkpoint("smolvla-micro")
+
+
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_a_shipped_micro_checkpoint_is_small(preset):
+    size = sum(f.stat().st_size for f in (CHECKPOINT_DIR / preset).rglob("*") if f.is_file())
+    assert size <= 40 * 2**20, f"{preset}: {size / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_a_shipped_micro_policy_steps_on_every_trained_task(preset):
+    from dcvla.libero.env import close_env, get_init_states, get_task, make_env
+    from dcvla.libero.episodes import DEMO_TASKS
+    from dcvla.libero.evaluate import cameras_for, run_trial
+
+    policy = load_micro(preset)
+    for suite, task in DEMO_TASKS.items():
+        info = get_task(suite, task)
+        env = make_env(suite, task, cameras=cameras_for(policy))
+        try:
+            result = run_trial(policy, env, suite, get_init_states(suite, task)[0], info.instruction, max_steps=1,
+                               center_crop=preset.startswith("openvla"))
+        finally:
+            close_env(env)
+        assert result.error == "" and result.steps == 1, (suite, result.error)
+        assert len(result.latency_s) == 1  # the policy was called once
