@@ -25,7 +25,7 @@
 # and wrist views) and robot states, one inference every `replan_steps` frames as openpi's LIBERO client, compared
 # with the no-reuse run from the same noise: reuse rate, latency, Hz, action drift. The cliff is located from the
 # data. With random weights (the default presets) there is no success rate to measure, so the action drift stands
-# in for it; give `pi0_checkpoint` (a lerobot pi0 / pi0.5 / SmolVLA directory, and `pi0_tokenizer`) for a trained model.
+# in for it; give `checkpoint` (a lerobot pi0 / pi0.5 / SmolVLA directory, and `tokenizer`) for a trained model.
 #
 # **How speed is measured.** Each run is recorded on its own, one after another, so the recordings' `latency_ms`
 # carry whatever load the machine had at that moment: their ratios are not a speedup. The speed columns come from
@@ -37,8 +37,8 @@
 
 # %% tags=["parameters"]
 preset = "small"          # small/tiny: pi0-small/pi0-tiny (random weights); or pi05-small, smolvla-small, pi0, ...
-pi0_checkpoint = ""       # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory (e.g. lerobot/pi05_base, smolvla_base)
-pi0_tokenizer = ""        # its tokenizer's directory (PaliGemma's, SmolVLM2's), for a checkpoint that ships none
+checkpoint = ""           # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory (e.g. lerobot/pi05_base), or "smolvla-micro"
+tokenizer = ""            # its tokenizer's directory (PaliGemma's, SmolVLM2's), for a checkpoint that ships none
 seed = 0                  # weights seed; also seeds the flow noise, the same for every mode
 device = "cpu"            # "cuda" on a GPU machine
 dtype = "float32"
@@ -67,7 +67,7 @@ import numpy as np, pandas as pd, plotly.express as px
 from dcvla.studies import common, stability_cliff
 config = stability_cliff.CliffConfig.from_parameters(globals())
 base = stability_cliff.pi0_base(config)
-print(config.model_name(), base.model.config.variant, "(random weights: drift, not success)" if not config.pi0_checkpoint else "")
+print(config.model_name(), base.model.config.variant, "(random weights: drift, not success)" if not config.checkpoint else "")
 figures = []
 
 # %%

@@ -4,8 +4,8 @@ state of every task it was trained on."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+import torch
 
 from dcvla.studies.micro import CHECKPOINT_DIR, SHIPPED, load_micro, micro_checkpoint
 
@@ -43,3 +43,20 @@ def test_a_shipped_micro_policy_steps_on_every_trained_task(preset):
             close_env(env)
         assert result.error == "" and result.steps == 1, (suite, result.error)
         assert len(result.latency_s) == 1  # the policy was called once
+
+
+def test_the_studies_take_a_micro_policy_by_name(tmp_path, monkeypatch):
+    from dcvla.smolvla import SmolVLAPolicy
+    from dcvla.studies.stability_cliff import CliffConfig, pi0_base
+
+    trained = SmolVLAPolicy.from_preset("smolvla-tiny", seed=3)
+    trained.save_pretrained(tmp_path / "smolvla-micro", dtype=None)
+    monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path)
+    config = CliffConfig(checkpoint="smolvla-micro")
+    loaded = pi0_base(config)
+    assert config.model_name() == "smolvla-micro" and isinstance(loaded, SmolVLAPolicy)
+    for (name, mine), theirs in zip(trained.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="no smolvla-micro checkpoint"):
+        pi0_base(config)

@@ -250,11 +250,11 @@ def test_stability_cliff_runs_pi05_and_a_lerobot_checkpoint(tmp_path):
     assert read_dataset(next(runs.glob("*.nc"))).attrs["variant"] == "pi05"
     fixture = Path(__file__).parent / "fixtures" / "pi0_tiny"
     with pytest.raises(FileNotFoundError, match="no PaliGemma tokenizer in .*pi0_tiny"):
-        pi0_base(CliffConfig(pi0_checkpoint=str(fixture)))
+        pi0_base(CliffConfig(checkpoint=str(fixture)))
     tokenizer = Path(__file__).parents[1] / "dcvla" / "assets"
     assert get_preset("pi0-tiny").vocab_size > 320  # the fixture's vocabulary is the parity test's 320: give the preset
     with pytest.raises(Exception, match="does not fit"):
-        pi0_base(CliffConfig(pi0_checkpoint=str(fixture), pi0_tokenizer=str(tokenizer)))
+        pi0_base(CliffConfig(checkpoint=str(fixture), tokenizer=str(tokenizer)))
 
 
 def test_stability_cliff_runs_smolvla_and_its_checkpoint(tmp_path):
@@ -273,10 +273,10 @@ def test_stability_cliff_runs_smolvla_and_its_checkpoint(tmp_path):
     fixture = Path(__file__).parent / "fixtures" / "smolvla_tiny"
     assert checkpoint_policy(str(fixture)) is SmolVLAPolicy
     with pytest.raises(FileNotFoundError, match="SmolVLA needs SmolVLM2's tokenizer"):
-        pi0_base(CliffConfig(pi0_checkpoint=str(fixture)))
+        pi0_base(CliffConfig(checkpoint=str(fixture)))
     tokenizer = Path(__file__).parents[1] / "dcvla" / "assets"
     with pytest.raises(Exception, match="names the VLM 'tiny-smolvlm2'; dcvla knows HuggingFaceTB/SmolVLM2-500M"):
-        pi0_base(CliffConfig(pi0_checkpoint=str(fixture), pi0_tokenizer=str(tokenizer)))  # no preset for its VLM
+        pi0_base(CliffConfig(checkpoint=str(fixture), tokenizer=str(tokenizer)))  # no preset for its VLM
 
 
 def test_cliff_config_is_checked():

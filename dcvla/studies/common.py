@@ -30,6 +30,7 @@ from ..openvla.loading import check_preset, vanilla_policy
 from ..openvla.record import action_kl
 from ..recording import record_episode
 from ..units import Unit, make_unit, run_units
+from .micro import resolve_micro
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 PAPER_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
@@ -131,7 +132,8 @@ class PolicyParameters(Parameters):
 
     preset: str = "small"                # model preset (random weights) unless `checkpoint` is given; OpenVLA-OFT:
                                          # oft-small, oft-tiny, openvla-oft-7b
-    checkpoint: str = ""                 # OpenVLA or OpenVLA-OFT checkpoint directory or hub id ("" = random preset)
+    checkpoint: str = ""                 # OpenVLA or OpenVLA-OFT checkpoint directory or hub id ("" = random preset),
+                                         # or a shipped micro policy by name ("openvla-micro")
     unnorm_key: str = ""                 # dataset statistics for a checkpoint ("" = its only one)
     seed: int = 0                        # weights seed of a random preset
     device: str = "cpu"                  # "cuda" on a GPU machine
@@ -175,7 +177,7 @@ class StudyConfig(PolicyParameters):
 def base_policy(config: PolicyParameters) -> CachePolicyBase:
     """The vanilla policy whose model every method of a study shares (`with_config`): a checkpoint, or a random
     preset, on the configured device; `OFTCachedPolicy` for OpenVLA-OFT (`dcvla.openvla.loading`)."""
-    return vanilla_policy(config.preset, config.checkpoint, config.unnorm_key or None, config.seed,
+    return vanilla_policy(config.preset, resolve_micro(config.checkpoint), config.unnorm_key or None, config.seed,
                           parse_dtype(config.dtype, f"{type(config).__name__}.dtype"), config.device)
 
 

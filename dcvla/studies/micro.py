@@ -30,6 +30,12 @@ def micro_checkpoint(preset: str) -> Path:
     return path
 
 
+def resolve_micro(checkpoint: str) -> str | Path:
+    """A study's `checkpoint` parameter: a micro preset's name is its shipped checkpoint; anything else (a directory,
+    a hub id) is returned as given."""
+    return micro_checkpoint(checkpoint) if checkpoint in MICRO_FAMILIES else checkpoint
+
+
 def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """The shipped micro policy `preset` without caching (OpenVLA's `vanilla`; the flow policies' reuse mode
     `none`), loaded strictly from `checkpoints/<preset>`."""

@@ -26,6 +26,7 @@ from ..recording import record_episode
 from ..success import success_summary
 from ..units import Unit, make_unit, run_units
 from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff
+from .micro import resolve_micro
 from .speed import COLUMNS as SPEED_COLUMNS
 from .speed import is_timing, load_timings, speed_note, speed_table, time_episode, timing_unit
 
@@ -48,8 +49,9 @@ class CliffConfig(Parameters):
     """The stability_cliff notebook's parameters (the shared ones keep StudyConfig's names)."""
 
     preset: str = "small"                # "small"/"tiny": pi0-small/pi0-tiny; or any flow preset (pi05-small, smolvla-small)
-    pi0_checkpoint: str = ""             # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory instead of random weights
-    pi0_tokenizer: str = ""              # its tokenizer's directory (PaliGemma's, SmolVLM2's), if it ships none
+    checkpoint: str = ""                 # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory instead of random
+                                         # weights, or a shipped micro policy by name ("smolvla-micro")
+    tokenizer: str = ""                  # its tokenizer's directory (PaliGemma's, SmolVLM2's), if it ships none
     seed: int = 0                        # weights seed; also seeds the flow's noise (the same for every mode)
     device: str = "cpu"
     dtype: str = "float32"
@@ -75,7 +77,7 @@ class CliffConfig(Parameters):
 
     def __post_init__(self) -> None:
         self.check_types()
-        if not self.pi0_checkpoint:
+        if not self.checkpoint:
             self.pi0_preset()  # an unknown preset fails here, naming the known ones
         parse_dtype(self.dtype, "CliffConfig.dtype")
         check_device(self.device, "CliffConfig.device")
@@ -107,7 +109,7 @@ class CliffConfig(Parameters):
                          f"{', '.join(FLOW_PRESETS)} (or small, tiny)")
 
     def model_name(self) -> str:
-        return Path(self.pi0_checkpoint).name if self.pi0_checkpoint else self.pi0_preset()
+        return Path(self.checkpoint).name if self.checkpoint else self.pi0_preset()
 
     def grid(self) -> list[tuple[str, str, float]]:
         """(mode, gate, value) of every run but the reference: each mode under its own gate over `thresholds`, then
@@ -133,9 +135,10 @@ def pi0_base(config: CliffConfig) -> FlowPolicy:
     """The no-reuse policy whose model every mode shares: a checkpoint, or the random weights of the preset."""
     dtype = parse_dtype(config.dtype, "CliffConfig.dtype")
     none = ReuseConfig(mode="none", replan_steps=config.replan_steps)
-    if config.pi0_checkpoint:
-        return checkpoint_policy(config.pi0_checkpoint).from_pretrained(
-            config.pi0_checkpoint, none, dtype=dtype, device=config.device, tokenizer=config.pi0_tokenizer or None,
+    if config.checkpoint:
+        path = str(resolve_micro(config.checkpoint))
+        return checkpoint_policy(path).from_pretrained(
+            path, none, dtype=dtype, device=config.device, tokenizer=config.tokenizer or None,
             seed=config.seed)
     preset = config.pi0_preset()
     policy = FLOW_PRESETS[preset].from_preset(preset, seed=config.seed, config=none)
@@ -287,7 +290,7 @@ def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.
     state, `replan_steps` actions per chunk; no center crop), one unit per task under the process's runner; with
     95% Wilson intervals and, against the reference on the same init states, the paired difference and the exact
     McNemar p (`dcvla.success`).
-    Resumable: trials already in a result file are kept. Meaningful with a trained checkpoint (`pi0_checkpoint`);
+    Resumable: trials already in a result file are kept. Meaningful with a trained checkpoint (`checkpoint`);
     random weights succeed by chance only."""
     from ..libero.evaluate import load_results
 
