@@ -70,8 +70,9 @@ def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
 def _resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
     """Load the last checkpoint under `out_dir` if there is one (the same config, else a clear error) and trim
     `loss.csv` to its step. Returns the step to continue from."""
-    path = out_dir / STATE_FILE
+    path, log = out_dir / STATE_FILE, out_dir / LOSS_FILE
     if not path.exists():
+        log.unlink(missing_ok=True)  # the log of a run stopped before its first checkpoint: those steps rerun
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != asdict(config):
@@ -79,7 +80,6 @@ def _resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
                          f"settings, or train into another directory")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    log = out_dir / LOSS_FILE
     if log.exists():
         rows = list(csv.reader(log.open()))
         kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) < state["step"]]

@@ -94,6 +94,24 @@ def test_batches_are_a_function_of_the_step():
     assert not np.array_equal(first[0], batch_indices(10, TrainConfig(steps=10, batch_size=4, seed=4), 0))
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_its_log_afresh(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    config = TrainConfig(steps=3, batch_size=2, warmup=1, checkpoint_every=3)
+    calls = []
+
+    def loss(m, idx):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # in step 1: step 0's row is logged, no checkpoint yet
+        return m(torch.ones(len(idx), 2)).pow(2).mean()
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, loss, 4, config, tmp_path, progress=False)
+    assert not (tmp_path / STATE_FILE).exists() and (tmp_path / LOSS_FILE).exists()
+    assert train(model, loss, 4, config, tmp_path, progress=False) == 3
+    assert [int(r["step"]) for r in csv.DictReader((tmp_path / LOSS_FILE).open())] == [0, 1, 2]
+
+
 def test_a_stopped_run_resumes_to_the_same_weights(base, demos, statistics, tmp_path):
     config = TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=2)
     straight, data = tiny_data(base, demos, statistics)
