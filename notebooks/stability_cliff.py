@@ -58,7 +58,7 @@ steps = 6                 # inferences per episode
 replan_steps = 5          # frames between inferences (openpi executes 5 actions of each chunk)
 compare_to = "previous"   # the gate compares with the previous inference (the report), or with the "anchor" one
 success_trials = 0        # closed-loop LIBERO trials per run and task (with a checkpoint; 0: none)
-success_tasks = [0]       # task ids of each suite for success_trials
+success_tasks = []        # task ids of each suite for success_trials ([]: its trained one, the first episode's)
 success_seeds = [0]       # evaluation seeds of those trials (0: the protocol's)
 max_steps = 0             # env steps per trial (0: the protocol's budget)
 

@@ -21,9 +21,9 @@ from dcvla.io import read_dataset
 from dcvla.notebooks import NOTEBOOKS, build_all, build_notebook, notebook_names
 from dcvla.openvla import CacheConfig
 from dcvla.studies.common import StudyConfig, find_cliff
-from dcvla.studies.libero_benchmark import BenchmarkConfig
+from dcvla.studies.libero_benchmark import BenchmarkConfig, benchmark_units
 from dcvla.studies.speed import HZ, SPEEDUP, TOTAL
-from dcvla.studies.stability_cliff import CliffConfig
+from dcvla.studies.stability_cliff import CliffConfig, success_units
 
 TINY = ["-p", "preset", "tiny", "-p", "suites", '["libero_goal"]', "-p", "episodes_per_suite", "1"]
 
@@ -297,12 +297,16 @@ def test_cliff_config_is_checked():
 
 def test_benchmark_config_is_checked():
     assert BenchmarkConfig().max_steps == 10 and BenchmarkConfig(tasks=[0, 3]).tasks == [0, 3]
+    trained = [(u.get("suite"), u.get("task")) for u in benchmark_units(BenchmarkConfig(suites=["libero_goal", "libero_10"]))]
+    assert trained == [("libero_goal", 8), ("libero_10", 4)] * 2  # no tasks given: each suite's trained one, per method
+    cliff = CliffConfig(suites=["libero_goal"], success_trials=1, modes=["full"], thresholds=[0.99], gates=[])
+    assert {(u.get("suite"), u.get("task")) for u in success_units(cliff)} == {("libero_goal", 8)}
     with pytest.raises(ValueError, match="BenchmarkConfig.methods: unknown \\['turbo'\\]"):
         BenchmarkConfig(methods=["turbo"])
     with pytest.raises(ValueError, match="BenchmarkConfig.suites: unknown"):
         BenchmarkConfig(suites=["libero_100"])
-    with pytest.raises(ValueError, match="task ids"):
-        BenchmarkConfig(tasks=[])
+    with pytest.raises(ValueError, match="task ids >= 0"):
+        BenchmarkConfig(tasks=[-1])
     with pytest.raises(ValueError, match="trials must be >= 1"):
         BenchmarkConfig(trials=0)
 

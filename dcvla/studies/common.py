@@ -22,7 +22,7 @@ import xarray as xr
 from ..devices import parse_dtype
 from ..io import open_recording, write_dataset
 from ..libero.env import SUITES as LIBERO_SUITES
-from ..libero.episodes import DEFAULT_DIR, Episode, list_episodes, load_episode
+from ..libero.episodes import DEFAULT_DIR, DEMO_TASKS, Episode, list_episodes, load_episode
 from ..libero.protocol import policy_input
 from ..openvla import METHODS, CacheConfig
 from ..openvla.cache_policy import CachePolicyBase
@@ -172,6 +172,12 @@ class StudyConfig(PolicyParameters):
         check_suites("StudyConfig", self.suites, self.episodes_dir)
         if self.frames < 0 or self.episodes_per_suite < 0:
             raise ValueError(f"StudyConfig.frames and episodes_per_suite must be >= 0, got {self.frames}, {self.episodes_per_suite}")
+
+
+def suite_tasks(suites: list[str], tasks: list[int]) -> list[tuple[str, int]]:
+    """(suite, task) of closed-loop trials: `tasks` of every suite, or, when `tasks` is empty, each suite's trained
+    task (`DEMO_TASKS`: the task of its first shipped episode, the one the micro policies learned)."""
+    return [(suite, task) for suite in suites for task in (tasks or [DEMO_TASKS[suite]])]
 
 
 def base_policy(config: PolicyParameters) -> CachePolicyBase:

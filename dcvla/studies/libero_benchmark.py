@@ -13,7 +13,7 @@ from ..openvla import METHODS, CacheConfig
 from ..openvla.cache_policy import CachePolicyBase
 from ..success import success_summary
 from ..units import Unit, make_unit, run_units
-from .common import SUITES, PolicyParameters, base_policy, check_names
+from .common import SUITES, PolicyParameters, base_policy, check_names, suite_tasks
 
 STUDY = "libero_benchmark"
 
@@ -25,7 +25,7 @@ class BenchmarkConfig(PolicyParameters):
 
     methods: list[str] = field(default_factory=lambda: ["vanilla", "dual_cache"])
     suites: list[str] = field(default_factory=lambda: ["libero_spatial"])
-    tasks: list[int] = field(default_factory=lambda: [0])  # task ids, the same for every suite
+    tasks: list[int] = field(default_factory=list)  # task ids, the same for every suite ([]: each suite's trained one)
     trials: int = 1                      # init states 0..trials-1 (the protocol uses 50)
     seeds: list[int] = field(default_factory=lambda: [0])  # evaluation seeds (0: the protocol's), each on every trial
     max_steps: int = 10                  # policy steps per trial (0 = the protocol's per-suite budget)
@@ -37,7 +37,7 @@ class BenchmarkConfig(PolicyParameters):
         self.check_model()
         check_names("BenchmarkConfig.methods", self.methods, METHODS, "known")
         check_names("BenchmarkConfig.suites", self.suites, SUITES, "suites")
-        if not self.tasks or any(not isinstance(t, int) or t < 0 for t in self.tasks):
+        if any(t < 0 for t in self.tasks):
             raise ValueError(f"BenchmarkConfig.tasks must be task ids >= 0, got {self.tasks}")
         if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ValueError(f"BenchmarkConfig.seeds must be a list of ints >= 0, got {self.seeds}")
@@ -56,7 +56,7 @@ def benchmark_units(config: BenchmarkConfig) -> list[Unit]:
 
     return [make_unit(STUDY, result_path(results_dir(config), method, suite, task, seed), trials=config.trials,
                       method=method, suite=suite, task=task, seed=seed)
-            for method in config.methods for suite in config.suites for task in config.tasks for seed in config.seeds]
+            for method in config.methods for suite, task in suite_tasks(config.suites, config.tasks) for seed in config.seeds]
 
 
 class BenchmarkWorker:

@@ -25,7 +25,7 @@ from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
 from ..success import success_summary
 from ..units import Unit, make_unit, run_units
-from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff
+from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff, suite_tasks
 from .micro import resolve_micro
 from .speed import COLUMNS as SPEED_COLUMNS
 from .speed import is_timing, load_timings, speed_note, speed_table, time_episode, timing_unit
@@ -69,7 +69,7 @@ class CliffConfig(Parameters):
     replan_steps: int = 5                # frames between inferences: openpi's LIBERO client executes 5 actions
     compare_to: str = "previous"         # the gate's reference: "previous" inference (the report) or "anchor"
     success_trials: int = 0              # closed-loop LIBERO trials per run and task (0: none; for a checkpoint)
-    success_tasks: list[int] = field(default_factory=lambda: [0])  # task ids of each suite, for success_trials
+    success_tasks: list[int] = field(default_factory=list)  # task ids of each suite ([]: its trained one), for trials
     success_seeds: list[int] = field(default_factory=lambda: [0])  # evaluation seeds of the trials (0: the protocol's)
     max_steps: int = 0                   # env steps per trial (0: the protocol's per-suite budget)
     runs_dir: str = "data/runs"
@@ -189,7 +189,7 @@ def success_units(config: CliffConfig) -> list[Unit]:
     run_dir = Path(config.runs_dir) / "stability_cliff_success" / config.model_name()
     return [make_unit(STUDY, result_path(run_dir, run_label(m, g, v), suite, task, seed), trials=config.success_trials,
                       mode=m, gate=g, value=v, suite=suite, task=task, seed=seed)
-            for m, g, v in cliff_keys(config) for suite in config.suites for task in config.success_tasks
+            for m, g, v in cliff_keys(config) for suite, task in suite_tasks(config.suites, config.success_tasks)
             for seed in config.success_seeds]
 
 
@@ -286,7 +286,7 @@ def run_label(mode: str, gate: str, value: float | None) -> str:
 
 def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.DataFrame:
     """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included: `success_trials` trials
-    of each task in `success_tasks` of each suite, openpi's protocol (`dcvla.libero.evaluate`: both cameras, the
+    of each task in `success_tasks` of each suite (its trained one when empty), openpi's protocol (`dcvla.libero.evaluate`: both cameras, the
     state, `replan_steps` actions per chunk; no center crop), one unit per task under the process's runner; with
     95% Wilson intervals and, against the reference on the same init states, the paired difference and the exact
     McNemar p (`dcvla.success`).
