@@ -16,7 +16,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 #: Every micro preset, with the family that loads it.
 MICRO_FAMILIES = {"openvla-micro": "openvla", "smolvla-micro": "smolvla"}
 #: The micro presets whose trained checkpoints are committed (a test loads each and runs it in the simulator).
-SHIPPED: tuple[str, ...] = ()
+SHIPPED: tuple[str, ...] = ("smolvla-micro",)
 
 
 def micro_checkpoint(preset: str) -> Path:
