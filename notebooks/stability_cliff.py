@@ -37,7 +37,7 @@
 
 # %% tags=["parameters"]
 preset = "small"          # small/tiny: pi0-small/pi0-tiny (random weights); or pi05-small, smolvla-small, pi0, ...
-checkpoint = ""           # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory (e.g. lerobot/pi05_base), or "smolvla-micro"
+checkpoint = ""           # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory (e.g. lerobot/pi05_base) or "smolvla-micro"
 tokenizer = ""            # its tokenizer's directory (PaliGemma's, SmolVLM2's), for a checkpoint that ships none
 seed = 0                  # weights seed; also seeds the flow noise, the same for every mode
 device = "cpu"            # "cuda" on a GPU machine

@@ -1,7 +1,7 @@
 """A shipped micro policy's closed-loop rollout as a GIF (the README's): one trial of the upstream protocol on an
 official init state, the agent view as the policy saw it (rotated upright), every --every-th step.
 
-    MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro                  # -> figures/rollout_smolvla-micro.gif
+    MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro        # figures/rollout_smolvla-micro.gif
     MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro --suite libero_10 --init 3
 """
 
@@ -20,7 +20,7 @@ from dcvla.libero import protocol
 from dcvla.libero.env import close_env, get_init_states, get_task, make_env
 from dcvla.libero.episodes import DEMO_TASKS
 from dcvla.libero.evaluate import cameras_for, run_trial, seed_everything
-from dcvla.studies.micro import MICRO_FAMILIES, load_micro
+from dcvla.studies.micro import MICRO_FAMILIES, center_crop, load_micro
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     env = Filmed(make_env(args.suite, task, cameras=cameras_for(policy)))
     try:
         result = run_trial(policy, env, args.suite, get_init_states(args.suite, task)[args.init], info.instruction,
-                           center_crop=MICRO_FAMILIES[args.preset] == "openvla")
+                           center_crop=center_crop(args.preset))
     finally:
         close_env(env.env)
     outcome = "success" if result.success else "failure"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcvla.studies.micro import CHECKPOINT_DIR, SHIPPED, load_micro, micro_checkpoint
+from dcvla.studies.micro import CHECKPOINT_DIR, SHIPPED, center_crop, load_micro, micro_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -16,7 +16,8 @@ def test_a_missing_or_unknown_micro_checkpoint_is_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown micro preset 'pi0-micro'; known: openvla-micro, smolvla-micro"):
         micro_checkpoint("pi0-micro")
     monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="no smolvla-micro checkpoint; train it with .*train_micro.py smolvla-micro"):
+    with pytest.raises(FileNotFoundError,
+                       match="no smolvla-micro checkpoint; train it with .*train_micro.py smolvla-micro"):
         micro_checkpoint("smolvla-micro")
 
 
@@ -38,7 +39,7 @@ def test_a_shipped_micro_policy_steps_on_every_trained_task(preset):
         env = make_env(suite, task, cameras=cameras_for(policy))
         try:
             result = run_trial(policy, env, suite, get_init_states(suite, task)[0], info.instruction, max_steps=1,
-                               center_crop=preset.startswith("openvla"))
+                               center_crop=center_crop(preset))
         finally:
             close_env(env)
         assert result.error == "" and result.steps == 1, (suite, result.error)

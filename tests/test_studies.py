@@ -20,7 +20,7 @@ from dcvla.cli import available_studies, main as cli, parse_value
 from dcvla.io import read_dataset
 from dcvla.notebooks import NOTEBOOKS, build_all, build_notebook, notebook_names
 from dcvla.openvla import CacheConfig
-from dcvla.studies.common import StudyConfig, find_cliff
+from dcvla.studies.common import StudyConfig, find_cliff, suite_tasks
 from dcvla.studies.libero_benchmark import BenchmarkConfig, benchmark_units
 from dcvla.studies.speed import HZ, SPEEDUP, TOTAL
 from dcvla.studies.stability_cliff import CliffConfig, success_units
@@ -297,10 +297,14 @@ def test_cliff_config_is_checked():
 
 def test_benchmark_config_is_checked():
     assert BenchmarkConfig().max_steps == 10 and BenchmarkConfig(tasks=[0, 3]).tasks == [0, 3]
-    trained = [(u.get("suite"), u.get("task")) for u in benchmark_units(BenchmarkConfig(suites=["libero_goal", "libero_10"]))]
+    units = benchmark_units(BenchmarkConfig(suites=["libero_goal", "libero_10"]))
+    trained = [(u.get("suite"), u.get("task")) for u in units]
     assert trained == [("libero_goal", 8), ("libero_10", 4)] * 2  # no tasks given: each suite's trained one, per method
     cliff = CliffConfig(suites=["libero_goal"], success_trials=1, modes=["full"], thresholds=[0.99], gates=[])
     assert {(u.get("suite"), u.get("task")) for u in success_units(cliff)} == {("libero_goal", 8)}
+    with pytest.raises(ValueError, match=r"no trained task in \['libero_90'\] .*: name the task ids"):
+        suite_tasks(["libero_goal", "libero_90"], [])
+    assert suite_tasks(["libero_90"], [3]) == [("libero_90", 3)]
     with pytest.raises(ValueError, match="BenchmarkConfig.methods: unknown \\['turbo'\\]"):
         BenchmarkConfig(methods=["turbo"])
     with pytest.raises(ValueError, match="BenchmarkConfig.suites: unknown"):

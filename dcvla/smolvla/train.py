@@ -52,8 +52,8 @@ class Demo:
 def dataset_statistics(demos: Sequence[Demo]) -> Normalization:
     """The demonstrations' normaliser as a lerobot SmolVLA checkpoint carries it: MEAN_STD for the state and the
     action, each with the per-dim statistics lerobot's `compute_stats` keeps over every frame (min, max, mean, std
-    over the population, the `QUANTILES`, here exact; not its frame count), rounded to float32 as the statistics file stores them, so training normalises as the
-    loaded checkpoint will."""
+    over the population, the `QUANTILES`, here exact; not its frame count), rounded to float32 as the statistics
+    file stores them, so training normalises as the loaded checkpoint will."""
     def stats(x: np.ndarray) -> dict[str, np.ndarray]:
         x = x.astype(np.float64)
         values = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0),

@@ -177,6 +177,9 @@ class StudyConfig(PolicyParameters):
 def suite_tasks(suites: list[str], tasks: list[int]) -> list[tuple[str, int]]:
     """(suite, task) of closed-loop trials: `tasks` of every suite, or, when `tasks` is empty, each suite's trained
     task (`DEMO_TASKS`: the task of its first shipped episode, the one the micro policies learned)."""
+    untrained = [suite for suite in suites if not tasks and suite not in DEMO_TASKS]
+    if untrained:
+        raise ValueError(f"no trained task in {untrained} (trained: {', '.join(DEMO_TASKS)}): name the task ids")
     return [(suite, task) for suite in suites for task in (tasks or [DEMO_TASKS[suite]])]
 
 

@@ -56,7 +56,8 @@ def benchmark_units(config: BenchmarkConfig) -> list[Unit]:
 
     return [make_unit(STUDY, result_path(results_dir(config), method, suite, task, seed), trials=config.trials,
                       method=method, suite=suite, task=task, seed=seed)
-            for method in config.methods for suite, task in suite_tasks(config.suites, config.tasks) for seed in config.seeds]
+            for method in config.methods for suite, task in suite_tasks(config.suites, config.tasks)
+            for seed in config.seeds]
 
 
 class BenchmarkWorker:

@@ -36,6 +36,12 @@ def resolve_micro(checkpoint: str) -> str | Path:
     return micro_checkpoint(checkpoint) if checkpoint in MICRO_FAMILIES else checkpoint
 
 
+def center_crop(preset: str) -> bool:
+    """Whether the LIBERO evaluation center-crops what `preset` sees: OpenVLA's protocol does (its LIBERO fine-tunes,
+    and openvla-micro's training frames, are cropped), the flow policies' does not."""
+    return MICRO_FAMILIES[preset] == "openvla"
+
+
 def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """The shipped micro policy `preset` without caching (OpenVLA's `vanilla`; the flow policies' reuse mode
     `none`), loaded strictly from `checkpoints/<preset>`."""
