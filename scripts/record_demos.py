@@ -1,7 +1,8 @@
 """Record the demonstrations the micro policies train on: the scripted oracle on each task of `DEMO_TASKS` (the first
 shipped task of libero_spatial, libero_object, libero_goal and libero_10), from initial states the simulator samples
 itself (`sample_init_state`: the task's placement initializer under a seed), never the benchmark's fixed init states
-that the evaluation uses. Each demonstration is an episode (agent view, wrist view, state, the oracle's actions) at
+that the evaluation uses. The executed translation is perturbed (DART, `--noise`) while the oracle's own actions are
+recorded, so the demonstrations show the way back to the oracle's path. Each demonstration is an episode (agent view, wrist view, state, the oracle's actions) at
 <out>/<suite>_task<NN>_seed<NNNN>.npz, written atomically.
 
     MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py                 # 50 per task, 2 processes
@@ -24,7 +25,8 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from dcvla.io import atomic_path  # noqa: E402
-from dcvla.libero.episodes import CAMERAS, DEMO_DIR, DEMO_TASKS, demo_path, record_episode, save_episode  # noqa: E402
+from dcvla.libero.episodes import (  # noqa: E402
+    CAMERAS, DEMO_DIR, DEMO_NOISE, DEMO_TASKS, demo_path, record_episode, save_episode)
 
 
 def slot_seeds(k: int, per_task: int, tries: int) -> list[int]:
@@ -37,13 +39,14 @@ def slot_done(out: Path, suite: str, task: int, seeds: list[int]) -> bool:
     return any(p.exists() for p in paths) or all(p.with_suffix(".failed").exists() for p in paths)
 
 
-def record_slots(job: tuple[str, int, list[int], Path, int, int]) -> tuple[str, int, int, int, float]:
-    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries). Builds the env once.
+def record_slots(job: tuple[str, int, list[int], Path, int, int, float]) -> tuple[str, int, int, int, float]:
+    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise). Builds the
+    env once.
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
 
-    suite, task, slots, out, per_task, tries = job
+    suite, task, slots, out, per_task, tries, noise = job
     todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
     written = failed = 0
     t0 = time.perf_counter()
@@ -57,7 +60,7 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int]) -> tuple[str, 
                 if path.with_suffix(".failed").exists():
                     continue
                 t = time.perf_counter()
-                ep = record_episode(suite, task, env=env, placement_seed=seed)
+                ep = record_episode(suite, task, env=env, placement_seed=seed, action_noise=noise)
                 if ep.meta["success"]:
                     save_episode(ep, path)
                     written += 1
@@ -80,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-task", type=int, default=50, help="successful demonstrations per task (default 50)")
     ap.add_argument("--tries", type=int, default=3, help="placement seeds tried per demonstration (default 3)")
     ap.add_argument("--workers", type=int, default=2, help="processes (each renders on one core; default 2)")
+    ap.add_argument("--noise", type=float, default=DEMO_NOISE,
+                    help=f"DART perturbation of the executed translation, action units (default {DEMO_NOISE}; 0: none)")
     ap.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output directory (default {DEMO_DIR})")
     args = ap.parse_args(argv)
     if args.per_task < 1 or args.tries < 1 or args.workers < 1:
         ap.error("--per-task, --tries and --workers must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries)
-            for suite in args.suites for w in range(args.workers) if w < args.per_task]
+    jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries,
+             args.noise) for suite in args.suites for w in range(args.workers) if w < args.per_task]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(record_slots, jobs, chunksize=1)

@@ -111,7 +111,7 @@ def train_smolvla(args: argparse.Namespace, config: TrainConfig) -> None:
     model = random_model(args.preset, seed=config.seed)
     model.normalization = dataset_statistics(demos)
     policy = SmolVLAPolicy(model, load_tokenizer())
-    data = DemoFrames(demos, policy)
+    data = DemoFrames(demos, policy, shift=args.shift)
     train_and_save(args, config, model, lambda m, idx: flow_loss(m, data, idx), len(data), policy.save_pretrained)
 
 
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     ap.add_argument("--stop-after", type=int, help="stop after this many steps of this run (a checkpoint is kept)")
+    ap.add_argument("--shift", type=int, default=8,
+                    help="smolvla-micro: random image shift, pixels (DrQ augmentation; default 8 of 224; 0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     args.out = args.out or ROOT / "checkpoints" / args.preset

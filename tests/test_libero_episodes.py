@@ -260,7 +260,8 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     spec.loader.exec_module(script)
     tried = []
 
-    def fake_record(suite, task, env=None, placement_seed=None):
+    def fake_record(suite, task, env=None, placement_seed=None, action_noise=0.0):
+        assert action_noise == 0.25
         tried.append(placement_seed)
         meta = {"success": placement_seed != 1, "n_steps": 3, "suite": suite, "task_id": task,
                 "placement_seed": placement_seed, "init_state_index": -1}
@@ -270,7 +271,7 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     monkeypatch.setattr(script, "save_episode", lambda ep, path: path.write_bytes(b"demo"))
     monkeypatch.setattr("dcvla.libero.env.make_env", lambda *a, **k: None)
     monkeypatch.setattr("dcvla.libero.env.close_env", lambda env: None)
-    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2)  # slots 0-2 of 3: seeds (0, 3), (1, 4), (2, 5)
+    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25)  # slots 0-2 of 3: seeds (0, 3), (1, 4), (2, 5)
     assert script.record_slots(job)[2:4] == (3, 1)
     assert tried == [0, 1, 4, 2]  # seed 1 failed, slot 1 went on to seed 4
     assert (tmp_path / "libero_spatial_task00_seed0001.failed").exists()
@@ -279,3 +280,36 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     (tmp_path / "libero_spatial_task00_seed0004.npz").unlink()
     script.record_slots(job)
     assert tried == [4]  # only the missing demonstration, not the failed seed again
+
+
+def test_dart_noise_perturbs_what_the_env_executes_and_keeps_the_oracles_actions(spatial_env, monkeypatch):
+    """A demonstration recorded with `action_noise`: the env executes the oracle's action with its translation
+    perturbed (rotation and gripper as the oracle said), the episode keeps the oracle's own action, and the same
+    seed perturbs the same way."""
+    executed = []
+    step = type(spatial_env).step
+    monkeypatch.setattr(type(spatial_env), "step", lambda self, a: executed.append(np.array(a)) or step(self, a))
+    ep = record_episode("libero_spatial", 0, max_steps=6, env=spatial_env, placement_seed=3, action_noise=0.5)
+    ran = np.stack(executed[protocol.WAIT_STEPS:])
+    assert ep.meta["action_noise"] == 0.5 and ran.shape == ep.actions.shape
+    np.testing.assert_array_equal(ran[:, 3:], ep.actions[:, 3:])
+    assert np.abs(ran[:, :3] - ep.actions[:, :3]).max(axis=1).min() > 0.01, "a step's translation was not perturbed"
+    assert np.abs(ran[:, :3]).max() <= 1.0
+    executed.clear()
+    again = record_episode("libero_spatial", 0, max_steps=6, env=spatial_env, placement_seed=3, action_noise=0.5)
+    np.testing.assert_allclose(np.stack(executed[protocol.WAIT_STEPS:]), ran, atol=1e-6)
+    np.testing.assert_allclose(again.actions, ep.actions, atol=1e-6)
+
+
+def test_position_noise_is_a_stationary_ar1_held_off_in_the_precise_phases():
+    from dcvla.libero.oracle import PositionNoise
+
+    action = np.array([0.9, -0.2, 0.0, 0.1, 0.2, 0.3, -1.0])
+    noise = PositionNoise(0.3, seed=0)
+    for phase in ("descend", "grasp", "lower", "release", "done"):
+        assert noise(action, phase) is action
+    draws = np.stack([noise(np.zeros(7), "carry")[:3] for _ in range(20000)])
+    assert draws.std(0) == pytest.approx([0.3] * 3, rel=0.1)
+    lag = np.mean([np.corrcoef(draws[:-1, k], draws[1:, k])[0, 1] for k in range(3)])
+    assert lag == pytest.approx(0.9, abs=0.03)
+    assert (np.abs(noise(action, "approach")[:3]) <= 1).all() and (noise(action, "carry")[3:] == action[3:]).all()

@@ -261,6 +261,27 @@ def test_the_flow_objective_differentiates_the_policys_own_velocity(smolvla_demo
         assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
 
 
+def test_random_shift_translates_each_image_with_its_edges_replicated(smolvla_demos):
+    """DrQ's augmentation: every image of a batch moved by its own offset of at most `shift` pixels, the uncovered
+    border filled from the edge; the same batch shifts the same way (a resumed run sees the same pixels), and
+    `shift=0` hands the policy's pixels through untouched."""
+    from dcvla.smolvla.train import DemoFrames, random_shift
+
+    image = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    out = random_shift(image, 3, np.random.default_rng(0))
+    offsets = np.random.default_rng(0).integers(0, 7, size=(2, 2))
+    for img, moved, (y, x) in zip(image, out, offsets):
+        dy, dx = int(y) - 3, int(x) - 3  # moved[r, c] = img[clamp(r + dy), clamp(c + dx)]
+        rows, cols = (np.clip(np.arange(16) + d, 0, 15) for d in (dy, dx))
+        assert torch.equal(moved, img[:, rows][:, :, cols])
+    assert not torch.equal(out, image) and random_shift(image, 0, np.random.default_rng(0)) is image
+    _, policy, plain = smolvla_data(smolvla_demos)
+    shifted = DemoFrames(smolvla_demos, policy, shift=8)
+    a, b, c = shifted.batch([1, 7]), shifted.batch([1, 7]), plain.batch([1, 7])
+    assert torch.equal(a.pixels, b.pixels) and not torch.equal(a.pixels, c.pixels)
+    assert torch.equal(a.actions, c.actions) and torch.equal(a.states, c.states)
+
+
 def test_the_flow_loss_is_lerobots_reduction(smolvla_demos, monkeypatch):
     """The squared error against u_t = noise - actions, over the 7 real action dims and the unpadded rows only,
     with x_t = t noise + (1 - t) actions; noise and times a function of the batch, t in lerobot's [0.001, 1]."""

@@ -42,6 +42,9 @@ SHIPPED: dict[str, list[tuple[int, int]]] = {
 #: first shipped task of each suite, so the open-loop studies run on the trained tasks' scenes.
 DEMO_TASKS: dict[str, int] = {suite: tasks[0][0] for suite, tasks in SHIPPED.items()}
 DEMO_DIR = DEFAULT_DIR.parent / "demos"
+#: The demonstrations' DART perturbation (`record_episode(action_noise=)`): behaviour cloning from clean scripted
+#: demonstrations alone never sees a state off the oracle's path, so the policy's first error compounds.
+DEMO_NOISE = 0.3
 
 
 @dataclass
@@ -240,7 +243,8 @@ def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None)
 
 
 def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: int | None = None,
-                   seed: int = protocol.SEED, env: Any = None, placement_seed: int | None = None) -> Episode:
+                   seed: int = protocol.SEED, env: Any = None, placement_seed: int | None = None,
+                   action_noise: float = 0.0) -> Episode:
     """Roll out the oracle on one task with rendering and capture what a policy would see.
 
     Args:
@@ -252,12 +256,15 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         seed: numpy seed (protocol: 7); the env gets the protocol's env seed (0), as upstream.
         env: an env from `make_env(suite, task, cameras=CAMERAS)` to reuse (without the wrist camera the
             episode has no wrist view); built (and closed) here when None.
+        action_noise: the stationary standard deviation (action units) of the DART-style perturbation added to the
+            translation the env executes (`oracle.PositionNoise`, seeded by the placement seed or init index); the
+            episode keeps the oracle's unperturbed actions. 0 executes the oracle's actions as they are.
 
     Returns:
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
     """
-    from .env import close_env, get_init_state, get_task, make_env
-    from .oracle import run_oracle
+    from .env import close_env, get_task, make_env
+    from .oracle import PositionNoise, run_oracle
 
     info = get_task(suite, task)
     np.random.seed(seed)
@@ -267,28 +274,36 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     capture = _Capture()
     t0 = time.perf_counter()
     try:
-        if placement_seed is None:
-            init_state = get_init_state(suite, info.task_id, init_index)
-        else:
-            init_state = sample_init_state(env, placement_seed)
-            np.random.seed(seed)  # the rollout draws as an official one does, whatever the sampling drew
+        init_state = _start_state(env, suite, info.task_id, init_index, placement_seed, seed)
+        noise = PositionNoise(action_noise, seed=init_index if placement_seed is None else placement_seed)
         with _timed_render(env) as render_s:
             result = run_oracle(env, init_state, max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
-                                on_step=capture.on_step)
+                                on_step=capture.on_step, noise=noise if action_noise > 0 else None)
     finally:
         if own:
             close_env(env)
-    wall = time.perf_counter() - t0
-    n = len(capture.jpegs)
+    wall, n = time.perf_counter() - t0, len(capture.jpegs)
     meta = dict(suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
                 init_state_index=-1 if placement_seed is not None else int(init_index), placement_seed=placement_seed,
                 seed=int(seed), env_seed=protocol.ENV_SEED if placement_seed is None else int(placement_seed),
-                success=bool(result["success"]), n_steps=n,
+                success=bool(result["success"]), n_steps=n, action_noise=float(action_noise),
                 success_step=result["success_step"], wait_steps=protocol.WAIT_STEPS,
                 render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
                 step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
                 render_resolution=protocol.RENDER_RESOLUTION)
     return capture.episode(meta)
+
+
+def _start_state(env: Any, suite: str, task_id: int, init_index: int, placement_seed: int | None, seed: int) -> np.ndarray:
+    """The benchmark's init state `init_index`, or the simulator's own placement under `placement_seed` (numpy then
+    reseeded with `seed`, so the rollout draws as an official one does, whatever the sampling drew)."""
+    from .env import get_init_state
+
+    if placement_seed is None:
+        return get_init_state(suite, task_id, init_index)
+    init_state = sample_init_state(env, placement_seed)
+    np.random.seed(seed)
+    return init_state
 
 
 @contextlib.contextmanager

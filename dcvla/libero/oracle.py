@@ -95,6 +95,11 @@ class Oracle:
         self._lift_start: tuple[float, float] | None = None
 
     @property
+    def phase(self) -> str:
+        """The current phase's name ("approach" ... "retreat"; "done" once every goal atom is worked through)."""
+        return "done" if self.finished else _PHASES[self._phase].name
+
+    @property
     def finished(self) -> bool:
         """All goal atoms have been worked through (the env decides whether it succeeded)."""
         return self._atom >= len(self.atoms)
@@ -250,8 +255,31 @@ class OraclePolicy:
         return np.concatenate([a[:6], [(1.0 - a[6]) / 2.0]])
 
 
+#: Phases executed unperturbed under `action_noise`: the precise moves onto, around and off an object.
+_STEADY_PHASES = ("descend", "grasp", "lower", "release", "done")
+
+
+class PositionNoise:
+    """DART-style perturbation of the oracle's executed translation (Laskey et al. 2017): an AR(1) process per axis
+    with stationary standard deviation `scale` (action units) and correlation `rho` per step, so the arm drifts off
+    the oracle's path for a few steps and the recorded (unperturbed) actions show how to come back."""
+
+    def __init__(self, scale: float, seed: int, rho: float = 0.9):
+        self.scale, self.rho = scale, rho
+        self.rng = np.random.default_rng(seed)
+        self.value = np.zeros(3)
+
+    def __call__(self, action: np.ndarray, phase: str) -> np.ndarray:
+        self.value = self.rho * self.value + np.sqrt(1 - self.rho**2) * self.scale * self.rng.standard_normal(3)
+        if phase in _STEADY_PHASES:
+            return action
+        out = action.copy()
+        out[:3] = np.clip(action[:3] + self.value, -1, 1)
+        return out
+
+
 def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int = 10, extra_steps: int = 5,
-               on_step: Any = None) -> dict:
+               on_step: Any = None, noise: PositionNoise | None = None) -> dict:
     """Run the oracle closed-loop from an init state, LIBERO-protocol style.
 
     Args:
@@ -262,6 +290,8 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
         extra_steps: steps kept after success, the arm holding still, so an episode ends with the goal achieved.
         on_step: optional callback `on_step(obs, action, done)` called for every oracle step with the
             observation the action was chosen from.
+        noise: a `PositionNoise` perturbing the translation the env executes; `on_step` still gets the oracle's own
+            action, the label a demonstration keeps.
 
     Returns:
         {"success": bool, "steps": oracle steps taken, "success_step": first step with done or None}.
@@ -278,7 +308,8 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
         # After success the arm holds still (gripper as it was), so the episode ends with the goal still achieved.
         action = oracle.act(obs) if success_step is None else oracle.hold(obs, action[6])
         prev = obs
-        obs, _, done, _ = env.step(action.tolist())
+        executed = action if noise is None or success_step is not None else noise(action, oracle.phase)
+        obs, _, done, _ = env.step(executed.tolist())
         t += 1
         if done and success_step is None:
             success_step = t

@@ -88,12 +88,26 @@ class Batch:
     is_pad: torch.Tensor         # [sample, chunk] bool: past the episode's end
 
 
+def random_shift(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
+    """DrQ's random shift: each image of pixels [..., 3, H, W] padded by `shift` pixels (edge replicated) and cropped
+    back to H x W at an offset drawn from `rng`, so the policy cannot key on a pixel's exact place."""
+    if shift <= 0:
+        return pixels
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    padded = torch.nn.functional.pad(flat, (shift,) * 4, mode="replicate")
+    offsets = rng.integers(0, 2 * shift + 1, size=(len(flat), 2))
+    h, w = pixels.shape[-2:]
+    out = torch.stack([p[:, y : y + h, x : x + w] for p, (y, x) in zip(padded, offsets)])
+    return out.reshape(pixels.shape)
+
+
 class DemoFrames:
     """Every frame of `demos` as SmolVLA training samples, prepared by `policy` (its model's statistics must be the
-    demonstrations'); a demonstration's frames are decoded on first use and kept."""
+    demonstrations'); a demonstration's frames are decoded on first use and kept. `shift` > 0 shifts each batch's
+    images at random by up to that many pixels (`random_shift`, drawn from the batch's sample indices)."""
 
-    def __init__(self, demos: Sequence[Demo], policy: SmolVLAPolicy) -> None:
-        self.demos, self.policy = list(demos), policy
+    def __init__(self, demos: Sequence[Demo], policy: SmolVLAPolicy, shift: int = 0) -> None:
+        self.demos, self.policy, self.shift = list(demos), policy, shift
         cfg, norm = policy.model.config, policy.model.normalization
         self.index = [(d, f) for d, demo in enumerate(self.demos) for f in range(len(demo.actions))]
         self.prompts = {demo.instruction: torch.tensor([policy.encode_prompt(demo.instruction)[0]]) for demo in self.demos}
@@ -129,7 +143,9 @@ class DemoFrames:
             states.append(self.states[d][f])
             actions.append(self.chunks[d][0][f])
             is_pad.append(self.chunks[d][1][f])
-        return Batch(torch.stack(pixels), prompts, torch.stack(states), torch.stack(actions), torch.stack(is_pad))
+        rng = np.random.default_rng([1, *map(int, indices)])  # apart from `flow_noise`'s stream of the same batch
+        return Batch(random_shift(torch.stack(pixels), self.shift, rng), prompts, torch.stack(states),
+                     torch.stack(actions), torch.stack(is_pad))
 
 
 def velocities(model: SmolVLAModel, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
