@@ -39,14 +39,19 @@ def slot_done(out: Path, suite: str, task: int, seeds: list[int]) -> bool:
     return any(p.exists() for p in paths) or all(p.with_suffix(".failed").exists() for p in paths)
 
 
-def record_slots(job: tuple[str, int, list[int], Path, int, int, float]) -> tuple[str, int, int, int, float]:
-    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise). Builds the
-    env once.
+def orphaned(parent: int) -> bool:
+    """Whether the process that started this worker is gone (killed: a pool's workers outlive a killed parent)."""
+    return os.getppid() != parent
+
+
+def record_slots(job: tuple[str, int, list[int], Path, int, int, float, int]) -> tuple[str, int, int, int, float]:
+    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise, parent pid).
+    Builds the env once; stops before the next demonstration once the parent is gone.
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
 
-    suite, task, slots, out, per_task, tries, noise = job
+    suite, task, slots, out, per_task, tries, noise, parent = job
     todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
     written = failed = 0
     t0 = time.perf_counter()
@@ -57,6 +62,8 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int, float]) -> tupl
         for k in todo:
             for seed in slot_seeds(k, per_task, tries):
                 path = demo_path(out, suite, task, seed)
+                if orphaned(parent):
+                    return suite, task, written, failed, time.perf_counter() - t0
                 if path.with_suffix(".failed").exists():
                     continue
                 t = time.perf_counter()
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--per-task, --tries and --workers must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries,
-             args.noise) for suite in args.suites for w in range(args.workers) if w < args.per_task]
+             args.noise, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(record_slots, jobs, chunksize=1)

@@ -271,13 +271,15 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     monkeypatch.setattr(script, "save_episode", lambda ep, path: path.write_bytes(b"demo"))
     monkeypatch.setattr("dcvla.libero.env.make_env", lambda *a, **k: None)
     monkeypatch.setattr("dcvla.libero.env.close_env", lambda env: None)
-    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25)  # slots 0-2 of 3: seeds (0, 3), (1, 4), (2, 5)
+    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25, os.getppid())  # seeds (0, 3), (1, 4), (2, 5)
     assert script.record_slots(job)[2:4] == (3, 1)
     assert tried == [0, 1, 4, 2]  # seed 1 failed, slot 1 went on to seed 4
     assert (tmp_path / "libero_spatial_task00_seed0001.failed").exists()
     tried.clear()
     assert script.record_slots(job)[2:4] == (0, 0) and tried == []  # everything settled: nothing redone
     (tmp_path / "libero_spatial_task00_seed0004.npz").unlink()
+    tried.clear()
+    assert script.record_slots(job[:-1] + (os.getppid() + 1,))[2:4] == (0, 0) and tried == []  # parent gone: stop
     script.record_slots(job)
     assert tried == [4]  # only the missing demonstration, not the failed seed again
 
