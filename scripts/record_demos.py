@@ -2,8 +2,8 @@
 shipped task of libero_spatial, libero_object, libero_goal and libero_10), from initial states the simulator samples
 itself (`sample_init_state`: the task's placement initializer under a seed), never the benchmark's fixed init states
 that the evaluation uses. The executed translation is perturbed (DART, `--noise`) while the oracle's own actions are
-recorded, so the demonstrations show the way back to the oracle's path. Each demonstration is an episode (agent view, wrist view, state, the oracle's actions) at
-<out>/<suite>_task<NN>_seed<NNNN>.npz, written atomically.
+recorded, so the demonstrations show the way back to the oracle's path. Each demonstration is an episode (agent
+view, wrist view, state, the oracle's actions) at <out>/<suite>_task<NN>_seed<NNNN>.npz, written atomically.
 
     MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py                 # 50 per task, 2 processes
     MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py --per-task 5 --suites libero_spatial

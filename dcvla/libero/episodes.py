@@ -264,7 +264,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
     """
     from .env import close_env, get_task, make_env
-    from .oracle import PositionNoise, run_oracle
+    from .oracle import run_oracle
 
     info = get_task(suite, task)
     np.random.seed(seed)
@@ -274,11 +274,10 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     capture = _Capture()
     t0 = time.perf_counter()
     try:
-        init_state = _start_state(env, suite, info.task_id, init_index, placement_seed, seed)
-        noise = PositionNoise(action_noise, seed=init_index if placement_seed is None else placement_seed)
+        init_state, noise = _start(env, suite, info.task_id, init_index, placement_seed, seed, action_noise)
         with _timed_render(env) as render_s:
             result = run_oracle(env, init_state, max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
-                                on_step=capture.on_step, noise=noise if action_noise > 0 else None)
+                                on_step=capture.on_step, noise=noise)
     finally:
         if own:
             close_env(env)
@@ -294,16 +293,21 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     return capture.episode(meta)
 
 
-def _start_state(env: Any, suite: str, task_id: int, init_index: int, placement_seed: int | None, seed: int) -> np.ndarray:
-    """The benchmark's init state `init_index`, or the simulator's own placement under `placement_seed` (numpy then
-    reseeded with `seed`, so the rollout draws as an official one does, whatever the sampling drew)."""
+def _start(env: Any, suite: str, task_id: int, init_index: int, placement_seed: int | None, seed: int,
+           action_noise: float) -> tuple[np.ndarray, Any]:
+    """The benchmark's init state `init_index` or the simulator's placement under `placement_seed` (numpy reseeded
+    with `seed` after, so the rollout draws as an official one does), and the `oracle.PositionNoise` of
+    `action_noise` seeded by the same number (None when 0)."""
     from .env import get_init_state
+    from .oracle import PositionNoise
 
+    start = init_index if placement_seed is None else placement_seed
+    noise = PositionNoise(action_noise, seed=start) if action_noise else None
     if placement_seed is None:
-        return get_init_state(suite, task_id, init_index)
+        return get_init_state(suite, task_id, init_index), noise
     init_state = sample_init_state(env, placement_seed)
     np.random.seed(seed)
-    return init_state
+    return init_state, noise
 
 
 @contextlib.contextmanager

@@ -288,9 +288,8 @@ def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.
     """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included: `success_trials` trials
     of each task in `success_tasks` of each suite (its trained one when empty), openpi's protocol
     (`dcvla.libero.evaluate`: both cameras, the state, `replan_steps` actions per chunk; no center crop), one unit
-    per task under the process's runner; with
-    95% Wilson intervals and, against the reference on the same init states, the paired difference and the exact
-    McNemar p (`dcvla.success`).
+    per task under the process's runner; with 95% Wilson intervals and, against the reference on the same init
+    states, the paired difference and the exact McNemar p (`dcvla.success`).
     Resumable: trials already in a result file are kept. Meaningful with a trained checkpoint (`checkpoint`);
     random weights succeed by chance only."""
     from ..libero.evaluate import load_results
