@@ -34,14 +34,16 @@ def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 def project_qkv(attn_mod, x: torch.Tensor, q_rows: torch.Tensor | None, kv_rows: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q of `q_rows` and K/V of `kv_rows` of x [1, row, width], RoPE-rotated (cos/sin [1, row, head_dim]), with a
-    Llama/Gemma attention module's projections. Rows are index tensors into x's rows, None for every row.
-    Returns q [1, head, q_row, head_dim], k/v [1, kv_head, kv_row, head_dim]."""
+    """Q of `q_rows` and K/V of `kv_rows` of x [sample, row, width] (one sample at inference, a batch in training),
+    RoPE-rotated (cos/sin [1, row, head_dim]), with a Llama/Gemma attention module's projections. Rows are index
+    tensors into x's rows, None for every row. Returns q [sample, head, q_row, head_dim], k/v [sample, kv_head,
+    kv_row, head_dim]."""
     x_q = _pick(x, q_rows)
     x_kv = x_q if kv_rows is q_rows else _pick(x, kv_rows)
-    q = attn_mod.q_proj(x_q).view(1, -1, heads, head_dim).transpose(1, 2)
-    k = attn_mod.k_proj(x_kv).view(1, -1, kv_heads, head_dim).transpose(1, 2)
-    v = attn_mod.v_proj(x_kv).view(1, -1, kv_heads, head_dim).transpose(1, 2)
+    samples = x.shape[0]
+    q = attn_mod.q_proj(x_q).view(samples, -1, heads, head_dim).transpose(1, 2)
+    k = attn_mod.k_proj(x_kv).view(samples, -1, kv_heads, head_dim).transpose(1, 2)
+    v = attn_mod.v_proj(x_kv).view(samples, -1, kv_heads, head_dim).transpose(1, 2)
     q = rotate(q, _pick(cos, q_rows), _pick(sin, q_rows))
     k = rotate(k, _pick(cos, kv_rows), _pick(sin, kv_rows))
     return q, k, v
@@ -67,14 +69,15 @@ def gather_kv(store: KVStore | None, layer: int, num_tokens: int, fresh_slots: t
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
            prob_rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention of q [1, head, row, head_dim] over k/v [1, kv_head, key, head_dim] (grouped K/V
-    heads: each serves head // kv_head consecutive query heads).
+    """Scaled dot-product attention of q [sample, head, row, head_dim] over k/v [sample, kv_head, key, head_dim]
+    (grouped K/V heads: each serves head // kv_head consecutive query heads).
 
     Args:
         mask: [row, key] bool, True where a query may attend (None: all).
         prob_rows: rows (an index tensor or a slice of `row`) whose attention probabilities to return as well.
     Returns:
-        output [1, row, head * head_dim] and, if asked, probabilities [head, len(prob_rows), key] (float32).
+        output [sample, row, head * head_dim] and, if asked, the first sample's probabilities [head, len(prob_rows),
+        key] (float32).
     """
     groups = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
@@ -92,4 +95,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
         probs = scores.softmax(-1)
         if isinstance(prob_rows, slice) and probs.shape[1] == 0:
             probs = None
-    return out.transpose(1, 2).reshape(1, q.shape[2], q.shape[1] * q.shape[3]), probs  # rows may be 0
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], q.shape[1] * q.shape[3]), probs  # rows may be 0

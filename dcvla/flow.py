@@ -19,7 +19,7 @@ from torch import nn
 
 from . import flops as F
 from .attention import attend, gather_kv, project_qkv
-from .kv_store import KVStore, LayerPlan
+from .kv_store import BatchKV, KVStore, LayerPlan
 
 
 class Level(nn.Module):
@@ -35,11 +35,12 @@ class Level(nn.Module):
 @dataclass
 class PrefixInputs:
     """One inference's prefix: the present cameras' image tokens, the prompt's unpadded tokens and, where the family
-    puts it there (SmolVLA), the robot state's one token, last."""
+    puts it there (SmolVLA), the robot state's one token, last. One sample at inference; training stacks samples
+    whose prompts have one length (`dcvla.smolvla.train`)."""
 
-    images: list[torch.Tensor]           # per present camera [1, tokens_per_image, lm_width]
-    text: torch.Tensor                   # [1, text, lm_width]
-    state: torch.Tensor | None = None    # [1, 1, lm_width]
+    images: list[torch.Tensor]           # per present camera [sample, tokens_per_image, lm_width]
+    text: torch.Tensor                   # [sample, text, lm_width]
+    state: torch.Tensor | None = None    # [sample, 1, lm_width]
 
     @property
     def num_image_tokens(self) -> int:
@@ -57,7 +58,7 @@ class PrefixInputs:
                 "state": slice(n_vision + n_text, self.length)}
 
     def embeddings(self) -> torch.Tensor:
-        """[1, prefix, lm_width]."""
+        """[sample, prefix, lm_width]."""
         return torch.cat([*self.images, self.text, *([] if self.state is None else [self.state])], dim=1)
 
 
@@ -116,7 +117,7 @@ def run_prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | Non
     return prefix_layers(layers, inputs, plans, store, step, heads, rope, mask)
 
 
-def prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int,
+def prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore | BatchKV, step: int,
                   heads: tuple[int, int, int], rope: Rope, mask: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> PrefixOutput:
     """Run a prefix LM's decoder layers (transformers' Llama / Gemma layers) over the prefix under per-layer plans,
@@ -126,12 +127,12 @@ def prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, s
     Args:
         plans: one per layer, a layer's rows a subset of the previous layer's; rows carried are computed and their K/V
             stored (computed_at = step), the others' K/V are the store's. None: every row of every layer.
-        store, step: the episode's store (one slot per prefix token; a fresh one for a no-reuse pass), the inference.
+        store, step: the episode's store (a slot per prefix token; a training batch's: a `BatchKV`), the inference.
         heads, rope: (query heads, K/V heads, head_dim); cos and sin [1, row, head_dim] of the rows carried
             (positions 0..n-1), float32 where the family rotates in float32 (SmolVLA): Q/K are cast back.
         mask: [row, prefix] bool of the rows carried, True where a row may attend (None: bidirectional).
     """
-    prefix_len, depth, hidden = inputs.length, len(layers), inputs.embeddings()  # hidden: [1, prefix, width]
+    prefix_len, depth, hidden = inputs.length, len(layers), inputs.embeddings()  # hidden: [sample, prefix, width]
     if store.num_slots != prefix_len:
         raise ValueError(f"the store holds {store.num_slots} prefix positions, this prefix has {prefix_len}")
     if plans is None:
@@ -140,7 +141,7 @@ def prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, s
         raise ValueError(f"{len(plans)} layer plans for {depth} prefix layers")
     rows = plans[0].rows
     if rows.numel() != prefix_len:
-        hidden = hidden[:, rows]  # [1, row, width]
+        hidden = hidden[:, rows]  # [sample, row, width]
     reused = np.ones((depth, prefix_len), dtype=bool)
     work = []
     for layer, (block, plan) in enumerate(zip(layers, plans)):
@@ -158,7 +159,7 @@ def prefix_layers(layers, inputs: PrefixInputs, plans: list[LayerPlan] | None, s
         no_rows = torch.arange(0, device=rows.device) if last else None  # the last layer: K/V only, no Q
         q, k, v = project_qkv(block.self_attn, x, no_rows, None, cos, sin, *heads)
         q, k = q.to(hidden.dtype), k.to(hidden.dtype)
-        store.update(layer, rows, k[0], v[0], step)
+        store.put(layer, rows, k, v, step)
         if last:
             break
         keys, values = gather_kv(store, layer, prefix_len, rows, k, v)

@@ -48,12 +48,47 @@ class KVStore:
             self.queries[layer, :, slots] = q
         self.computed_at[layer, slots] = frame
 
+    def put(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
+        """`update` from the projections' layout: k/v [1, kv_head, len(slots), head_dim] of the one sample."""
+        if k.shape[0] != 1:
+            raise ValueError(f"a KVStore holds one sequence; got K/V of {k.shape[0]} samples (training: BatchKV)")
+        self.update(layer, slots, k[0], v[0], frame)
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K and V [1, kv_head, slot, head_dim] (views of the store)."""
+        return self.keys[layer][None], self.values[layer][None]
+
     def is_filled(self, layer: int, slots: torch.Tensor) -> bool:
         return bool((self.computed_at[layer, slots] >= 0).all())
 
     def staleness(self, frame: int) -> torch.Tensor:
         """[layer, slot]: frames since each slot's K/V were last computed (frame + 1 if never)."""
         return frame - self.computed_at
+
+
+class BatchKV:
+    """A prefix's K/V for a batch of samples that reuse nothing (training): every layer's post-RoPE K and V
+    [sample, kv_head, slot, head_dim] as the layer projected them, kept by reference (no copy into a buffer, so
+    gradients flow straight to the projections). It answers the `put` / `layer_kv` / `num_slots` that a prefix pass
+    and the expert ask of a `KVStore`."""
+
+    def __init__(self, num_layers: int, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    def put(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
+        """Keep k/v [sample, kv_head, slot, head_dim] of every slot (a batch computes every row of its prefix)."""
+        if k.shape[2] != self.num_slots or v.shape != k.shape:
+            raise ValueError(f"BatchKV keeps every slot's K/V: got K {tuple(k.shape)}, V {tuple(v.shape)} for "
+                             f"{self.num_slots} slots")
+        self.layers[layer] = (k, v)
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K and V [sample, kv_head, slot, head_dim]."""
+        kv = self.layers[layer]
+        if kv is None:
+            raise ValueError(f"layer {layer}'s K/V were never put: run the prefix first")
+        return kv
 
 
 def to_device(array: np.ndarray, device: torch.device | str | None) -> torch.Tensor:

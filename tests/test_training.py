@@ -240,8 +240,10 @@ def test_smolvla_learns_lerobots_targets_on_what_its_evaluation_hands_it(smolvla
 
 def test_the_flow_objective_differentiates_the_policys_own_velocity(smolvla_demos):
     """The training forward's velocity is the policy's: two Euler steps of the policy (t = 1, then 0.5) are
-    reproduced exactly from the training velocities of the same sample, batched beside one whose prompt has another
-    length; the gradient reaches the vision tower, the prefix layers (through the K/V store) and the expert."""
+    reproduced from the training velocities of the same sample, run as a batch with another frame of its
+    demonstration (one prompt length: one batched prefix) beside a frame whose prompt has another length, and each
+    sample's velocity in the batch is its velocity alone; the gradient reaches the vision tower, the prefix layers
+    (through the batch's K/V) and the expert."""
     from dcvla.smolvla.train import velocities
 
     model, policy, data = smolvla_data(smolvla_demos, num_steps=2)
@@ -249,12 +251,17 @@ def test_the_flow_objective_differentiates_the_policys_own_velocity(smolvla_demo
     d, f = data.index[i]
     policy.step(data.frames(i), smolvla_demos[d].instruction, smolvla_demos[d].states[f])
     noise = policy.last.noise.clone()
-    batch = data.batch([i, other])
-    assert batch.prompts[0].shape != batch.prompts[1].shape
-    first = velocities(model, batch, torch.cat([noise, noise]), torch.ones(2))
+    samples = [i, i + 3, other]
+    batch = data.batch(samples)
+    assert batch.prompts[0].shape == batch.prompts[1].shape != batch.prompts[2].shape
+    first = velocities(model, batch, noise.expand(3, -1, -1), torch.ones(3))
     x = noise - 0.5 * first[:1]
-    second = velocities(model, batch, torch.cat([x, x]), torch.full((2,), 0.5))
-    torch.testing.assert_close(x - 0.5 * second[:1], policy.last.chunk_normalized, rtol=0, atol=1e-6)
+    second = velocities(model, batch, x.expand(3, -1, -1), torch.full((3,), 0.5))
+    torch.testing.assert_close(x - 0.5 * second[:1], policy.last.chunk_normalized, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        alone = torch.cat([velocities(model, data.batch([s]), x, torch.full((1,), 0.5)) for s in samples])
+    torch.testing.assert_close(second.detach(), alone, rtol=0, atol=1e-5)
+    assert (second[0] - second[1]).abs().max() > 1e-3  # the two frames of one prompt are not one sample twice
     second.sum().backward()
     for module in (model.parts.vision_model.embeddings.patch_embedding, model.text_model.layers[0].self_attn.k_proj,
                    model.expert.layers[1].self_attn.k_proj, model.state_proj, model.action_in_proj):

@@ -38,7 +38,7 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector, SmolV
 from .. import flops as F
 from ..attention import attend, project_qkv, rotate
 from ..flow import Level, PrefixInputs, PrefixOutput, euler, prefix_layers, time_embedding
-from ..kv_store import KVStore, LayerPlan
+from ..kv_store import BatchKV, KVStore, LayerPlan
 from ..normalization import LIBERO_STATE_STATS, Normalization, random_normalization
 from ..prefix_reuse import LIBERO_ACTION_DIM
 from .config import SmolVLAConfig, get_preset
@@ -149,7 +149,7 @@ class SmolVLAModel(nn.Module):
         return tokens * torch.tensor(tokens.shape[-1] ** 0.5, dtype=tokens.dtype, device=tokens.device)
 
     def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """[1, text] -> [1, text, width], x sqrt(width)."""
+        """[sample, text] -> [sample, text, width], x sqrt(width)."""
         embedded = self.text_model.embed_tokens(token_ids)
         return embedded * math.sqrt(embedded.shape[-1])
 
@@ -163,18 +163,23 @@ class SmolVLAModel(nn.Module):
         return self.prefix_of(self.embed_images(pixel_values), token_ids, state)
 
     def prefix_of(self, images: torch.Tensor, token_ids: torch.Tensor, state: torch.Tensor | None) -> PrefixInputs:
-        """The prefix of the present cameras' image tokens [camera, tokens_per_image, width] (`embed_images`: training
-        embeds a whole batch's cameras at once), the prompt tokens [1, text] and the state [max_state_dim]."""
+        """The prefix of the present cameras' image tokens [camera, tokens_per_image, width] (`embed_images`), the
+        prompt tokens [1, text] and the state [max_state_dim]; or of a batch of samples (training), images [sample,
+        camera, tokens_per_image, width], prompts of one length [sample, text] and states [sample, max_state_dim]."""
         if state is None:
             raise ValueError("SmolVLA's prefix ends with the state token: give the normalised, padded state")
-        state_token = self.state_proj(state.to(self.dtype))[None, None]  # [1, 1, width]
-        return PrefixInputs([images[i : i + 1] for i in range(images.shape[0])], self.embed_text(token_ids), state_token)
+        images, state = (images, state) if images.ndim == 4 else (images[None], state[None])
+        if not images.shape[0] == token_ids.shape[0] == state.shape[0]:
+            raise ValueError(f"a batched prefix needs one of each per sample: {images.shape[0]} samples' images, "
+                             f"{token_ids.shape[0]} prompts, {state.shape[0]} states")
+        state_token = self.state_proj(state.to(self.dtype))[:, None]  # [sample, 1, width]
+        return PrefixInputs(list(images.unbind(1)), self.embed_text(token_ids), state_token)
 
     def new_store(self, prefix_len: int) -> KVStore:
         t = self.config.text
         return KVStore(t.depth, prefix_len, t.num_heads, t.num_kv_heads, t.head_dim, self.dtype, self.device)
 
-    def run_prefix(self, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore, step: int) -> PrefixOutput:
+    def run_prefix(self, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore | BatchKV, step: int) -> PrefixOutput:
         """Run the kept text layers over the prefix under per-layer plans (`dcvla.flow.prefix_layers`): the
         image and prompt rows attend to each other, the state token (last) to every row."""
         state_slot = inputs.spans["state"].start
@@ -190,33 +195,37 @@ class SmolVLAModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ suffix
     def embed_actions(self, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The action tokens [1, chunk, expert width]: [action_in_proj(x) | time] through the action-time MLP."""
+        """The action tokens [sample, chunk, expert width] of noisy_actions [sample, chunk, max_action_dim] at times
+        t [sample]: [action_in_proj(x) | time] through the action-time MLP."""
         actions = self.action_in_proj(noisy_actions.to(self.dtype))
         time = time_embedding(t, self.config.expert_width, self.config.min_period, self.config.max_period).to(self.dtype)
         fused = torch.cat([actions, time[:, None].expand_as(actions)], dim=-1)
         return self.action_time_mlp_out(nn.functional.silu(self.action_time_mlp_in(fused)))
 
-    def cross_kv(self, store: KVStore) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per cross-attention layer, the expert's K/V of the prefix ([1, kv_head, prefix, head_dim] each): its own
-        `k_proj` / `v_proj` of the prefix's post-RoPE K/V of that layer, heads flattened as lerobot does."""
+    def cross_kv(self, store: KVStore | BatchKV) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per cross-attention layer, the expert's K/V of the prefix ([sample, kv_head, prefix, head_dim] each): its
+        own `k_proj` / `v_proj` of the prefix's post-RoPE K/V of that layer, heads flattened as lerobot does."""
         _, kv_heads, head_dim = self._heads()
         out = {}
         for layer, block in enumerate(self.expert.layers):
             if not self.config.is_cross_layer(layer):
                 continue
-            flat = [x.transpose(0, 1).reshape(1, store.num_slots, -1) for x in (store.keys[layer], store.values[layer])]
-            k, v = (proj(x).view(1, store.num_slots, kv_heads, head_dim).transpose(1, 2)
+            kv = store.layer_kv(layer)
+            samples = kv[0].shape[0]
+            flat = [x.transpose(1, 2).reshape(samples, store.num_slots, -1) for x in kv]
+            k, v = (proj(x).view(samples, store.num_slots, kv_heads, head_dim).transpose(1, 2)
                     for proj, x in zip((block.self_attn.k_proj, block.self_attn.v_proj), flat))
             out[layer] = (k, v)
         return out
 
-    def velocity(self, store: KVStore, noisy_actions: torch.Tensor, t: torch.Tensor,
+    def velocity(self, store: KVStore | BatchKV, noisy_actions: torch.Tensor, t: torch.Tensor,
                  cross: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """The velocity [1, chunk, max_action_dim] (float32) at time t [1] of the action tokens, attending to the
-        prefix K/V in `store` (and the cross layers' projections of it, `cross_kv`, computed here if not given)."""
+        """The velocity [sample, chunk, max_action_dim] (float32) at time t [sample] of the action tokens
+        noisy_actions [sample, chunk, max_action_dim], attending to the prefix K/V in `store` (one sample's, or a
+        batch's `BatchKV`) and the cross layers' projections of it (`cross_kv`, computed here if not given)."""
         cross = self.cross_kv(store) if cross is None else cross
         hidden = self.embed_actions(noisy_actions, t)
-        chunk, prefix_len, wavelength = hidden.shape[1], store.num_slots, self.config.rope_max_wavelength
+        (samples, chunk), prefix_len, wavelength = hidden.shape[:2], store.num_slots, self.config.rope_max_wavelength
         heads, kv_heads, head_dim = self._heads()
         own = torch.arange(chunk, device=hidden.device)
         joint = rope_tables(prefix_len + own, head_dim, wavelength)  # positions after the prefix's
@@ -227,15 +236,15 @@ class SmolVLAModel(nn.Module):
             x = block.input_layernorm(hidden)
             attn_mod = block.self_attn
             if layer in cross:
-                q = attn_mod.q_proj(x).view(1, chunk, heads, head_dim).transpose(1, 2)
+                q = attn_mod.q_proj(x).view(samples, chunk, heads, head_dim).transpose(1, 2)
                 q = rotate(q, *rebased).to(hidden.dtype)
                 keys, values = cross[layer]
                 attn, _ = attend(q, keys, values, head_dim**-0.5, None)
             else:
                 q, k, v = project_qkv(attn_mod, x, None, None, *joint, heads, kv_heads, head_dim)
                 q, k = q.to(hidden.dtype), k.to(hidden.dtype)
-                keys = torch.cat([store.keys[layer][None], k], dim=2)
-                values = torch.cat([store.values[layer][None], v], dim=2)
+                prefix_k, prefix_v = store.layer_kv(layer)
+                keys, values = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
                 attn, _ = attend(q, keys, values, head_dim**-0.5, causal)
             hidden = hidden + attn_mod.o_proj(attn)
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..kv_store import BatchKV
 from ..normalization import ACTION, STATE, Normalization
 from ..prefix_reuse import LIBERO_ACTION_DIM
 from .model import SmolVLAModel
@@ -150,18 +151,25 @@ class DemoFrames:
 
 def velocities(model: SmolVLAModel, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The model's velocity [sample, chunk, max_action_dim] (float32) at x_t [sample, chunk, max_action_dim] and t
-    [sample], with gradients: every sample's cameras through the vision tower at once, then per sample (its prompt
-    has its own length) the policy's prefix, its K/V in a fresh store, and the expert at (x_t, t)."""
+    [sample], with gradients: every sample's cameras through the vision tower at once, then, for each group of
+    samples whose prompts have one length, the policy's prefix over the group at once (its K/V in a `BatchKV`) and
+    the expert at the group's (x_t, t)."""
     device = model.device
     cameras = batch.pixels.shape[1]
     images = model.embed_images(batch.pixels.flatten(0, 1).to(device))  # [sample * camera, token, width]
-    out = []
+    images = images.unflatten(0, (-1, cameras))  # [sample, camera, token, width]
+    groups: dict[int, list[int]] = {}
     for b, prompt in enumerate(batch.prompts):
-        prefix = model.prefix_of(images[b * cameras : (b + 1) * cameras], prompt.to(device), batch.states[b].to(device))
-        store = model.new_store(prefix.length)
+        groups.setdefault(prompt.shape[1], []).append(b)
+    out = torch.empty(x_t.shape, dtype=torch.float32, device=device)
+    for members in groups.values():
+        index = torch.tensor(members, device=device)
+        prompts = torch.cat([batch.prompts[b] for b in members]).to(device)
+        prefix = model.prefix_of(images[index], prompts, batch.states[members].to(device))
+        store = BatchKV(model.config.text.depth, prefix.length)
         model.run_prefix(prefix, None, store, 0)
-        out.append(model.velocity(store, x_t[b : b + 1].to(device), t[b : b + 1].to(device)))
-    return torch.cat(out)
+        out[index] = model.velocity(store, x_t[members].to(device), t[members].to(device))
+    return out
 
 
 def flow_noise(indices: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
