@@ -7,7 +7,7 @@ export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps studies test bench notebooks explorer lab screenshots demos train-micro clean
+.PHONY: install system-deps studies test bench notebooks explorer lab screenshots demos train-micro eval-micro clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ demos: $(STAMP)
 train-micro: $(STAMP)
 	$(PY) scripts/train_micro.py openvla-micro
 	$(PY) scripts/train_micro.py smolvla-micro
+
+eval-micro: $(STAMP)
+	$(PY) scripts/eval_micro.py smolvla-micro
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_latency.py --preset tiny --preset small

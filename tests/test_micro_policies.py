@@ -61,3 +61,34 @@ def test_the_studies_take_a_micro_policy_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="no smolvla-micro checkpoint"):
         pi0_base(config)
+
+
+def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):
+    """scripts/eval_micro.py: each trial of the official init states in its own result file, written by a worker
+    process; a rerun runs nothing again (the files are untouched) and reports the same success and interval."""
+    import os
+    import subprocess
+    import sys
+
+    from dcvla.libero.episodes import DEMO_TASKS
+    from dcvla.success import wilson_interval
+
+    task = DEMO_TASKS["libero_goal"]
+    command = [sys.executable, str(CHECKPOINT_DIR.parent / "scripts" / "eval_micro.py"), "smolvla-micro",
+               "--checkpoint", str(CHECKPOINT_DIR / "smolvla-micro"), "--suites", "libero_goal", "--trials", "2",
+               "--workers", "1", "--max-steps", "3", "--out", str(tmp_path)]
+    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+
+    def run() -> str:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    first = run()
+    files = [tmp_path / f"libero_goal_task{task:02d}" / f"trial{t:02d}.nc" for t in range(2)]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    low, high = wilson_interval(0, 2)
+    summary = f"libero_goal task {task}: 0/2 = 0.00 (Wilson 95% {low:.2f}-{high:.2f})"
+    assert summary in first  # three steps never finish the task
+    assert summary in run()
+    assert [f.stat().st_mtime_ns for f in files] == stamps

@@ -42,10 +42,14 @@ def center_crop(preset: str) -> bool:
     return MICRO_FAMILIES[preset] == "openvla"
 
 
-def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
-    """The shipped micro policy `preset` without caching (OpenVLA's `vanilla`; the flow policies' reuse mode
-    `none`), loaded strictly from `checkpoints/<preset>`."""
-    path = micro_checkpoint(preset)
+def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               checkpoint: str | Path | None = None) -> Any:
+    """The micro policy `preset` without caching (OpenVLA's `vanilla`; the flow policies' reuse mode `none`), loaded
+    strictly from `checkpoint` (default: the shipped `checkpoints/<preset>`; a training run's `--out` otherwise)."""
+    shipped = micro_checkpoint(preset) if checkpoint is None else None  # checks the preset's name too
+    path = shipped or Path(checkpoint)
+    if MICRO_FAMILIES.get(preset) is None:
+        raise ValueError(f"unknown micro preset {preset!r}; known: {', '.join(MICRO_FAMILIES)}")
     if MICRO_FAMILIES[preset] == "openvla":
         from ..openvla.loading import vanilla_policy
         from ..openvla.train import STATS_KEY
