@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20, help="init states 0..N-1 per task (default 20)")
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed (0: the protocol's)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
-    ap.add_argument("--max-steps", type=int, help="a shorter step budget than the suite's (smoke tests; not the protocol)")
+    ap.add_argument("--max-steps", type=int,
+                    help="a shorter step budget than the suite's (smoke tests; not the protocol)")
     ap.add_argument("--out", type=Path, help="results (default data/eval/PRESET)")
     args = ap.parse_args(argv)
     if args.trials < 1 or args.workers < 1:

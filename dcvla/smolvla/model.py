@@ -179,7 +179,8 @@ class SmolVLAModel(nn.Module):
         t = self.config.text
         return KVStore(t.depth, prefix_len, t.num_heads, t.num_kv_heads, t.head_dim, self.dtype, self.device)
 
-    def run_prefix(self, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore | BatchKV, step: int) -> PrefixOutput:
+    def run_prefix(self, inputs: PrefixInputs, plans: list[LayerPlan] | None, store: KVStore | BatchKV,
+                   step: int) -> PrefixOutput:
         """Run the kept text layers over the prefix under per-layer plans (`dcvla.flow.prefix_layers`): the
         image and prompt rows attend to each other, the state token (last) to every row."""
         state_slot = inputs.spans["state"].start
