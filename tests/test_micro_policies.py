@@ -34,6 +34,7 @@ def test_a_shipped_micro_policy_steps_on_every_trained_task(preset):
     from dcvla.libero.evaluate import cameras_for, run_trial
 
     policy = load_micro(preset)
+    assert policy.name == {"openvla-micro": "vanilla", "smolvla-micro": "none"}[preset]  # no caching, no reuse
     for suite, task in DEMO_TASKS.items():
         info = get_task(suite, task)
         env = make_env(suite, task, cameras=cameras_for(policy))
@@ -70,6 +71,8 @@ def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):
     import subprocess
     import sys
 
+    import xarray as xr
+
     from dcvla.libero.episodes import DEMO_TASKS
     from dcvla.success import wilson_interval
 
@@ -92,3 +95,4 @@ def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):
     assert summary in first  # three steps never finish the task
     assert summary in run()
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert xr.open_dataset(files[0]).attrs["method"] == "none"  # the policy without prefix reuse

@@ -55,6 +55,8 @@ def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "c
         from ..openvla.train import STATS_KEY
 
         return vanilla_policy(checkpoint=path, unnorm_key=STATS_KEY, dtype=dtype, device=device)
+    from ..prefix_reuse import ReuseConfig
     from ..smolvla import SmolVLAPolicy
 
-    return SmolVLAPolicy.from_pretrained(path, dtype=dtype, device=device)
+    # a flow policy given no ReuseConfig reuses the prefix K/V (the "full" mode at cosine 0.985): say "none"
+    return SmolVLAPolicy.from_pretrained(path, ReuseConfig(mode="none"), dtype=dtype, device=device)
