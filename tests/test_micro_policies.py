@@ -21,10 +21,28 @@ def test_a_missing_or_unknown_micro_checkpoint_is_named(tmp_path, monkeypatch):
         micro_checkpoint("smolvla-micro")
 
 
-@pytest.mark.parametrize("preset", SHIPPED)
-def test_a_shipped_micro_checkpoint_is_small(preset):
-    size = sum(f.stat().st_size for f in (CHECKPOINT_DIR / preset).rglob("*") if f.is_file())
-    assert size <= 40 * 2**20, f"{preset}: {size / 2**20:.1f} MB"
+@pytest.mark.parametrize("name", sorted(p.name for p in CHECKPOINT_DIR.iterdir() if p.is_dir()))
+def test_every_committed_checkpoint_is_small(name):
+    size = sum(f.stat().st_size for f in (CHECKPOINT_DIR / name).rglob("*") if f.is_file())
+    assert size <= 40 * 2**20, f"{name}: {size / 2**20:.1f} MB"
+
+
+def test_the_one_task_checkpoint_loads_strictly_and_steps_on_its_task():
+    """checkpoints/smolvla-micro-goal (docs/micro.md, fourth session): smolvla-micro trained on libero_goal task 8
+    alone, loaded by SmolVLA's strict loader without reuse, one closed-loop step on that task's first init state."""
+    from dcvla.libero.env import close_env, get_init_states, get_task, make_env
+    from dcvla.libero.evaluate import cameras_for, run_trial
+
+    policy = load_micro("smolvla-micro", checkpoint=CHECKPOINT_DIR / "smolvla-micro-goal")
+    assert policy.name == "none" and policy.model.config.name == "smolvla-micro"
+    info = get_task("libero_goal", 8)
+    env = make_env("libero_goal", 8, cameras=cameras_for(policy))
+    try:
+        result = run_trial(policy, env, "libero_goal", get_init_states("libero_goal", 8)[0], info.instruction,
+                           max_steps=1, center_crop=False)
+    finally:
+        close_env(env)
+    assert result.error == "" and result.steps == 1
 
 
 @pytest.mark.parametrize("preset", SHIPPED)

@@ -145,8 +145,8 @@ PRESETS: dict[str, SmolVLAConfig] = {
     # width 128 (4 heads to 2 K/V heads), expert 96; SigLIP 96 wide, 4 blocks, at 224 px (LIBERO's frames, so the
     # policy's resize-with-pad is the identity) in 28 px patches, x2 pixel shuffle: 16 tokens per camera; 1024 token
     # rows hold dcvla's offline tokenizer (589 tokens; a 32,000-row table would be most of the weights and of a
-    # training step's time). 3.3M parameters, 6.7 MB in bfloat16; a training step of 16 took 1.2 s on one core of
-    # a shared 2-core machine
+    # training step's time). 3.3M parameters, 6.7 MB in bfloat16; a training step of 16 took 0.34 s (median) on
+    # the 2 cores of an Intel machine, the batch's prefixes run together
     "smolvla-micro": SmolVLAConfig("smolvla-micro", **_MICRO),
     # tests: the parity fixture's dims (tests/fixtures/smolvla_tiny; its vocabulary is 320)
     "smolvla-tiny": SmolVLAConfig("smolvla-tiny", **_TINY),
