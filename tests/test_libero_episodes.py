@@ -14,7 +14,7 @@ from dcvla.io import CorruptFileError, read_dataset
 from dcvla.libero import env as E
 from dcvla.libero import evaluate as V
 from dcvla.libero import protocol
-from dcvla.libero.episodes import (DEFAULT_DIR, FORMAT_VERSION, SHIPPED, Episode, demo_path, episode_path,
+from dcvla.libero.episodes import (DEFAULT_DIR, DEMO_TASKS, FORMAT_VERSION, SHIPPED, Episode, demo_path, episode_path,
                                    list_episodes, load_episode, load_episodes, record_episode, replay,
                                    sample_init_state, save_episode)
 from dcvla.libero.oracle import OraclePolicy
@@ -67,6 +67,19 @@ def test_shipped_episodes_are_complete_and_small():
         assert ep.has_wrist and len(ep.wrist_jpegs) == n and ep.states.shape == (n, 8)
         # the robot really moved and closed its gripper at some point
         assert np.ptp(ep.eef_pos, axis=0).max() > 0.1 and (ep.actions[:, 6] > 0).any()
+
+
+def test_a_suites_episodes_list_its_trained_task_first(tmp_path):
+    """A study's first episode of a suite (`episodes_per_suite=1`) is the scene its micro policy learned, even where
+    the trained task's id is not the smallest (libero_goal: task 8 before task 6)."""
+    for name in ("libero_goal_task06_init00", "libero_goal_task08_init00", "libero_goal_task08_init01",
+                 "libero_10_task04_init00", "libero_spatial_task00_init00"):
+        (tmp_path / f"{name}.npz").write_bytes(b"")
+    assert [p.stem for p in list_episodes(tmp_path, suite="libero_goal")] == [
+        "libero_goal_task08_init00", "libero_goal_task08_init01", "libero_goal_task06_init00"]
+    assert [p.stem for p in list_episodes(tmp_path)][:2] == ["libero_10_task04_init00", "libero_goal_task06_init00"]
+    for suite, paths in ((s, list_episodes(DEFAULT_DIR, suite=s)) for s in SHIPPED):
+        assert paths[0] == episode_path(DEFAULT_DIR, suite, DEMO_TASKS[suite], 0), (suite, paths)
 
 
 def test_episode_frames_are_the_pipeline_frames():

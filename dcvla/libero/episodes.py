@@ -232,9 +232,12 @@ def sample_init_state(env: Any, placement_seed: int) -> np.ndarray:
 
 
 def list_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None) -> list[Path]:
-    """Episode files under `directory` (optionally of one suite), sorted by name."""
-    pattern = f"{suite}_task*.npz" if suite else "*.npz"
-    return sorted(Path(directory).glob(pattern))
+    """Episode files under `directory` (optionally of one suite), sorted by name; of one suite, its trained task's
+    (`DEMO_TASKS`) first, so a study's first episode of a suite is the scene its micro policy learned."""
+    if suite is None:
+        return sorted(Path(directory).glob("*.npz"))
+    trained = f"{suite}_task{DEMO_TASKS[suite]:02d}_" if suite in DEMO_TASKS else None
+    return sorted(Path(directory).glob(f"{suite}_task*.npz"), key=lambda p: (not p.name.startswith(str(trained)), p.name))
 
 
 def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None) -> list[Episode]:
