@@ -73,7 +73,8 @@ class FlowPolicy:
     Args:
         model: the model, with its normalisation.
         tokenizer: the prompt tokenizer (a fast tokenizer: pi0.5 locates the state's tokens by offsets).
-        config: the reuse mode, gate and their parameters.
+        config: the reuse mode, gate and their parameters; none given: mode "none", every inference computed in
+            full (what a policy loaded to be evaluated should do; a caching study names its mode).
         seed: seeds the flow's noise; every episode (every `reset()`) draws the same noise sequence, so runs of
             different modes on the same frames differ only by what they reuse.
     """
@@ -90,7 +91,7 @@ class FlowPolicy:
         if model.config.state_token not in STATE_TOKENS:
             raise ValueError(f"the model's config.state_token must be one of {STATE_TOKENS}, got {model.config.state_token!r}")
         self.model, self.tokenizer = model, tokenizer
-        self.config = config or ReuseConfig()
+        self.config = config or ReuseConfig(mode="none")
         self.mode = MODES[self.config.mode]
         self.name, self.gate_name = self.config.mode, self.config.gate_name
         self.seed = seed

@@ -90,6 +90,20 @@ def test_the_spans_are_where_each_model_puts_them(pi0, pi05, pi0_clip):
     assert sorted([*spans["vision"], *spans["text"], *spans["state"]]) == list(range(pi05.store.num_slots))
 
 
+def test_a_policy_given_no_config_reuses_nothing(pi0, pi0_clip):
+    """What a user loading a checkpoint to evaluate it expects: no mode named, every inference computed in full, even
+    on a repeated frame (the default of `ReuseConfig` itself, mode "full", is what a caching study names)."""
+    frames, states, instruction = pi0_clip
+    frames, states = [frames[0], frames[0]], [states[0], states[0]]
+    plain = Pi0Policy(pi0.model, pi0.tokenizer, seed=pi0.seed)
+    assert plain.name == "none" and ReuseConfig().mode == "full"
+    got, ref = run(plain, frames, states, instruction), run(pi0, frames, states, instruction)
+    assert got[1].vision_similarity > 0.9999 and not got[1].gate and not got[1].span_reuse.any()
+    assert all(np.array_equal(a.chunk, b.chunk) for a, b in zip(got, ref))
+    reusing = run(pi0.with_config(ReuseConfig()), frames, states, instruction)
+    assert reusing[1].gate and reusing[1].span_reuse.any()  # the same frames do open a named mode's gate
+
+
 # ----------------------------------------------------------------------------- 1. a threshold above 1
 @pytest.mark.parametrize("mode", sorted(EXPECTED_SPANS))
 def test_threshold_above_one_is_exactly_no_reuse(model, pi0_clip, mode):
