@@ -142,8 +142,7 @@ def _pack(jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[bytes]:
-    data = blob.tobytes()
-    return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return [blob[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
 
 
 def save_episode(ep: Episode, path: str | Path) -> Path:
@@ -232,12 +231,10 @@ def sample_init_state(env: Any, placement_seed: int) -> np.ndarray:
 
 
 def list_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None) -> list[Path]:
-    """Episode files under `directory` (optionally of one suite), sorted by name; of one suite, its trained task's
-    (`DEMO_TASKS`) first, so a study's first episode of a suite is the scene its micro policy learned."""
-    if suite is None:
-        return sorted(Path(directory).glob("*.npz"))
-    trained = f"{suite}_task{DEMO_TASKS[suite]:02d}_" if suite in DEMO_TASKS else None
-    return sorted(Path(directory).glob(f"{suite}_task*.npz"), key=lambda p: (not p.name.startswith(str(trained)), p.name))
+    """Episode files under `directory` by name; of one suite, its trained task's (`DEMO_TASKS`) first."""
+    first = f"{suite}_task{DEMO_TASKS[suite]:02d}_" if suite in DEMO_TASKS else "\0"  # the trained task's files
+    paths = Path(directory).glob(f"{suite}_task*.npz" if suite else "*.npz")
+    return sorted(paths, key=lambda p: (not p.name.startswith(first), p.name))
 
 
 def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None) -> list[Episode]:
