@@ -447,7 +447,7 @@ def test_build_notebook_writes_only_when_the_source_changes(tmp_path):
 def test_stability_cliff_measures_closed_loop_success(tmp_path):
     """`success_trials`: every (mode, gate, value) and the reference run LIBERO trials with both cameras and the
     state; the table has one success rate per run, the reference's included (random weights: chance)."""
-    from dcvla.studies.stability_cliff import CliffConfig, pi0_base, run_label, success_table
+    from dcvla.studies.stability_cliff import CliffConfig, pi0_base, run_label, success_table, success_trials
 
     config = CliffConfig(preset="tiny", modes=["full"], thresholds=[0.9], gates=["max_age"], max_ages=[2],
                          suites=["libero_spatial"], success_trials=1, max_steps=10, runs_dir=str(tmp_path / "runs"))
@@ -457,6 +457,9 @@ def test_stability_cliff_measures_closed_loop_success(tmp_path):
     assert (table["95% CI low"] <= table["success rate"]).all() and table["McNemar p"].iloc[0] == 1.0
     files = sorted(p.parent.name for p in (tmp_path / "runs" / "stability_cliff_success" / "pi0-tiny").glob("*/*.nc"))
     assert files == sorted(run_label(*key) for key in [("none", "", None), ("full", "cosine", 0.9), ("full", "max_age", 2)])
+    trials = success_trials(config)  # every unit complete: read back, nothing run
+    assert list(trials.method.values) == list(table["label"]) and trials.sizes["trial"] == 1
+    assert np.array_equal(trials.mean(["suite", "task", "seed", "trial"]).values, table["success rate"].values)
 
 
 def test_gates_are_compared_with_cosine_at_equal_reuse():
@@ -470,3 +473,33 @@ def test_gates_are_compared_with_cosine_at_equal_reuse():
     assert out.loc[("max_age", 2), "cosine drift at equal reuse"] == pytest.approx(0.08)  # between (0.2, .02), (0.6, .10)
     assert out.loc[("max_age", 2), "drift ratio"] == pytest.approx(1.5)
     assert out.loc[("pixel_mae", 0.04), "drift ratio"] == pytest.approx(0.5)
+
+
+def test_the_cliff_hypotheses_are_decided_trial_by_trial():
+    """Synthetic trials with known answers: full falls from 0.9 to 0 between 0.99 and 0.985 (9 trials won by 0.99
+    alone: p = 2 / 2**9), vision_only's largest fall (3 trials) is not significant, synchronized never falls; at
+    0.985 vision_only beats full on 6 trials (p = 2 / 2**6); a trial one run did not play is left out of its pairs."""
+    from dcvla.studies.cliff_success import mode_against_mode, paired, success_cliff
+    from dcvla.studies.stability_cliff import run_label
+
+    wins = {("none", "", None): 10, ("full", "cosine", 0.995): 10, ("full", "cosine", 0.99): 9,
+            ("full", "cosine", 0.985): 0, ("vision_only", "cosine", 0.99): 9, ("vision_only", "cosine", 0.985): 6,
+            ("synchronized", "synchronized", 0.99): 10, ("synchronized", "synchronized", 0.985): 10}
+    labels = [run_label(*key) for key in wins]
+    values = np.array([[1.0] * n + [0.0] * (10 - n) for n in wins.values()])
+    values[labels.index("vision_only-cosine-0.99"), 9] = np.nan  # not played
+    success = xr.DataArray(values[:, None, None, None, :], dims=("method", "suite", "task", "seed", "trial"),
+                           coords={"method": labels, "suite": ["libero_goal"], "task": [8], "seed": [0]})
+    runs = pd.DataFrame([{"mode": m, "gate": g, "value": v, "label": lab} for (m, g, v), lab in zip(wins, labels)][1:])
+    cliff = success_cliff(success, runs).set_index("mode")
+    assert cliff.loc["full", "verdict"] == "cliff between 0.99 and 0.985: success 0.90 -> 0.00"
+    assert cliff.loc["full", "McNemar p"] == pytest.approx(2 / 2**9) and cliff.loc["full", "success at 0.995"] == 1
+    assert cliff.loc["vision_only", "verdict"].endswith("is not significant")
+    assert (cliff.loc["vision_only", "from"], cliff.loc["vision_only", "to"]) == ("0.99", 0.985)
+    assert cliff.loc["synchronized", "verdict"] == "no fall in success over the sweep"
+    h4 = mode_against_mode(success, runs, "full", "vision_only").set_index("threshold")
+    assert list(h4.index) == [0.99, 0.985] and h4.loc[0.99, "paired trials"] == 9
+    assert h4.loc[0.985, "verdict"] == f"vision_only-cosine-0.985 succeeds more (p = {2 / 2**6:.3g})"
+    assert h4.loc[0.99, "verdict"].startswith("no significant difference")
+    with pytest.raises(ValueError, match=r"no trials of \['turbo'\]"):
+        paired(success, "none", "turbo")

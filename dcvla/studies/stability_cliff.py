@@ -285,21 +285,28 @@ def run_label(mode: str, gate: str, value: float | None) -> str:
 
 
 def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.DataFrame:
-    """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included: `success_trials` trials
-    of each task in `success_tasks` of each suite (its trained one when empty), openpi's protocol
-    (`dcvla.libero.evaluate`: both cameras, the state, `replan_steps` actions per chunk; no center crop), one unit
-    per task under the process's runner; with 95% Wilson intervals and, against the reference on the same init
-    states, the paired difference and the exact McNemar p (`dcvla.success`).
-    Resumable: trials already in a result file are kept. Meaningful with a trained checkpoint (`checkpoint`);
-    random weights succeed by chance only."""
+    """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included (`success_trials`), with
+    95% Wilson intervals and, against the reference on the same init states, the paired difference and the exact
+    McNemar p (`dcvla.success`); a "label" column names each run's method in the trials."""
+    rows = success_summary(success_trials(config, base, progress), "none").set_index("method")
+    return pd.DataFrame([{"mode": m, "gate": g, "value": v, "label": run_label(m, g, v),
+                          **rows.loc[run_label(m, g, v)].to_dict()} for m, g, v in cliff_keys(config)])
+
+
+def success_trials(config: CliffConfig, base=None, progress: bool = False) -> xr.DataArray:
+    """Every run's closed-loop trials, 1 (success) or 0 (NaN: not played), dims (method, suite, task, seed, trial):
+    `success_trials` trials of each task in `success_tasks` of each suite (its trained one when empty) under each
+    of `success_seeds`, openpi's protocol (`dcvla.libero.evaluate`: both cameras, the state, `replan_steps` actions
+    per chunk; no center crop), one unit per run and task under the process's runner. Resumable: trials already in
+    a result file are kept. Meaningful with a trained checkpoint (`checkpoint`); random weights succeed by chance."""
     from ..libero.evaluate import load_results
 
     todo = success_units(config)
     run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
-    results = load_results(Path(todo[0].path).parents[1])
-    rows = success_summary(results.success, "none").set_index("method")
-    return pd.DataFrame([{"mode": m, "gate": g, "value": v, **rows.loc[run_label(m, g, v)].to_dict()}
-                         for m, g, v in cliff_keys(config)])
+    labels, tasks = [run_label(*key) for key in cliff_keys(config)], sorted({u.get("task") for u in todo})
+    success = load_results(Path(todo[0].path).parents[1]).success  # other configs' files too: keep this one's
+    return success.sel({"method": labels, "suite": config.suites, "task": tasks, "seed": config.success_seeds,
+                        "trial": list(range(config.success_trials))})
 
 
 def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:
