@@ -7,8 +7,9 @@ per task with its Wilson 95% interval.
     MUJOCO_GL=egl .venv/bin/python scripts/eval_micro.py smolvla-micro --suites libero_goal \\
         --checkpoint data/train/smolvla-micro/checkpoint --out data/eval/goal                  # a training run's
 
-A trial's result depends on its init state and the evaluation seed only (every trial resets the policy's noise
-generator), not on which process ran it or after which trial.
+A trial's result depends on its init state and the evaluation seed only (`evaluate_task` reseeds every RNG before
+each trial, and every trial resets the policy's noise generator), not on which process ran it or after which trial.
+Each worker runs the policy on one thread beside its renders.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def run_job(job: tuple[str, str | None, str, int, int, Path, int, int | None, in
     if os.getppid() != parent:  # a killed launch's pool worker: stop rather than run beside the next launch
         return suite, task, trial, -1, 0.0
     if "policy" not in _WORKER:
+        import torch
+
+        torch.set_num_threads(1)  # one core per worker: its renders and its policy take turns
         _WORKER["policy"] = load_micro(preset, checkpoint=checkpoint)
     policy = _WORKER["policy"]
     if _WORKER.get("task") != (suite, task):

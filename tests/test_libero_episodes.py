@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -10,7 +11,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np
 import pytest
 
-from dcvla.io import CorruptFileError, read_dataset
+from dcvla.io import CorruptFileError, read_dataset, write_dataset
 from dcvla.libero import env as E
 from dcvla.libero import evaluate as V
 from dcvla.libero import protocol
@@ -205,6 +206,47 @@ def test_loading_a_missing_or_foreign_file_names_it(tmp_path):
     (tmp_path / "flipped.npz").write_bytes(data)
     with pytest.raises(ValueError, match=f"{tmp_path / 'flipped.npz'}: the episode archive is damaged"):
         load_episode(tmp_path / "flipped.npz")
+
+
+class DrawingPolicy(RecordingPolicy):
+    """Draws from the global RNGs at every step (as a sampling policy or a noisy simulator would) and keeps each
+    trial's first draws."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = []
+
+    def reset(self):
+        super().reset()
+        self.first.append(None)
+
+    def step(self, image, instruction):
+        import torch
+
+        if self.first[-1] is None:
+            self.first[-1] = (float(np.random.rand()), float(torch.rand(())), random.random())
+        np.random.rand(5)
+        return super().step(image, instruction)
+
+
+def test_every_trial_starts_from_the_evaluations_seeds(spatial_env, tmp_path):
+    """A trial's outcome is its init state's and its seed's, not its place in the run: run alone (a resume, a shard,
+    a worker's next job) after other draws, trial 2 draws what it drew third in a run of three; another evaluation
+    seed draws otherwise. Files of result version 1 (seeded once per run) are not resumed."""
+    kw = dict(suite="libero_spatial", task=0, env=spatial_env, max_steps=3, progress=False)
+    run = DrawingPolicy()
+    V.evaluate_task(run, run_dir=tmp_path / "all", trials=3, **kw)
+    np.random.rand(7), random.random()  # whatever ran before in the process
+    alone = DrawingPolicy()
+    ds = V.evaluate_task(alone, run_dir=tmp_path / "one", trials=[2], **kw)
+    assert alone.first == [run.first[2]] and run.first[0] == run.first[1] == run.first[2]
+    other = DrawingPolicy()
+    V.evaluate_task(other, run_dir=tmp_path / "one", trials=[2], seed=1, **kw)
+    assert all(a != b for a, b in zip(other.first[0], alone.first[0]))
+    old = ds.assign_attrs(result_version=1)
+    write_dataset(old, V.result_path(tmp_path / "one", "recorder", "libero_spatial", 0))
+    with pytest.raises(ValueError, match="result_version=1"):
+        V.evaluate_task(DrawingPolicy(), run_dir=tmp_path / "one", trials=[2, 3], **kw)
 
 
 def test_a_corrupt_result_file_stops_the_resume_naming_it(tmp_path):

@@ -5,7 +5,11 @@ i, 10 dummy-action waits, then up to MAX_STEPS[suite] policy steps on the proces
 gripper post-processing, success = `done` from `env.step`, any exception ends the trial as a failure with
 its message recorded. `evaluate_task` runs trials of one (method, suite, task) with a tqdm bar and
 rewrites `<run_dir>/<method>/<suite>_task<NN>.nc` atomically after every trial, so a crash loses at most
-the trial in flight and a rerun skips the trials already in the file.
+the trial in flight and a rerun skips the trials already in the file. One departure from upstream, which seeds
+once per run: every trial starts from the evaluation's seeds, so a resumed or sharded run gives the trials an
+uninterrupted one gives, and two methods' trials on an init state differ by the methods alone (with the RNGs
+running on, a micro policy took 104 steps on init state 1 after trial 0 and 102 reseeded; 239 and 90 on init
+state 6 in two runs that had played other trials before it).
 
 pi0 / pi0.5 policies (openpi's examples/libero/main.py) are run the openpi way: `uses_state = True` adds the
 8-dim robot state to each call, an action chunk [horizon, 7] is executed open-loop for its first
@@ -31,7 +35,9 @@ from dcvla.io import CorruptFileError, read_dataset, write_dataset
 from . import protocol
 from .env import close_env, get_init_states, get_task, make_env
 
-RESULT_VERSION = 1
+#: 2: every trial starts from the evaluation's seeds (in version 1 the RNGs ran on from the trials before it in the
+#: process, so a trial's outcome depended on which trials ran first: a resumed run was another run).
+RESULT_VERSION = 2
 
 
 @dataclass
@@ -231,6 +237,7 @@ def cameras_for(policy: Any) -> tuple[str, ...]:
 def _check_compatible(old: xr.Dataset, attrs: dict, path: Path) -> None:
     for key in ("suite", "task_id", "method", "max_steps", "center_crop", "result_version", *_POLICY_ATTR_DEFAULTS):
         have = old.attrs.get(key, _POLICY_ATTR_DEFAULTS.get(key))
+        have = have.item() if isinstance(have, np.generic) else have  # netCDF's numpy scalars, shown as plain values
         if str(have) != str(attrs[key]):
             raise ValueError(f"{path} was written with {key}={have!r}, this run has {attrs[key]!r}; "
                              "use another run_dir or method name, or delete the file")
@@ -253,7 +260,8 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
         progress: show a tqdm bar.
         env: an existing env for this task to reuse (else one is built and closed here).
         path: the result file instead of `result_path(run_dir, ...)` (a `dcvla.units` unit's).
-        seed: the evaluation seed (`seeds_of`; 0: the protocol's); a given env is reseeded with it.
+        seed: the evaluation seed (`seeds_of`; 0: the protocol's): python's, numpy's, torch's and the env's RNGs are
+            reseeded from it before every trial (upstream seeds once per run; trial 0 is the same either way).
 
     Returns:
         The dataset for all trials in the file (earlier runs' included), dims (trial, step), sorted by trial.
@@ -275,12 +283,9 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
     todo = [t for t in wanted if t not in done_trials]
     if not todo:
         return old
-    rng_seed, env_seed = seeds_of(seed)
-    seed_everything(rng_seed)
     own = env is None
     env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION,
                                                seed=None, cameras=cameras_for(policy))
-    env.seed(env_seed)  # a given env too: every evaluation starts from its seed's draw
     try:
         return _run_trials(policy, env, suite, info, init_states, todo, budget, center_crop, old, attrs, path, progress)
     finally:
@@ -325,6 +330,10 @@ def _run_trials(policy: Any, env: Any, suite: str, info: Any, init_states: np.nd
     bar = tqdm(todo, desc=f"{attrs['method']} {suite}/{info.task_id}", disable=not progress, unit="trial")
     n_success = 0 if old is None else int(old.success.sum())
     for t in bar:
+        # every trial from the evaluation's seeds: its outcome is its init state's and its seed's alone, whichever
+        # trials ran before it in this process (a resume, a shard, a worker's earlier jobs)
+        seed_everything(attrs["seed"])
+        env.seed(attrs["env_seed"])
         r = run_trial(policy, env, suite, init_states[t], info.instruction, budget, center_crop)
         new = _trials_dataset([t], [r], budget)
         ds = new if ds is None else xr.concat([ds, new], dim="trial", data_vars="all").sortby("trial")
