@@ -3,6 +3,8 @@ official init state, the agent view as the policy saw it (rotated upright), ever
 
     MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro        # figures/rollout_smolvla-micro.gif
     MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro --suite libero_10 --init 3
+    MUJOCO_GL=egl .venv/bin/python scripts/rollout_gif.py smolvla-micro --checkpoint checkpoints/smolvla-micro-goal \
+        --suite libero_goal --mode full --threshold 0.985    # the same policy reusing its prefix K/V
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dcvla.libero import protocol
 from dcvla.libero.env import close_env, get_init_states, get_task, make_env
 from dcvla.libero.episodes import DEMO_TASKS
 from dcvla.libero.evaluate import cameras_for, run_trial, seed_everything
+from dcvla.prefix_reuse import MODES, ReuseConfig
 from dcvla.studies.micro import MICRO_FAMILIES, center_crop, load_micro
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=int, default=0, help="official init state (default 0)")
     ap.add_argument("--every", type=int, default=4, help="keep every N-th step (default 4)")
     ap.add_argument("--size", type=int, default=192, help="GIF side in pixels (default 192)")
-    ap.add_argument("--out", type=Path, help="default figures/rollout_PRESET.gif")
+    ap.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped checkpoints/PRESET)")
+    ap.add_argument("--mode", default="none", choices=list(MODES), help="a flow preset's reuse mode (default none)")
+    ap.add_argument("--threshold", type=float, default=0.985, help="the mode's gate threshold (default 0.985)")
+    ap.add_argument("--out", type=Path, help="default figures/rollout_CHECKPOINT[_MODETHRESHOLD].gif")
     args = ap.parse_args(argv)
-    out = args.out or ROOT / "figures" / f"rollout_{args.preset}.gif"
-    policy = load_micro(args.preset)
+    name = args.checkpoint.name if args.checkpoint else args.preset
+    tag = "" if args.mode == "none" else f"_{args.mode}{args.threshold:g}"
+    out = args.out or ROOT / "figures" / f"rollout_{name}{tag}.gif"
+    policy = load_micro(args.preset, checkpoint=args.checkpoint)
+    if args.mode != "none":
+        if MICRO_FAMILIES[args.preset] == "openvla":
+            ap.error(f"--mode is a flow policy's reuse mode; {args.preset} is OpenVLA's")
+        policy = policy.with_config(ReuseConfig(mode=args.mode, threshold=args.threshold))
     task = DEMO_TASKS[args.suite]
     info = get_task(args.suite, task)
     seed_everything()
@@ -77,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         close_env(env.env)
     outcome = "success" if result.success else "failure"
-    write_gif(env.frames, out, f"{args.preset}: {outcome}", args.every, args.size)
+    caption = "no reuse" if args.mode == "none" else f"{args.mode} reuse at {args.threshold:g}"
+    write_gif(env.frames, out, f"{caption}: {outcome}", args.every, args.size)
     print(f"{args.suite} task {task} init {args.init}: {outcome} in {result.steps} steps -> {out}")
+    records = getattr(policy, "records", [])  # a flow policy's inferences of the trial
+    if records:
+        print(f"{len(records)} inferences; the gate opened on {sum(bool(r.gate) for r in records)}, "
+              f"{np.mean([r.reuse_fraction for r in records]):.2f} of the prefix K/V reused on average")
     return 0
 
 
