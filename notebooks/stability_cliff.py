@@ -112,6 +112,14 @@ if config.success_trials:
             common.write_table(verdicts, f"stability_cliff_success_{name}", config)
         print(name)
         display(verdicts.round(4))
+    own = success[success["gate"].isin(["cosine", "synchronized"])].sort_values("value")
+    above, below = own["95% CI high"] - own["success rate"], own["success rate"] - own["95% CI low"]
+    fig = px.line(own, x="value", y="success rate", color="mode", markers=True, error_y=above, error_y_minus=below,
+                  labels={"value": "threshold"}, title=f"Closed-loop success per reuse mode and threshold "
+                                                       f"({config.model_name()}; Wilson 95%; dashed: no reuse)")
+    fig.add_hline(y=float(success.loc[success["mode"] == "none", "success rate"].iloc[0]), line_dash="dash")
+    figures.append(common.save_figure(fig, "stability_cliff_success", config.figures_dir))
+    display(fig)
 
 # %% [markdown]
 # ## Reuse rate, speed and drift against the threshold (each mode under its own gate)
