@@ -172,7 +172,7 @@ def test_train_micro_script_trains_resumes_and_writes_the_checkpoint(tmp_path, c
             "--figure", str(tmp_path / "loss.png"), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1"]
     assert script.main(args) == 0
     out = capsys.readouterr().out
-    assert "demonstrations: libero_goal task 6: 1\n" in out and "checkpoint ->" in out
+    assert "demonstrations: libero_goal task 8: 1\n" in out and "checkpoint ->" in out
     model = load_pretrained(tmp_path / "ckpt")
     assert model.config.name == "openvla-micro" and STATS_KEY in model.norm_stats
     assert (tmp_path / "loss.png").stat().st_size > 0
@@ -380,7 +380,7 @@ def test_train_micro_script_trains_smolvla_micro_and_writes_lerobots_layout(tmp_
             "--figure", str(tmp_path / "loss.png"), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1"]
     assert SCRIPT.main(args) == 0
     out = capsys.readouterr().out
-    assert "demonstrations: libero_goal task 6: 1\n" in out and "smolvla-micro: 3.3 M parameters" in out
+    assert "demonstrations: libero_goal task 8: 1\n" in out and "smolvla-micro: 3.3 M parameters" in out
     policy = SmolVLAPolicy.from_pretrained(tmp_path / "ckpt")
     assert policy.model.config.name == "smolvla-micro" and (tmp_path / "loss.png").stat().st_size > 0
     assert SCRIPT.main(args) == 0
