@@ -86,7 +86,8 @@ table.round(4)
 
 # %%
 if config.success_trials:
-    success = stability_cliff.success_table(config, base=base)
+    trials = stability_cliff.success_trials(config, base=base)
+    success = stability_cliff.success_table(config, trials)
     display(success.round(3))
     attrs = table.attrs  # a merge drops them: keep "speed", how the speed columns were measured
     table = table.merge(success[success["mode"] != "none"], on=["mode", "gate", "value"], how="left")
@@ -103,7 +104,7 @@ if config.success_trials:
 
 # %%
 if config.success_trials:
-    trials, grid_runs = stability_cliff.success_trials(config, base=base), success[success["mode"] != "none"]
+    grid_runs = success[success["mode"] != "none"]
     hypotheses = {"cliff": cliff_success.success_cliff(trials, grid_runs),
                   "full_vs_vision_only": cliff_success.mode_against_mode(trials, grid_runs, "full", "vision_only"),
                   "synchronized_vs_cosine": cliff_success.mode_against_mode(trials, grid_runs, "synchronized", "full")}

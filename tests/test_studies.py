@@ -451,7 +451,7 @@ def test_stability_cliff_measures_closed_loop_success(tmp_path):
 
     config = CliffConfig(preset="tiny", modes=["full"], thresholds=[0.9], gates=["max_age"], max_ages=[2],
                          suites=["libero_spatial"], success_trials=1, max_steps=10, runs_dir=str(tmp_path / "runs"))
-    table = success_table(config, pi0_base(config))
+    table = success_table(config, success_trials(config, pi0_base(config)))
     assert table[["mode", "gate"]].values.tolist() == [["none", ""], ["full", "cosine"], ["full", "max_age"]]
     assert table["success rate"].between(0, 1).all() and (table["trials"] == 1).all()
     assert (table["95% CI low"] <= table["success rate"]).all() and table["McNemar p"].iloc[0] == 1.0

@@ -284,11 +284,11 @@ def run_label(mode: str, gate: str, value: float | None) -> str:
     return mode if value is None else f"{mode}-{gate}-{value:g}"
 
 
-def success_table(config: CliffConfig, base=None, progress: bool = False) -> pd.DataFrame:
-    """Closed-loop LIBERO success per (mode, gate, value), the reference ("none") included (`success_trials`), with
-    95% Wilson intervals and, against the reference on the same init states, the paired difference and the exact
-    McNemar p (`dcvla.success`); a "label" column names each run's method in the trials."""
-    rows = success_summary(success_trials(config, base, progress), "none").set_index("method")
+def success_table(config: CliffConfig, trials: xr.DataArray) -> pd.DataFrame:
+    """Closed-loop LIBERO success per (mode, gate, value) of `success_trials`' trials, the reference ("none")
+    included, with 95% Wilson intervals and, against the reference on the same init states, the paired difference
+    and the exact McNemar p (`dcvla.success`); a "label" column names each run's method in the trials."""
+    rows = success_summary(trials, "none").set_index("method")
     return pd.DataFrame([{"mode": m, "gate": g, "value": v, "label": run_label(m, g, v),
                           **rows.loc[run_label(m, g, v)].to_dict()} for m, g, v in cliff_keys(config)])
 
