@@ -127,6 +127,12 @@ class FlowPolicy:
         self.records: list[FlowStepRecord] = []
 
     @property
+    def last_reuse(self) -> float | None:
+        """The share of the prefix's (token, layer) K/V the last inference took from the store (None before one);
+        the LIBERO evaluation records it per call."""
+        return None if self.last is None else self.last.reuse_fraction
+
+    @property
     def broken(self) -> bool:
         """A step failed mid-way: the store may mix two steps, and every step is refused until `reset()`."""
         return self.guard.broken

@@ -86,8 +86,8 @@ table.round(4)
 
 # %%
 if config.success_trials:
-    trials = stability_cliff.success_trials(config, base=base)
-    success = stability_cliff.success_table(config, trials)
+    trials = cliff_success.success_trials(config, base=base)
+    success = cliff_success.success_table(config, trials)
     display(success.round(3))
     attrs = table.attrs  # a merge drops them: keep "speed", how the speed columns were measured
     table = table.merge(success[success["mode"] != "none"], on=["mode", "gate", "value"], how="left")

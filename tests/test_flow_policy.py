@@ -131,6 +131,7 @@ def test_mode_skips_exactly_its_spans(model, pi0_clip, mode):
     lwf = pol.layer_wise_from
     assert lwf == layers // 2
     pol.reset()
+    assert pol.last_reuse is None  # no inference yet
     pol.step(frames[0], instruction, states[0])
     assert pol.last.gate is False and (pol.store.computed_at == 0).all()
     opened = 0
@@ -164,6 +165,7 @@ def test_mode_skips_exactly_its_spans(model, pi0_clip, mode):
         skipped = sum(int(expected[SPANS.index(s)].sum()) * len(rec.spans[s]) for s in SPANS)
         state_skipped = bool(expected[SPANS.index("state")].any()) and where == "expert"  # pi0's: its expert K/V
         assert rec.reuse_fraction == pytest.approx(skipped / (layers * store.num_slots), abs=1e-6)
+        assert pol.last_reuse == rec.reuse_fraction  # what the closed-loop evaluation records per call
         assert rec.flops["vision"] == ref.flops["vision"]  # the gates need the image tokens every inference
         if where == "expert":
             assert (pol.state_kv is state_kv) == state_skipped

@@ -249,6 +249,27 @@ def test_every_trial_starts_from_the_evaluations_seeds(spatial_env, tmp_path):
         V.evaluate_task(DrawingPolicy(), run_dir=tmp_path / "one", trials=[2, 3], **kw)
 
 
+class ReusingPolicy(RecordingPolicy):
+    """Reports a reuse share after each call: 0 on the first call of a trial, then 0.5."""
+
+    last_reuse = None
+
+    def step(self, image, instruction):
+        self.last_reuse = 0.0 if self.t == 0 else 0.5
+        return super().step(image, instruction)
+
+
+def test_trials_record_the_policys_reuse_per_call_and_old_files_resume_without_it(spatial_env, tmp_path):
+    kw = dict(suite="libero_spatial", task=0, env=spatial_env, max_steps=3, progress=False)
+    ds = V.evaluate_task(ReusingPolicy(), run_dir=tmp_path, trials=1, **kw)
+    assert ds.reuse.isel(trial=0).values[:3].tolist() == [0.0, 0.5, 0.5] and np.isnan(ds.reuse.values[0, 3:]).all()
+    assert float(ds.reuse_mean[0]) == pytest.approx(1 / 3) and int(ds.reused_calls[0]) == 2
+    path = V.result_path(tmp_path, "recorder", "libero_spatial", 0)
+    write_dataset(ds.drop_vars(["reuse", "reuse_mean", "reused_calls"]), path)  # a file from before the reuse
+    ds = V.evaluate_task(RecordingPolicy(), run_dir=tmp_path, trials=2, **kw)  # a policy that reports none
+    assert np.isnan(ds.reuse_mean.values).all() and ds.reused_calls.values.tolist() == [-1, -1]
+
+
 def test_a_corrupt_result_file_stops_the_resume_naming_it(tmp_path):
     path = V.result_path(tmp_path, "m", "libero_spatial", 0)
     path.parent.mkdir(parents=True)

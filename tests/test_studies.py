@@ -447,7 +447,8 @@ def test_build_notebook_writes_only_when_the_source_changes(tmp_path):
 def test_stability_cliff_measures_closed_loop_success(tmp_path):
     """`success_trials`: every (mode, gate, value) and the reference run LIBERO trials with both cameras and the
     state; the table has one success rate per run, the reference's included (random weights: chance)."""
-    from dcvla.studies.stability_cliff import CliffConfig, pi0_base, run_label, success_table, success_trials
+    from dcvla.studies.cliff_success import success_table, success_trials
+    from dcvla.studies.stability_cliff import CliffConfig, pi0_base, run_label
 
     config = CliffConfig(preset="tiny", modes=["full"], thresholds=[0.9], gates=["max_age"], max_ages=[2],
                          suites=["libero_spatial"], success_trials=1, max_steps=10, runs_dir=str(tmp_path / "runs"))
@@ -455,6 +456,8 @@ def test_stability_cliff_measures_closed_loop_success(tmp_path):
     assert table[["mode", "gate"]].values.tolist() == [["none", ""], ["full", "cosine"], ["full", "max_age"]]
     assert table["success rate"].between(0, 1).all() and (table["trials"] == 1).all()
     assert (table["95% CI low"] <= table["success rate"]).all() and table["McNemar p"].iloc[0] == 1.0
+    reuse = table.set_index("label")["closed-loop reuse"]  # recorded per inference in the trials' files
+    assert reuse["none"] == 0 and reuse.between(0, 1).all() and reuse["full-cosine-0.9"] < 1  # the first computes
     files = sorted(p.parent.name for p in (tmp_path / "runs" / "stability_cliff_success" / "pi0-tiny").glob("*/*.nc"))
     assert files == sorted(run_label(*key) for key in [("none", "", None), ("full", "cosine", 0.9), ("full", "max_age", 2)])
     trials = success_trials(config)  # every unit complete: read back, nothing run

@@ -51,6 +51,8 @@ class TrialResult:
         error: "" or the exception that ended the trial (type: message).
         latency_s: wall seconds of each `policy.step` call (fewer entries than steps for chunk policies).
         wall_s: wall seconds of the whole trial, env stepping and rendering included.
+        reuse: the policy's `last_reuse` after each `policy.step` call (the share of its cache's unit, e.g. a flow
+            policy's prefix K/V, taken from its store); NaN for a policy that does not report it.
     """
 
     success: bool
@@ -58,6 +60,7 @@ class TrialResult:
     error: str = ""
     latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     wall_s: float = 0.0
+    reuse: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def seed_everything(seed: int = protocol.SEED) -> None:
@@ -118,7 +121,7 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
     except Exception as exc:  # noqa: BLE001 - upstream counts any exception as a failed trial
         error = _describe(exc)
     return TrialResult(loop.success, loop.steps, error, np.asarray(loop.latency, dtype=np.float64),
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, np.asarray(loop.reuse, dtype=np.float64))
 
 
 @dataclass
@@ -135,6 +138,7 @@ class _ClosedLoop:
     steps: int = 0
     success: bool = False
     latency: list[float] = field(default_factory=list)
+    reuse: list[float] = field(default_factory=list)
     plan: deque = field(default_factory=deque)
 
     def run(self, env: Any, obs: dict, budget: int) -> None:
@@ -163,6 +167,8 @@ class _ClosedLoop:
         else:
             raw = self.policy.step(image, self.instruction)
         self.latency.append(time.perf_counter() - t0)
+        reuse = getattr(self.policy, "last_reuse", None)
+        self.reuse.append(np.nan if reuse is None else float(reuse))
         return raw
 
 
@@ -199,10 +205,12 @@ def seeds_of(seed: int) -> tuple[int, int]:
 
 def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) -> xr.Dataset:
     lat = np.full((len(trials), budget), np.nan, dtype=np.float64)
+    reuse = np.full((len(trials), budget), np.nan, dtype=np.float64)
     stats = {k: np.full(len(trials), np.nan) for k in ("mean", "p50", "p90", "max")}
     for i, r in enumerate(results):
         ms = 1000 * r.latency_s[:budget]
         lat[i, : len(ms)] = ms
+        reuse[i, : len(r.reuse[:budget])] = r.reuse[:budget]
         if len(ms):
             stats["mean"][i], stats["max"][i] = ms.mean(), ms.max()
             stats["p50"][i], stats["p90"][i] = np.percentile(ms, [50, 90])
@@ -215,9 +223,35 @@ def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) 
     }
     for k, v in stats.items():
         data[f"latency_{k}_ms"] = ("trial", v, {"units": "ms"})
+    data.update(_reuse_variables(reuse))
     return xr.Dataset({k: xr.Variable(d, v, a) for k, (d, v, a) in data.items()},
                       coords={"trial": ("trial", np.asarray(trials, dtype=np.int32), {"description": "init state index"}),
                               "step": np.arange(budget, dtype=np.int32)})
+
+
+def _reuse_variables(reuse: np.ndarray) -> dict:
+    """The closed-loop reuse of each trial from its per-call shares [trial, step] (NaN past the last call, or all NaN:
+    the policy does not report it): the shares, their mean and the calls that reused anything."""
+    called = ~np.isnan(reuse)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(called.any(1), np.nansum(reuse, 1) / np.maximum(called.sum(1), 1), np.nan)
+    reused = np.where(called.any(1), (reuse > 0).sum(1), -1).astype(np.int32)
+    return {
+        "reuse": (("trial", "step"), reuse, {"description": "the policy's last_reuse after each policy.step call (share "
+                                                           "of its cache's unit taken from the store); NaN: no call, "
+                                                           "or not reported"}),
+        "reuse_mean": ("trial", mean, {"description": "mean of reuse over the trial's calls; NaN: not reported"}),
+        "reused_calls": ("trial", reused, {"description": "policy.step calls that reused anything; -1: not reported"}),
+    }
+
+
+def _with_reuse(old: xr.Dataset) -> xr.Dataset:
+    """A result file written before trials recorded their reuse, with the reuse variables as not reported."""
+    if "reuse" in old:
+        return old
+    shape = (old.sizes["trial"], old.sizes["step"])
+    new = {k: xr.Variable(d, v, a) for k, (d, v, a) in _reuse_variables(np.full(shape, np.nan)).items()}
+    return old.assign(new)
 
 
 #: Attributes added after RESULT_VERSION 1 files were first written, with the value those files imply.
@@ -326,7 +360,7 @@ def _run_trials(policy: Any, env: Any, suite: str, info: Any, init_states: np.nd
     """Run the pending trials in order, rewriting the result file (atomically) after each one."""
     from tqdm.auto import tqdm
 
-    ds = old
+    ds = None if old is None else _with_reuse(old)
     bar = tqdm(todo, desc=f"{attrs['method']} {suite}/{info.task_id}", disable=not progress, unit="trial")
     n_success = 0 if old is None else int(old.success.sum())
     for t in bar:
@@ -353,7 +387,7 @@ def load_results(run_dir: str | Path, method: str | None = None) -> xr.Dataset:
     rows = []
     pattern = f"{method}/*.nc" if method else "*/*.nc"
     for p in sorted(Path(run_dir).glob(pattern)):
-        ds = read_dataset(p)
+        ds = _with_reuse(read_dataset(p))
         ds = ds.expand_dims(method=[ds.attrs["method"]], suite=[ds.attrs["suite"]], task=[int(ds.attrs["task_id"])],
                             seed=[int(ds.attrs.get("evaluation_seed", 0))])
         rows.append(ds)

@@ -6,6 +6,7 @@
     long_horizon_stability   drift over long episodes, parameter sweeps, where drift jumps
     libero_benchmark         closed-loop LIBERO success per method (BenchmarkConfig, evaluate, success_table)
     stability_cliff          pi0 / pi0.5 K/V reuse across inferences per mode, gate and threshold
+    cliff_success            its closed-loop trials, success table and hypotheses (success_trials, success_table)
     speed                    the timing units (every run interleaved per frame) behind every speed column
     summary                  what `dcvla studies` prints: the tables, and how their speed was measured
 """

@@ -1,6 +1,7 @@
-"""The stability cliff's hypotheses decided on closed-loop success, from paired trials: every run of the grid plays the
-same init states under the same evaluation seeds, so two runs are compared trial by trial (an exact McNemar test on
-the trials where they disagree), never by their rates alone.
+"""The stability cliff's closed-loop success: every run's LIBERO trials (`success_trials`), their table with Wilson
+intervals and McNemar tests against no reuse (`success_table`), and the hypotheses decided from paired trials: every
+run of the grid plays the same init states under the same evaluation seeds, so two runs are compared trial by trial
+(an exact McNemar test on the trials where they disagree), never by their rates alone.
 
 - the cliff, per mode under its own gate: the step between adjacent thresholds where success falls the most (the
   Pi0 report: 1.00 at cosine 0.985, 0.22 at 0.98), and whether that fall is significant;
@@ -10,11 +11,17 @@ the trials where they disagree), never by their rates alone.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..success import mcnemar_exact
+from ..success import mcnemar_exact, success_summary
+from ..units import run_units
+from . import stability_cliff
+from .stability_cliff import CliffConfig, CliffWorker, cliff_keys, run_label, success_units
 
 ALPHA = 0.05  # a paired difference counts when its exact McNemar p is below this
 
@@ -79,3 +86,33 @@ def mode_against_mode(success: xr.DataArray, runs: pd.DataFrame, a: str, b: str)
     label = {(m, v): lab for m, v, lab in zip(own["mode"], own["value"], own["label"])}
     common = sorted({v for m, v in label if m == a} & {v for m, v in label if m == b}, reverse=True)
     return pd.DataFrame([{"threshold": v, **paired(success, label[(a, v)], label[(b, v)])} for v in common])
+
+
+def success_table(config: CliffConfig, trials: xr.DataArray) -> pd.DataFrame:
+    """Closed-loop LIBERO success per (mode, gate, value) of `success_trials`' trials, the reference ("none") too,
+    with 95% Wilson intervals, against the reference on the same init states the paired difference and the exact
+    McNemar p (`dcvla.success`), the trials' mean reuse per inference (`reuse_mean`; NaN: files from before it was
+    recorded) and a "label" column, each run's method in the trials."""
+    rows = success_summary(trials, "none").set_index("method")
+    if "reuse_mean" in trials.coords:
+        rows["closed-loop reuse"] = trials.reuse_mean.mean([d for d in trials.dims if d != "method"]).to_series()
+    return pd.DataFrame([{"mode": m, "gate": g, "value": v, "label": run_label(m, g, v),
+                          **rows.loc[run_label(m, g, v)].to_dict()} for m, g, v in cliff_keys(config)])
+
+
+def success_trials(config: CliffConfig, base=None, progress: bool = False) -> xr.DataArray:
+    """Every run's closed-loop trials, 1 (success) or 0 (NaN: not played), dims (method, suite, task, seed, trial),
+    each trial's mean reuse per inference as coordinate `reuse_mean` (NaN: not recorded): `success_trials` trials
+    of each task in `success_tasks` of each suite (its trained one when empty) under each of `success_seeds`,
+    openpi's protocol (`dcvla.libero.evaluate`: both cameras, the state, `replan_steps` actions per chunk; no center
+    crop), one unit per run and task under the process's runner. Resumable: trials already in a result file are
+    kept. Meaningful with a trained checkpoint (`checkpoint`); random weights succeed by chance."""
+    from ..libero.evaluate import load_results
+
+    todo = success_units(config)
+    run_units(todo, (stability_cliff.__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
+    labels, tasks = [run_label(*key) for key in cliff_keys(config)], sorted({u.get("task") for u in todo})
+    results = load_results(Path(todo[0].path).parents[1])  # other configs' files too: keep this one's
+    results = results.sel({"method": labels, "suite": config.suites, "task": tasks, "seed": config.success_seeds,
+                           "trial": list(range(config.success_trials))})
+    return results.success.assign_coords(reuse_mean=results.reuse_mean)

@@ -23,7 +23,6 @@ from ..prefix_reuse import COMPARE_TO, GATES, MODES, ReuseConfig
 from ..smolvla import PRESETS as SMOLVLA_PRESETS
 from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
-from ..success import success_summary
 from ..units import Unit, make_unit, run_units
 from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff, suite_tasks
 from .micro import resolve_micro
@@ -282,31 +281,6 @@ def time_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> li
 def run_label(mode: str, gate: str, value: float | None) -> str:
     """One (mode, gate, value) as a result-file method name: "none", "full-cosine-0.985"."""
     return mode if value is None else f"{mode}-{gate}-{value:g}"
-
-
-def success_table(config: CliffConfig, trials: xr.DataArray) -> pd.DataFrame:
-    """Closed-loop LIBERO success per (mode, gate, value) of `success_trials`' trials, the reference ("none")
-    included, with 95% Wilson intervals and, against the reference on the same init states, the paired difference
-    and the exact McNemar p (`dcvla.success`); a "label" column names each run's method in the trials."""
-    rows = success_summary(trials, "none").set_index("method")
-    return pd.DataFrame([{"mode": m, "gate": g, "value": v, "label": run_label(m, g, v),
-                          **rows.loc[run_label(m, g, v)].to_dict()} for m, g, v in cliff_keys(config)])
-
-
-def success_trials(config: CliffConfig, base=None, progress: bool = False) -> xr.DataArray:
-    """Every run's closed-loop trials, 1 (success) or 0 (NaN: not played), dims (method, suite, task, seed, trial):
-    `success_trials` trials of each task in `success_tasks` of each suite (its trained one when empty) under each
-    of `success_seeds`, openpi's protocol (`dcvla.libero.evaluate`: both cameras, the state, `replan_steps` actions
-    per chunk; no center crop), one unit per run and task under the process's runner. Resumable: trials already in
-    a result file are kept. Meaningful with a trained checkpoint (`checkpoint`); random weights succeed by chance."""
-    from ..libero.evaluate import load_results
-
-    todo = success_units(config)
-    run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
-    labels, tasks = [run_label(*key) for key in cliff_keys(config)], sorted({u.get("task") for u in todo})
-    success = load_results(Path(todo[0].path).parents[1]).success  # other configs' files too: keep this one's
-    return success.sel({"method": labels, "suite": config.suites, "task": tasks, "seed": config.success_seeds,
-                        "trial": list(range(config.success_trials))})
 
 
 def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:
