@@ -313,9 +313,11 @@ def studies(args: argparse.Namespace) -> None:
         run_study(study, per_study[study])
     from .studies.summary import print_cache_summary, print_cliff_summary
 
-    runs_dir, preset = ROOT / Path(parameters.get("runs_dir", "data/runs")), parameters.get("preset", "small")
-    print_cache_summary(runs_dir.parent / "cache_behaviour.nc", preset)
-    print_cliff_summary(runs_dir.parent / "stability_cliff.nc", preset)
+    runs_dir = ROOT / Path(parameters.get("runs_dir", "data/runs"))
+    model = {study: {**defined[study], **per_study[study]} for study in ("cache_behaviour", "stability_cliff")}
+    print_cache_summary(runs_dir.parent / "cache_behaviour.nc", model["cache_behaviour"]["preset"])
+    cliff = model["stability_cliff"]
+    print_cliff_summary(runs_dir.parent / "stability_cliff.nc", Path(cliff["checkpoint"]).name or cliff["preset"])
     figures = ROOT / Path(parameters.get("figures_dir", "figures"))
     print("\nFigures:\n" + "\n".join(f"  {shown(p)}" for p in sorted(figures.glob("*.png"))))
     print(f"\nDone in {time.perf_counter() - start:.0f} s")

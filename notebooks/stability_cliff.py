@@ -24,8 +24,11 @@
 # a stricter threshold near grasp and place, `phase_aware`), each streaming the same shipped LIBERO frames (agent
 # and wrist views) and robot states, one inference every `replan_steps` frames as openpi's LIBERO client, compared
 # with the no-reuse run from the same noise: reuse rate, latency, Hz, action drift. The cliff is located from the
-# data. With random weights (the default presets) there is no success rate to measure, so the action drift stands
-# in for it; give `checkpoint` (a lerobot pi0 / pi0.5 / SmolVLA directory, and `tokenizer`) for a trained model.
+# data. The default policy is `smolvla-micro-goal`, a small SmolVLA trained here on scripted demonstrations of
+# libero_goal task 8 (docs/micro.md; not SmolVLA's published weights), so the study also measures closed-loop success
+# on that task: a few trials per run at the default, the full grid's command and numbers in docs/micro.md. With the
+# random weights of a preset (`-p preset small`) there is no success to measure and the action drift stands in for
+# it; `checkpoint` takes a lerobot pi0 / pi0.5 / SmolVLA directory (and `tokenizer`).
 #
 # **How speed is measured.** Each run is recorded on its own, one after another, so the recordings' `latency_ms`
 # carry whatever load the machine had at that moment: their ratios are not a speedup. The speed columns come from
@@ -36,8 +39,9 @@
 # latency and its rate. The line printed under the table says how many inferences, on which device and dtype.
 
 # %% tags=["parameters"]
-preset = "small"          # small/tiny: pi0-small/pi0-tiny (random weights); or pi05-small, smolvla-small, pi0, ...
-checkpoint = ""           # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory (e.g. lerobot/pi05_base) or "smolvla-micro"
+preset = "smolvla-micro-goal"  # a shipped micro policy (trained), or small/tiny: pi0-small/pi0-tiny, pi05-small,
+                               # smolvla-small, pi0, ... (random weights)
+checkpoint = ""           # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory (e.g. lerobot/pi05_base), instead
 tokenizer = ""            # its tokenizer's directory (PaliGemma's, SmolVLM2's), for a checkpoint that ships none
 seed = 0                  # weights seed; also seeds the flow noise, the same for every mode
 device = "cpu"            # "cuda" on a GPU machine
@@ -51,13 +55,14 @@ gate_modes = ["full"]
 max_ages = [2, 3, 4]      # max_age: refresh at least every N inferences
 pixel_thresholds = [0.005, 0.01, 0.02, 0.04]  # pixel_mae: mean |pixel change| in [0, 1] since the cached frame
 phase_threshold = 0.995   # phase_aware: the cosine threshold near a grasp or a place
-suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
+suites = ["libero_goal"]  # the default policy's; all four: ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
 episodes_per_suite = 1    # shipped episodes per suite (0: all)
 episodes_dir = ""         # a folder of recorded episodes (scripts/record_episodes.py); empty: the shipped ones
 steps = 6                 # inferences per episode
 replan_steps = 5          # frames between inferences (openpi executes 5 actions of each chunk)
 compare_to = "previous"   # the gate compares with the previous inference (the report), or with the "anchor" one
-success_trials = 0        # closed-loop LIBERO trials per run and task (with a checkpoint; 0: none)
+success_trials = -1       # closed-loop LIBERO trials per run and task (-1: 1 with trained weights, 0 with random)
+success_runs = ["full-cosine-0.985", "vision_only-cosine-0.985", "synchronized-synchronized-0.985"]  # []: every run
 success_tasks = []        # task ids of each suite for success_trials ([]: its trained one, the first episode's)
 success_seeds = [0]       # evaluation seeds of those trials (0: the protocol's)
 max_steps = 0             # env steps per trial (0: the protocol's budget)
@@ -67,7 +72,7 @@ import numpy as np, pandas as pd, plotly.express as px
 from dcvla.studies import cliff_success, common, stability_cliff
 config = stability_cliff.CliffConfig.from_parameters(globals())
 base = stability_cliff.pi0_base(config)
-print(config.model_name(), base.model.config.variant, "(random weights: drift, not success)" if not config.checkpoint else "")
+print(config.model_name(), base.model.config.variant, "" if config.trained() else "(random weights: drift, not success)")
 figures = []
 
 # %%
@@ -85,7 +90,7 @@ table.round(4)
 # success is chance, so this runs only when asked.
 
 # %%
-if config.success_trials:
+if config.trials():
     trials = cliff_success.success_trials(config, base=base)
     success = cliff_success.success_table(config, trials)
     display(success.round(3))
@@ -103,7 +108,7 @@ if config.success_trials:
 # threshold (consistency beats freshness, on success); the synchronized gate against `full`'s cosine gate.
 
 # %%
-if config.success_trials:
+if config.trials():
     grid_runs = success[success["mode"] != "none"]
     hypotheses = {"cliff": cliff_success.success_cliff(trials, grid_runs),
                   "full_vs_vision_only": cliff_success.mode_against_mode(trials, grid_runs, "full", "vision_only"),
@@ -113,7 +118,7 @@ if config.success_trials:
             common.write_table(verdicts, f"stability_cliff_success_{name}", config)
         print(name)
         display(verdicts.round(4))
-    own = success[success["gate"].isin(["cosine", "synchronized"])].sort_values("value")
+    own = stability_cliff.own_gate_runs(success).sort_values("value")
     above, below = own["95% CI high"] - own["success rate"], own["success rate"] - own["95% CI low"]
     fig = px.line(own, x="value", y="success rate", color="mode", markers=True, error_y=above, error_y_minus=below,
                   labels={"value": "threshold"}, title=f"Closed-loop success per reuse mode and threshold "
@@ -126,7 +131,7 @@ if config.success_trials:
 # ## Reuse rate, speed and drift against the threshold (each mode under its own gate)
 
 # %%
-own = table[table.gate.isin(["cosine", "synchronized"])].rename(columns={"value": "threshold"})
+own = stability_cliff.own_gate_runs(table).rename(columns={"value": "threshold"})
 long = own.melt(id_vars=["mode", "threshold"], value_vars=["reuse rate", "speedup (interleaved, median)", "action drift"])
 fig = px.line(long, x="threshold", y="value", color="mode", facet_col="variable", markers=True,
               title="Share of inferences reusing, speedup (median paired no-reuse/run latency, runs interleaved) "

@@ -149,12 +149,16 @@ def test_the_studies_summary_prints_the_tables_and_how_speed_was_measured(tmp_pa
         for gate, values in (("cosine", [0.97, 0.98, 0.99]), ("max_age", [2, 3])):
             for i, value in enumerate(values):
                 drift = 0.1 / (i + 1) if gate == "cosine" else 0.2 * (i + 1)
+                played = mode == "full" and value == 0.98  # the one run that played closed-loop trials
                 rows.append({"mode": mode, "gate": gate, "value": float(value), "reuse rate": 0.5 / (i + 1),
-                             "KV reuse": 0.4, **speed, "FLOPs ratio": 1.5, "action drift": drift})
+                             "KV reuse": 0.4, **speed, "FLOPs ratio": 1.5, "action drift": drift,
+                             "success rate": 0.25 if played else np.nan, "McNemar p": 0.125 if played else np.nan})
     write_dataset(xr.Dataset.from_dataframe(pd.DataFrame(rows)).assign_attrs(speed=note), tmp_path / "stability_cliff.nc")
-    print_cliff_summary(tmp_path / "stability_cliff.nc", "tiny")
+    print_cliff_summary(tmp_path / "stability_cliff.nc", "smolvla-micro-goal")
     out = capsys.readouterr().out
-    assert "Stability cliff (tiny preset" in out and "max_age" in out and "Hz (interleaved, median)" in out
+    assert "Stability cliff (smolvla-micro-goal," in out and "max_age" in out and "Hz (interleaved, median)" in out
+    success = out.split("Closed-loop LIBERO success")[1].split("Where action drift")[0].strip().splitlines()
+    assert len(success) == 4 and success[-1].split()[:5] == ["full", "cosine", "0.98", "0.25", "0.125"]
     assert note[:60] in out
     assert "Where action drift jumps along each gate's parameter" in out
     assert "Consistency vs freshness (full vs vision_only, same cosine gate)" in out and "no difference" in out

@@ -465,6 +465,29 @@ def test_stability_cliff_measures_closed_loop_success(tmp_path):
     assert np.array_equal(trials.mean(["suite", "task", "seed", "trial"]).values, table["success rate"].values)
 
 
+def test_closed_loop_trials_default_to_a_few_with_trained_weights_and_the_runs_asked_for():
+    """success_trials -1: AUTO_TRIALS per run with a trained policy (a shipped micro policy by name), none with random
+    weights; success_runs picks the runs that play them (the reference always does), and names a run not in the grid."""
+    from dcvla.studies.stability_cliff import AUTO_TRIALS, success_units
+
+    grid = dict(modes=["full", "vision_only"], thresholds=[0.98, 0.985], gates=[], suites=["libero_goal"])
+    trained = CliffConfig(preset="smolvla-micro-goal", success_trials=-1, success_runs=["vision_only-cosine-0.985"], **grid)
+    assert trained.trained() == "smolvla-micro-goal" and trained.model_name() == "smolvla-micro-goal"
+    assert trained.trials() == AUTO_TRIALS >= 1
+    units = success_units(trained)
+    assert [(u.get("mode"), u.get("value"), u.trials) for u in units] == [("none", None, AUTO_TRIALS),
+                                                                         ("vision_only", 0.985, AUTO_TRIALS)]
+    assert units[0].get("task") == 8  # the policy's trained task, libero_goal's first listed
+    assert CliffConfig(preset="tiny", success_trials=-1, **grid).trials() == 0  # random weights: chance, not played
+    assert CliffConfig(preset="tiny", success_trials=2, **grid).trials() == 2  # unless asked for
+    assert len(success_units(CliffConfig(preset="smolvla-micro-goal", success_trials=1, **grid))) == 5  # []: all
+    with pytest.raises(ValueError, match=r"success_runs: \['full-cosine-0.99'\] are no runs of the grid; its runs: "
+                                         r"full-cosine-0.98, full-cosine-0.985, vision_only"):
+        CliffConfig(preset="smolvla-micro-goal", success_trials=-1, success_runs=["full-cosine-0.99"], **grid)
+    with pytest.raises(ValueError, match="success_trials must be >= -1"):
+        CliffConfig(success_trials=-2)
+
+
 def test_gates_are_compared_with_cosine_at_equal_reuse():
     from dcvla.studies.stability_cliff import gates_at_equal_reuse
 

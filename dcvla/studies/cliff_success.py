@@ -21,7 +21,8 @@ import xarray as xr
 from ..success import mcnemar_exact, success_summary
 from ..units import run_units
 from . import stability_cliff
-from .stability_cliff import CliffConfig, CliffWorker, cliff_keys, run_label, success_units
+from .cliff_config import own_gate_runs
+from .stability_cliff import CliffConfig, CliffWorker, run_label, success_keys, success_units
 
 ALPHA = 0.05  # a paired difference counts when its exact McNemar p is below this
 
@@ -58,7 +59,7 @@ def success_cliff(success: xr.DataArray, runs: pd.DataFrame, reference: str = "n
     next lower one; the cliff is the step where success falls the most, with that step's McNemar p and a verdict.
     `runs`: one row per run with "mode", "gate", "value" and "label" (its method name in `success`)."""
     rows = []
-    for mode, own in runs[runs["gate"].isin(["cosine", "synchronized"])].groupby("mode", sort=False):
+    for mode, own in own_gate_runs(runs).groupby("mode", sort=False):
         own = own.sort_values("value", ascending=False)
         labels = [reference] + list(own["label"])
         values = [np.inf] + list(own["value"])
@@ -82,7 +83,7 @@ def success_cliff(success: xr.DataArray, runs: pd.DataFrame, reference: str = "n
 def mode_against_mode(success: xr.DataArray, runs: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """Mode `a` against mode `b` at each threshold both ran under their own gates (H4: a="full", b="vision_only";
     the gates: a="synchronized", b="full"), trial by trial."""
-    own = runs[runs["gate"].isin(["cosine", "synchronized"])]
+    own = own_gate_runs(runs)
     label = {(m, v): lab for m, v, lab in zip(own["mode"], own["value"], own["label"])}
     common = sorted({v for m, v in label if m == a} & {v for m, v in label if m == b}, reverse=True)
     return pd.DataFrame([{"threshold": v, **paired(success, label[(a, v)], label[(b, v)])} for v in common])
@@ -97,7 +98,7 @@ def success_table(config: CliffConfig, trials: xr.DataArray) -> pd.DataFrame:
     if "reuse_mean" in trials.coords:
         rows["closed-loop reuse"] = trials.reuse_mean.mean([d for d in trials.dims if d != "method"]).to_series()
     return pd.DataFrame([{"mode": m, "gate": g, "value": v, "label": run_label(m, g, v),
-                          **rows.loc[run_label(m, g, v)].to_dict()} for m, g, v in cliff_keys(config)])
+                          **rows.loc[run_label(m, g, v)].to_dict()} for m, g, v in success_keys(config)])
 
 
 def success_trials(config: CliffConfig, base=None, progress: bool = False) -> xr.DataArray:
@@ -111,8 +112,8 @@ def success_trials(config: CliffConfig, base=None, progress: bool = False) -> xr
 
     todo = success_units(config)
     run_units(todo, (stability_cliff.__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
-    labels, tasks = [run_label(*key) for key in cliff_keys(config)], sorted({u.get("task") for u in todo})
+    labels, tasks = [run_label(*key) for key in success_keys(config)], sorted({u.get("task") for u in todo})
     results = load_results(Path(todo[0].path).parents[1])  # other configs' files too: keep this one's
     results = results.sel({"method": labels, "suite": config.suites, "task": tasks, "seed": config.success_seeds,
-                           "trial": list(range(config.success_trials))})
+                           "trial": list(range(config.trials()))})
     return results.success.assign_coords(reuse_mean=results.reuse_mean)

@@ -30,10 +30,20 @@ def micro_checkpoint(preset: str) -> Path:
     return path
 
 
+def shipped_checkpoints() -> list[str]:
+    """The names of the committed checkpoints (`checkpoints/<name>`, each with its config.json): the micro presets'
+    and those of one-task runs such as `smolvla-micro-goal` (docs/micro.md)."""
+    if not CHECKPOINT_DIR.is_dir():
+        return []
+    return sorted(p.name for p in CHECKPOINT_DIR.iterdir() if (p / "config.json").is_file())
+
+
 def resolve_micro(checkpoint: str) -> str | Path:
-    """A study's `checkpoint` parameter: a micro preset's name is its shipped checkpoint; anything else (a directory,
-    a hub id) is returned as given."""
-    return micro_checkpoint(checkpoint) if checkpoint in MICRO_FAMILIES else checkpoint
+    """A study's `checkpoint` parameter: a micro preset's name is its shipped checkpoint, as is the name of any other
+    committed checkpoint; anything else (a directory, a hub id) is returned as given."""
+    if checkpoint in MICRO_FAMILIES:
+        return micro_checkpoint(checkpoint)
+    return CHECKPOINT_DIR / checkpoint if checkpoint in shipped_checkpoints() else checkpoint
 
 
 def center_crop(preset: str) -> bool:

@@ -17,112 +17,20 @@ from ..io import open_recording
 from ..lerobot_checkpoint import read_lerobot_config
 from ..libero.episodes import Episode
 from ..libero.protocol import policy_input
-from ..pi0 import PRESETS as PI0_PRESETS
 from ..pi0 import Pi0Policy
-from ..prefix_reuse import COMPARE_TO, GATES, MODES, ReuseConfig
-from ..smolvla import PRESETS as SMOLVLA_PRESETS
+from ..prefix_reuse import MODES, ReuseConfig
 from ..smolvla import SmolVLAPolicy
 from ..recording import record_episode
 from ..units import Unit, make_unit, run_units
-from .common import SUITES, Parameters, check_device, check_names, check_suites, episodes, find_cliff, suite_tasks
+from .cliff_config import (AUTO_TRIALS, CLIFF_MODES, CLIFF_THRESHOLDS, EXTRA_GATES, FLOW_PRESETS,  # noqa: F401 (API)
+                           GATE_PARAMETER, CliffConfig, own_gate_runs, run_label)
+from .common import episodes, find_cliff, suite_tasks
 from .micro import resolve_micro
 from .speed import COLUMNS as SPEED_COLUMNS
 from .speed import is_timing, load_timings, speed_note, speed_table, time_episode, timing_unit
 
 STUDY = "stability_cliff"
-CLIFF_MODES = ("full", "vision_only", "state_only", "text_fixed", "layer_wise", "synchronized")
-CLIFF_THRESHOLDS = (0.97, 0.98, 0.985, 0.99, 0.995)  # the report's
-EXTRA_GATES = ("max_age", "pixel_mae", "phase_aware")  # beyond the report's cosine gate (and its synchronized mode)
-#: The gate's swept parameter, per gate: its ReuseConfig field and the CliffConfig list of values.
-GATE_PARAMETER = {"cosine": ("threshold", "thresholds"), "synchronized": ("threshold", "thresholds"),
-                  "phase_aware": ("threshold", "thresholds"), "max_age": ("max_age", "max_ages"),
-                  "pixel_mae": ("pixel_threshold", "pixel_thresholds")}
 Key = tuple[str, str, float | None, str]  # (mode, gate, value, episode); the reference: ("none", "", None, episode)
-#: Every flow-matching preset, with its family's policy.
-FLOW_PRESETS: dict[str, type[FlowPolicy]] = {**dict.fromkeys(PI0_PRESETS, Pi0Policy),
-                                             **dict.fromkeys(SMOLVLA_PRESETS, SmolVLAPolicy)}
-
-
-@dataclass
-class CliffConfig(Parameters):
-    """The stability_cliff notebook's parameters (the shared ones keep StudyConfig's names)."""
-
-    preset: str = "small"                # "small"/"tiny": pi0-small/pi0-tiny; or any flow preset (pi05-small, smolvla-small)
-    checkpoint: str = ""                 # a lerobot pi0 / pi0.5 / SmolVLA checkpoint directory instead of random
-                                         # weights, or a shipped micro policy by name ("smolvla-micro")
-    tokenizer: str = ""                  # its tokenizer's directory (PaliGemma's, SmolVLM2's), if it ships none
-    seed: int = 0                        # weights seed; also seeds the flow's noise (the same for every mode)
-    device: str = "cpu"
-    dtype: str = "float32"
-    modes: list[str] = field(default_factory=lambda: list(CLIFF_MODES))  # run under each mode's own gate
-    thresholds: list[float] = field(default_factory=lambda: list(CLIFF_THRESHOLDS))
-    gates: list[str] = field(default_factory=lambda: list(EXTRA_GATES))  # run on `gate_modes`, swept as below
-    gate_modes: list[str] = field(default_factory=lambda: ["full"])
-    max_ages: list[int] = field(default_factory=lambda: [2, 3, 4])        # max_age: cache intervals
-    pixel_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.04])  # pixel_mae
-    phase_threshold: float = 0.995       # phase_aware near a grasp or a place (thresholds elsewhere)
-    suites: list[str] = field(default_factory=lambda: list(SUITES))
-    episodes_per_suite: int = 1          # episodes per suite (0 = all)
-    episodes_dir: str = ""               # a folder of recorded episodes ("" = the shipped ones)
-    steps: int = 6                       # inferences per episode
-    replan_steps: int = 5                # frames between inferences: openpi's LIBERO client executes 5 actions
-    compare_to: str = "previous"         # the gate's reference: "previous" inference (the report) or "anchor"
-    success_trials: int = 0              # closed-loop LIBERO trials per run and task (0: none; for a checkpoint)
-    success_tasks: list[int] = field(default_factory=list)  # task ids of each suite ([]: its trained one), for trials
-    success_seeds: list[int] = field(default_factory=lambda: [0])  # evaluation seeds of the trials (0: the protocol's)
-    max_steps: int = 0                   # env steps per trial (0: the protocol's per-suite budget)
-    runs_dir: str = "data/runs"
-    figures_dir: str = "figures"
-
-    def __post_init__(self) -> None:
-        self.check_types()
-        if not self.checkpoint:
-            self.pi0_preset()  # an unknown preset fails here, naming the known ones
-        parse_dtype(self.dtype, "CliffConfig.dtype")
-        check_device(self.device, "CliffConfig.device")
-        reusing = tuple(m for m in MODES if m != "none")
-        check_names("CliffConfig.modes", self.modes, reusing, "known")
-        check_names("CliffConfig.gate_modes", self.gate_modes, reusing, "known")
-        check_names("CliffConfig.gates", self.gates, GATES, "known")
-        check_suites("CliffConfig", self.suites, self.episodes_dir)
-        for name in ("thresholds",) + tuple(GATE_PARAMETER[g][1] for g in self.gates):
-            if not getattr(self, name):
-                raise ValueError(f"CliffConfig.{name} is empty")
-        if any(age < 1 for age in self.max_ages):
-            raise ValueError(f"CliffConfig.max_ages must be >= 1 (1 never reuses), got {self.max_ages}")
-        if self.steps < 2 or self.replan_steps < 1 or self.episodes_per_suite < 0:
-            raise ValueError(f"CliffConfig: steps must be >= 2 (the first has nothing to reuse), replan_steps >= 1, "
-                             f"episodes_per_suite >= 0; got {self.steps}, {self.replan_steps}, {self.episodes_per_suite}")
-        if self.compare_to not in COMPARE_TO:
-            raise ValueError(f"CliffConfig.compare_to must be one of {COMPARE_TO}, got {self.compare_to!r}")
-        if self.success_trials < 0 or self.max_steps < 0 or any(t < 0 for t in self.success_tasks + self.success_seeds):
-            raise ValueError(f"CliffConfig: success_trials, max_steps, success_tasks and success_seeds must be >= 0, got "
-                             f"{self.success_trials}, {self.max_steps}, {self.success_tasks}, {self.success_seeds}")
-
-    def pi0_preset(self) -> str:
-        """The flow preset `preset` names (a bare "small" / "tiny" is pi0's)."""
-        for name in (self.preset, f"pi0-{self.preset}"):
-            if name in FLOW_PRESETS:
-                return name
-        raise ValueError(f"CliffConfig.preset: no flow-matching preset for {self.preset!r}; known: "
-                         f"{', '.join(FLOW_PRESETS)} (or small, tiny)")
-
-    def model_name(self) -> str:
-        return Path(self.checkpoint).name if self.checkpoint else self.pi0_preset()
-
-    def grid(self) -> list[tuple[str, str, float]]:
-        """(mode, gate, value) of every run but the reference: each mode under its own gate over `thresholds`, then
-        each of `gates` on `gate_modes` over that gate's values."""
-        own = [(m, MODES[m].gate, t) for m in self.modes for t in self.thresholds]
-        extra = [(m, g, v) for m in self.gate_modes for g in self.gates for v in getattr(self, GATE_PARAMETER[g][1])]
-        return list(dict.fromkeys(own + extra))
-
-    def reuse_config(self, mode: str, gate: str, value: float | None) -> ReuseConfig:
-        common = dict(compare_to=self.compare_to, replan_steps=self.replan_steps, phase_threshold=self.phase_threshold)
-        if value is None:  # the reference: nothing reused
-            return ReuseConfig(mode="none", **common)
-        return ReuseConfig(mode=mode, gate=gate, **common, **{GATE_PARAMETER[gate][0]: value})
-
 
 def checkpoint_policy(path: str) -> type[FlowPolicy]:
     """The family of a lerobot checkpoint, by the `type` its `config.json` names (smolvla; pi0 / pi05 otherwise)."""
@@ -131,11 +39,12 @@ def checkpoint_policy(path: str) -> type[FlowPolicy]:
 
 
 def pi0_base(config: CliffConfig) -> FlowPolicy:
-    """The no-reuse policy whose model every mode shares: a checkpoint, or the random weights of the preset."""
+    """The no-reuse policy whose model every mode shares: a checkpoint (or a shipped micro policy), or the random
+    weights of the preset."""
     dtype = parse_dtype(config.dtype, "CliffConfig.dtype")
     none = ReuseConfig(mode="none", replan_steps=config.replan_steps)
-    if config.checkpoint:
-        path = str(resolve_micro(config.checkpoint))
+    if config.trained():
+        path = str(resolve_micro(config.trained()))
         return checkpoint_policy(path).from_pretrained(
             path, none, dtype=dtype, device=config.device, tokenizer=config.tokenizer or None,
             seed=config.seed)
@@ -181,14 +90,21 @@ def timing_units(config: CliffConfig) -> list[Unit]:
             for episode in episodes(config)]
 
 
+def success_keys(config: CliffConfig) -> list[tuple[str, str, float | None]]:
+    """(mode, gate, value) of every run that plays closed-loop trials: the reference and `success_runs` (all: [])."""
+    return [key for key in cliff_keys(config)
+            if key[0] == "none" or not config.success_runs or run_label(*key) in config.success_runs]
+
+
 def success_units(config: CliffConfig) -> list[Unit]:
-    """One unit per (mode, gate, value, suite, task): `success_trials` closed-loop trials into one result file."""
+    """One unit per (mode, gate, value, suite, task, seed) of `success_keys`: `config.trials()` closed-loop trials
+    into one result file."""
     from ..libero.evaluate import result_path  # the simulator's wrapper, not the simulator
 
     run_dir = Path(config.runs_dir) / "stability_cliff_success" / config.model_name()
-    return [make_unit(STUDY, result_path(run_dir, run_label(m, g, v), suite, task, seed), trials=config.success_trials,
+    return [make_unit(STUDY, result_path(run_dir, run_label(m, g, v), suite, task, seed), trials=config.trials(),
                       mode=m, gate=g, value=v, suite=suite, task=task, seed=seed)
-            for m, g, v in cliff_keys(config) for suite, task in suite_tasks(config.suites, config.success_tasks)
+            for m, g, v in success_keys(config) for suite, task in suite_tasks(config.suites, config.success_tasks)
             for seed in config.success_seeds]
 
 
@@ -196,7 +112,7 @@ def plan(parameters: dict) -> tuple[list[Unit], tuple[str, dict]]:
     """Every unit the notebook runs with these parameters (the recordings, each episode's timing, then the trials),
     and their worker."""
     config = CliffConfig.from_parameters(parameters)
-    trials = success_units(config) if config.success_trials else []
+    trials = success_units(config) if config.trials() else []
     return cliff_units(config) + timing_units(config) + trials, (__name__, asdict(config))
 
 
@@ -276,11 +192,6 @@ def time_cliff_runs(config: CliffConfig, base=None, progress: bool = True) -> li
     todo = timing_units(config)
     run_units(todo, (__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
     return load_timings(todo)
-
-
-def run_label(mode: str, gate: str, value: float | None) -> str:
-    """One (mode, gate, value) as a result-file method name: "none", "full-cosine-0.985"."""
-    return mode if value is None else f"{mode}-{gate}-{value:g}"
 
 
 def load_cliff_runs(paths: dict[Key, Path]) -> dict[Key, xr.Dataset]:

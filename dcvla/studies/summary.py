@@ -14,6 +14,10 @@ from .speed import HZ, MEDIAN_MS, SPEEDUP, TOTAL
 from .stability_cliff import consistency_vs_freshness, locate_cliff
 
 
+SUCCESS_COLUMNS = ["trials", "successes", "success rate", "95% CI low", "95% CI high", "difference to none",
+                   "McNemar p", "closed-loop reuse"]
+
+
 def print_note(note: str) -> None:
     print("\n".join(textwrap.fill(line, 120, subsequent_indent="  ") for line in note.splitlines()))
 
@@ -30,16 +34,20 @@ def print_cache_summary(path: Path, preset: str) -> None:
     print_note(ds.attrs["speed"])
 
 
-def print_cliff_summary(path: Path, preset: str) -> None:
+def print_cliff_summary(path: Path, model: str) -> None:
     """The stability_cliff study in three tables: reuse/speed/drift per mode and threshold, the cliff per mode,
     and full against vision_only at the same gate."""
     ds = read_dataset(path)
     table = ds.to_dataframe()
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(f"\nStability cliff ({preset} preset, K/V reuse across inferences, each mode under its own gate):")
+        print(f"\nStability cliff ({model}, K/V reuse across inferences, each mode under its own gate):")
         columns = ["reuse rate", "KV reuse", SPEEDUP, TOTAL, MEDIAN_MS, HZ, "FLOPs ratio", "action drift"]
         print(table.set_index(["mode", "gate", "value"])[columns].round(4).to_string())
         print_note(ds.attrs["speed"])
+        if "success rate" in table:  # the runs that played closed-loop trials (success_runs), against no reuse
+            played = table.dropna(subset=["success rate"]).set_index(["mode", "gate", "value"])
+            print("\nClosed-loop LIBERO success (Wilson 95%; exact McNemar p against no reuse on the same trials):")
+            print(played[[c for c in SUCCESS_COLUMNS if c in played]].round(4).to_string())
         print("\nWhere action drift jumps along each gate's parameter:")
         print(locate_cliff(table).set_index(["gate", "mode"]).round(4).to_string())
         print("\nConsistency vs freshness (full vs vision_only, same cosine gate):")
