@@ -281,7 +281,7 @@ def test_stability_cliff_runs_smolvla_and_its_checkpoint(tmp_path):
 
 def test_cliff_config_is_checked():
     assert CliffConfig(preset="small").pi0_preset() == "pi0-small" and CliffConfig(preset="pi05-small").pi0_preset() == "pi05-small"
-    with pytest.raises(ValueError, match="no flow-matching preset for 'huge'"):
+    with pytest.raises(ValueError, match="no flow-matching preset or shipped micro policy for 'huge'; known: pi0, .*smolvla-micro-goal"):
         CliffConfig(preset="huge")
     with pytest.raises(ValueError, match="CliffConfig.modes: unknown \\['none'\\]"):
         CliffConfig(modes=["none"])
