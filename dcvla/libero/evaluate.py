@@ -328,7 +328,8 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
 
 
 def _read_previous(path: Path, run: str) -> xr.Dataset | None:
-    """The result file a rerun resumes from (None: there is none). A damaged one stops the run, naming it, rather
+    """The result file a rerun resumes from (None: there is none; one from before the reuse was recorded gets its
+    variables as not reported, `_with_reuse`). A damaged one stops the run, naming it, rather
     than being overwritten: it holds finished trials, minutes of simulation each, that the user may want back."""
     if not path.exists():
         return None
@@ -340,7 +341,7 @@ def _read_previous(path: Path, run: str) -> xr.Dataset | None:
     if "trial" not in old.dims:
         raise CorruptFileError(f"cannot resume {run}: {path} has no trial dimension (not a dcvla LIBERO result file?); "
                                "move it away to run the trials")
-    return old
+    return _with_reuse(old)
 
 
 def _result_attrs(policy: Any, method: str, suite: str, info: Any, budget: int, center_crop: bool, seed: int) -> dict:
@@ -360,7 +361,7 @@ def _run_trials(policy: Any, env: Any, suite: str, info: Any, init_states: np.nd
     """Run the pending trials in order, rewriting the result file (atomically) after each one."""
     from tqdm.auto import tqdm
 
-    ds = None if old is None else _with_reuse(old)
+    ds = old
     bar = tqdm(todo, desc=f"{attrs['method']} {suite}/{info.task_id}", disable=not progress, unit="trial")
     n_success = 0 if old is None else int(old.success.sum())
     for t in bar:
