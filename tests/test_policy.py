@@ -111,9 +111,19 @@ def test_staleness_counts_frames_since_fresh(make_policy, spatial_episode):
     frames, instruction = spatial_episode
     still = [frames[0]] * 5  # a frozen scene: with pixel fusion nothing is recomputed after frame 0
     pol = make_policy(method="dual_cache", keyframe_interval=100, fusion="pixel")
-    run(pol, still, instruction)
+    assert pol.last_reuse is None  # no frame yet
+    reuse = []
+    for frame in still:
+        pol.step(frame, instruction)
+        reuse.append(pol.last_reuse)  # what the closed-loop LIBERO evaluation records per step
+    assert reuse == [0.0, 1.0, 1.0, 1.0, 1.0]
     for record in pol.records:
         assert (record.staleness == record.frame).all(), (record.frame, record.staleness.unique())
+    mixed = make_policy(method="dual_cache")
+    for frame in frames[:3]:
+        mixed.step(frame, instruction)
+        assert mixed.last_reuse == float((mixed.records[-1].staleness > 0).float().mean())
+    assert 0 < mixed.last_reuse < 1
     assert (pol.tower_stores["dino"].staleness(4)[:, 5:] == 4).all()  # patches: computed at frame 0 only
 
 

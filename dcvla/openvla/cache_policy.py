@@ -167,6 +167,7 @@ class CachePolicyBase:
         self.last_fresh = torch.full((self.num_vision,), -1, dtype=torch.long)
         self.bos_stored = False  # the LLM store holds BOS's K/V (written by the episode's first prefill)
         self.last = None
+        self.last_reuse: float | None = None     # the share of vision tokens the last frame took from an earlier one
         self.records: list[StepRecord] = []
 
     # ----------------------------------------------------------------------------------------------- one frame
@@ -328,6 +329,7 @@ class CachePolicyBase:
         if reuse.static_host is not None:
             stale = stale | reuse.static_host
         self.last_fresh.numpy()[~stale] = frame
+        self.last_reuse = float(stale.mean())  # the LIBERO evaluation records it per step
         self.last = self._prediction(out.readout, values)
         return StepRecord(
             frame=frame, selection=selection, vit_work=out.vit_work, llm_work=out.prefill.work,
