@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcvla.libero.episodes import DEMO_DIR, DEMO_TASKS, load_episodes
+from dcvla.libero.episodes import DEMO_DIR, load_episodes
 from dcvla.training import LOSS_FILE, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, warmup=min(TrainConfig.warmup, args.steps // 10))
     t0 = time.perf_counter()
-    print(f"training {args.preset} on the demonstrations of {', '.join(f'{s} task {t}' for s, t in DEMO_TASKS.items())}",
-          flush=True)
+    print(f"training {args.preset} on the demonstrations under {args.demos}", flush=True)  # load_demos counts them
     trainer, objective = TRAINERS[args.preset]
     trainer(args, config)
     loss_figure(args.work, args.figure, f"{args.preset}: {objective} per step")
