@@ -57,6 +57,15 @@ table
 # %%
 libero_benchmark.success_table(results, by=())
 
+# %% [markdown]
+# Does the dual cache keep success where the other caches do? Against vanilla and each of VLA-Cache, TTF and
+# TTF + VLA-Cache the run played, trial by trial: the rates on the trials both played, the trials only one of the
+# two won, the exact McNemar p, the verdict (significant below p = 0.05), and "kept": the share of the other's
+# successes on which the dual cache succeeded too.
+
+# %%
+libero_benchmark.dual_cache_verdicts(results)
+
 # %%
 fig = px.bar(table, x="suite", y="success rate", color="method", barmode="group", facet_col="task",
              error_y=table["95% CI high"] - table["success rate"], error_y_minus=table["success rate"] - table["95% CI low"],

@@ -505,7 +505,8 @@ def test_the_cliff_hypotheses_are_decided_trial_by_trial():
     """Synthetic trials with known answers: full falls from 0.9 to 0 between 0.99 and 0.985 (9 trials won by 0.99
     alone: p = 2 / 2**9), vision_only's largest fall (3 trials) is not significant, synchronized never falls; at
     0.985 vision_only beats full on 6 trials (p = 2 / 2**6); a trial one run did not play is left out of its pairs."""
-    from dcvla.studies.cliff_success import mode_against_mode, paired, success_cliff
+    from dcvla.studies.cliff_success import mode_against_mode, success_cliff
+    from dcvla.success import paired
     from dcvla.studies.stability_cliff import run_label
 
     wins = {("none", "", None): 10, ("full", "cosine", 0.995): 10, ("full", "cosine", 0.99): 9,

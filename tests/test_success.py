@@ -47,3 +47,28 @@ def test_success_summary_pairs_methods_on_the_same_trials():
     assert per_task[["suite", "task"]].values.tolist() == [["libero_spatial", 0]] * 2
     with pytest.raises(ValueError, match="no 'none' trials"):
         success_summary(success, "none")
+
+
+def test_the_dual_cache_is_held_against_vanilla_and_each_rival_the_run_played():
+    from dcvla.studies.libero_benchmark import dual_cache_verdicts
+
+    trials = {"vanilla":    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+              "vla_cache":  [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+              "ttf":        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+              "dual_cache": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, np.nan]}  # its last trial not played
+    results = xr.Dataset({"success": xr.DataArray(np.array(list(trials.values()), float)[:, None, None, :],
+                                                  dims=("method", "suite", "task", "trial"),
+                                                  coords={"method": list(trials), "suite": ["libero_goal"], "task": [8]})})
+    table = dual_cache_verdicts(results).set_index("b")
+    assert list(table.index) == ["vanilla", "vla_cache", "ttf"]  # ttf_vla_cache was not played
+    assert (table["paired trials"] == 11).all()
+    assert table.loc["vanilla", "verdict"].startswith("no significant difference")
+    assert table.loc["vanilla", "kept"] == 1.0  # all 11 of vanilla's successes
+    assert (table.loc["ttf", "only a"], table.loc["ttf", "only b"]) == (10, 0)
+    assert table.loc["ttf", "McNemar p"] == pytest.approx(2 / 2**10)
+    assert table.loc["ttf", "verdict"] == "dual_cache succeeds more (p = 0.00195)"
+    assert table.loc["ttf", "kept"] == 1.0 and table.loc["vla_cache", "kept"] == 1.0
+    ttf_first = results.assign(success=results.success.copy())
+    ttf_first.success.loc[{"method": "dual_cache"}] = [0] * 10 + [1, 0]
+    assert dual_cache_verdicts(ttf_first).set_index("b").loc["ttf", "kept"] == 0.5  # one of ttf's two successes
+    assert dual_cache_verdicts(results.sel({"method": ["vanilla", "ttf"]})).empty  # no dual_cache

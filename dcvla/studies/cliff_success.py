@@ -18,36 +18,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..success import mcnemar_exact, success_summary
+from ..success import ALPHA, paired, success_summary
 from ..units import run_units
 from . import stability_cliff
 from .cliff_config import own_gate_runs
 from .stability_cliff import CliffConfig, CliffWorker, run_label, success_keys, success_units
-
-ALPHA = 0.05  # a paired difference counts when its exact McNemar p is below this
-
-
-def paired(success: xr.DataArray, a: str, b: str) -> dict:
-    """Run `a` against run `b` on the trials both played: their rates there, how many only one of them won, the
-    exact McNemar p and a verdict. `success` has a "method" dim (run labels) and the trial dims; NaN: not played."""
-    missing = [m for m in (a, b) if m not in success.method.values]
-    if missing:
-        raise ValueError(f"paired: no trials of {missing} (runs: {', '.join(map(str, success.method.values))})")
-    x, y = (success.sel({"method": m}).values.ravel() for m in (a, b))
-    both = ~np.isnan(x) & ~np.isnan(y)
-    x, y = x[both] > 0.5, y[both] > 0.5
-    only_a, only_b, p = mcnemar_exact(x, y)
-    n = int(both.sum())
-    if not n:
-        verdict = "no trials in common"
-    elif p < ALPHA:
-        verdict = f"{a if only_a > only_b else b} succeeds more (p = {p:.3g})"
-    else:
-        verdict = f"no significant difference (p = {p:.3g}, {n} paired trials)"
-    rates = (x.mean(), y.mean()) if n else (np.nan, np.nan)
-    return {"a": a, "b": b, "paired trials": n, "rate a": rates[0], "rate b": rates[1],
-            "only a": only_a, "only b": only_b, "McNemar p": p, "verdict": verdict}
-
 
 def rate(success: xr.DataArray, label: str) -> float:
     """A run's success rate over the trials it played."""

@@ -11,11 +11,13 @@ import xarray as xr
 
 from ..openvla import METHODS, CacheConfig
 from ..openvla.cache_policy import CachePolicyBase
-from ..success import success_summary
+from ..success import paired, success_summary
 from ..units import Unit, make_unit, run_units
 from .common import SUITES, PolicyParameters, base_policy, check_names, suite_tasks
 
 STUDY = "libero_benchmark"
+#: The cache methods the dual cache is held against on success (the report: does it keep success where they do?).
+RIVALS = ("vla_cache", "ttf", "ttf_vla_cache")
 
 
 @dataclass
@@ -108,3 +110,22 @@ def success_table(results: xr.Dataset, reference: str = "vanilla", by: tuple[str
     it was not run) on the same init states: the paired difference and the exact McNemar p (`dcvla.success`)."""
     methods = [str(m) for m in results.method.values]
     return success_summary(results.success, reference if reference in methods else methods[0], by=by)
+
+
+def dual_cache_verdicts(results: xr.Dataset, method: str = "dual_cache", rivals: tuple[str, ...] = RIVALS) -> pd.DataFrame:
+    """`method` against vanilla and against each of `rivals` the run played, trial by trial on the same init states
+    and seeds (`dcvla.success.paired`: the rates, the trials only one of the two won, the exact McNemar p, a
+    verdict), with "kept": the share of the other's successes on which `method` succeeded too. Empty when `method`
+    was not played."""
+    played = [str(m) for m in results.method.values]
+    if method not in played:
+        return pd.DataFrame()
+    rows = []
+    for other in (m for m in ("vanilla", *rivals) if m in played and m != method):
+        row = paired(results.success, method, other)
+        n = row["paired trials"]
+        both = round(row["rate b"] * n) - row["only b"] if n else 0  # the other's successes, less those it won alone
+        row["kept"] = both / (both + row["only b"]) if both + row["only b"] else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
