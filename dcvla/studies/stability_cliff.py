@@ -126,6 +126,13 @@ class CliffWorker:
         self.config, self.base, self.progress = config, base, progress
         self.episodes = {episode.name: episode for episode in episodes(config)}
         self.warmed: set[str] = set()
+        self._inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per episode: its frames decoded once, not per run
+
+    def inputs(self, episode: Episode) -> tuple[np.ndarray, np.ndarray]:
+        """The episode's (images, states) at the study's inferences (`pi0_episode_inputs`), decoded once."""
+        if episode.name not in self._inputs:
+            self._inputs[episode.name] = pi0_episode_inputs(episode, self.config.steps, self.config.replan_steps)
+        return self._inputs[episode.name]
 
     def __call__(self, unit: Unit, path: Path) -> None:
         config = self.config
@@ -142,7 +149,7 @@ class CliffWorker:
                           progress=self.progress, path=path)
             return
         episode = self.episodes[unit.get("episode")]
-        images, states = pi0_episode_inputs(episode, config.steps, config.replan_steps)
+        images, states = self.inputs(episode)
         if episode.name not in self.warmed:
             for image, state in zip(images, states):
                 self.base.step(list(image), episode.instruction, state)
@@ -160,7 +167,7 @@ class CliffWorker:
         """Every run of the episode timed on its inferences, interleaved (the reference first)."""
         config, episode = self.config, self.episodes[unit.get("episode")]
         policies = {run_label(*key): self.base.with_config(config.reuse_config(*key)) for key in cliff_keys(config)}
-        images, states = pi0_episode_inputs(episode, config.steps, config.replan_steps)
+        images, states = self.inputs(episode)
         labels = {"suite": episode.suite, "task": episode.task_id, "episode": episode.name, "study": STUDY,
                   "dtype": config.dtype}
         time_episode(policies, images, episode.instruction, states, config.device, path, labels)
