@@ -311,11 +311,15 @@ def studies(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     for study in PAPER_SET:
         run_study(study, per_study[study])
-    from .studies.summary import print_cache_summary, print_cliff_summary
+    from .studies.summary import print_benchmark_summary, print_cache_summary, print_cliff_summary
 
     runs_dir = ROOT / Path(parameters.get("runs_dir", "data/runs"))
-    model = {study: {**defined[study], **per_study[study]} for study in ("cache_behaviour", "stability_cliff")}
-    print_cache_summary(runs_dir.parent / "cache_behaviour.nc", model["cache_behaviour"]["preset"])
+    model = {study: {**defined[study], **per_study[study]} for study in PAPER_SET}
+    openvla = {study: Path(model[study]["checkpoint"]).name or f"{model[study]['preset']} preset"
+               for study in ("cache_behaviour", "libero_benchmark")}
+    print_cache_summary(runs_dir.parent / "cache_behaviour.nc", openvla["cache_behaviour"])
+    print_benchmark_summary(runs_dir.parent / "libero_benchmark.nc", runs_dir.parent / "libero_benchmark_dual_cache.nc",
+                            openvla["libero_benchmark"])
     cliff = model["stability_cliff"]
     print_cliff_summary(runs_dir.parent / "stability_cliff.nc", Path(cliff["checkpoint"]).name or cliff["preset"])
     figures = ROOT / Path(parameters.get("figures_dir", "figures"))

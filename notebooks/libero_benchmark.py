@@ -64,7 +64,10 @@ libero_benchmark.success_table(results, by=())
 # successes on which the dual cache succeeded too.
 
 # %%
-libero_benchmark.dual_cache_verdicts(results)
+verdicts = libero_benchmark.dual_cache_verdicts(results)
+if len(verdicts):
+    common.write_table(verdicts, "libero_benchmark_dual_cache", config)
+verdicts
 
 # %%
 fig = px.bar(table, x="suite", y="success rate", color="method", barmode="group", facet_col="task",

@@ -141,9 +141,27 @@ def test_the_studies_summary_prints_the_tables_and_how_speed_was_measured(tmp_pa
     rows = [{"method": m, "reuse rate": r, "LLM reuse rate": r, "FLOPs ratio": f, **speed, "action drift": 0.0,
              "action KL": 0.0} for m, r, f in (("vanilla", 0.0, 1.0), ("dual_cache", 0.4, 1.5))]
     write_dataset(xr.Dataset.from_dataframe(pd.DataFrame(rows)).assign_attrs(speed=note), tmp_path / "cache_behaviour.nc")
-    print_cache_summary(tmp_path / "cache_behaviour.nc", "tiny")
+    print_cache_summary(tmp_path / "cache_behaviour.nc", "tiny preset")
     out = capsys.readouterr().out
     assert "speedup (interleaved, median)" in out.splitlines()[2] and "measured speedup" not in out and note[:60] in out
+    assert "(cache_behaviour, tiny preset," in out
+    from dcvla.studies.summary import print_benchmark_summary
+    from dcvla.success import paired
+
+    trials = xr.DataArray([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], dims=("method", "trial"),
+                          coords={"method": ["vanilla", "ttf", "dual_cache"]})
+    success = [{"method": m, "suite": "libero_goal", "task": 8, "trials": 4, "successes": int(trials.sel({"method": m}).sum()),
+                "success rate": float(trials.sel({"method": m}).mean()), "McNemar p": 1.0} for m in ("vanilla", "ttf", "dual_cache")]
+    write_dataset(xr.Dataset.from_dataframe(pd.DataFrame(success)), tmp_path / "libero_benchmark.nc")
+    verdicts = pd.DataFrame([paired(trials, "dual_cache", b) | {"kept": 1.0} for b in ("vanilla", "ttf")])
+    print_benchmark_summary(tmp_path / "libero_benchmark.nc", tmp_path / "none.nc", "openvla-micro-goal")
+    out = capsys.readouterr().out
+    assert "success (openvla-micro-goal;" in out and "dual_cache libero_goal 8" in " ".join(out.split())
+    assert "Does the dual cache keep success" not in out  # no verdicts file: the dual cache was not run
+    write_dataset(xr.Dataset.from_dataframe(verdicts), tmp_path / "verdicts.nc")
+    print_benchmark_summary(tmp_path / "libero_benchmark.nc", tmp_path / "verdicts.nc", "openvla-micro-goal")
+    lines = capsys.readouterr().out.split("Does the dual cache keep success where the others do?")[1].strip().splitlines()
+    assert lines[0].split()[:2] == ["paired", "trials"] and lines[-1].split()[0] == "ttf" and "no significant" in lines[-1]
     rows = []
     for mode in ("full", "vision_only"):
         for gate, values in (("cosine", [0.97, 0.98, 0.99]), ("max_age", [2, 3])):

@@ -22,14 +22,14 @@ def print_note(note: str) -> None:
     print("\n".join(textwrap.fill(line, 120, subsequent_indent="  ") for line in note.splitlines()))
 
 
-def print_cache_summary(path: Path, preset: str) -> None:
+def print_cache_summary(path: Path, model: str) -> None:
     """The cache_behaviour table: reuse, FLOPs ratio, the interleaved speedups, action drift and divergence."""
     ds = read_dataset(path)
     table = ds.to_dataframe().set_index("method")
     columns = ["reuse rate", "LLM reuse rate", "FLOPs ratio", SPEEDUP, TOTAL, MEDIAN_MS, "action drift",
                divergence_column(table)]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(f"\nSummary (cache_behaviour, {preset} preset, shipped LIBERO frames):")
+        print(f"\nSummary (cache_behaviour, {model}, shipped LIBERO frames):")
         print(table[columns].round(4).to_string())
     print_note(ds.attrs["speed"])
 
@@ -52,3 +52,22 @@ def print_cliff_summary(path: Path, model: str) -> None:
         print(locate_cliff(table).set_index(["gate", "mode"]).round(4).to_string())
         print("\nConsistency vs freshness (full vs vision_only, same cosine gate):")
         print(consistency_vs_freshness(table).set_index("threshold").round(4).to_string())
+
+
+BENCHMARK_COLUMNS = ["trials", "successes", "success rate", "95% CI low", "95% CI high", "difference to vanilla",
+                     "McNemar p"]
+
+
+def print_benchmark_summary(path: Path, verdicts: Path, model: str) -> None:
+    """The libero_benchmark's success per method, suite and task, and the dual cache against each other method
+    (`libero_benchmark.dual_cache_verdicts`; that file is absent when the dual cache was not run)."""
+    table = read_dataset(path).to_dataframe().set_index(["method", "suite", "task"])
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"\nClosed-loop LIBERO success ({model}; Wilson 95%; exact McNemar p against vanilla on the same trials):")
+        print(table[[c for c in BENCHMARK_COLUMNS if c in table]].round(4).to_string())
+        if verdicts.is_file():
+            print("\nDoes the dual cache keep success where the others do?")
+            columns = ["b", "paired trials", "rate a", "rate b", "only a", "only b", "McNemar p", "kept", "verdict"]
+            print(read_dataset(verdicts).to_dataframe()[columns].rename(columns={"b": "against"})
+                  .set_index("against").round(4).to_string())
+
