@@ -311,11 +311,12 @@ def studies(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     for study in PAPER_SET:
         run_study(study, per_study[study])
+    from .studies.common import PolicyParameters
     from .studies.summary import print_benchmark_summary, print_cache_summary, print_cliff_summary
 
     runs_dir = ROOT / Path(parameters.get("runs_dir", "data/runs"))
     model = {study: {**defined[study], **per_study[study]} for study in PAPER_SET}
-    openvla = {study: Path(model[study]["checkpoint"]).name or f"{model[study]['preset']} preset"
+    openvla = {study: PolicyParameters.from_parameters(model[study]).model_name()
                for study in ("cache_behaviour", "libero_benchmark")}
     print_cache_summary(runs_dir.parent / "cache_behaviour.nc", openvla["cache_behaviour"])
     print_benchmark_summary(runs_dir.parent / "libero_benchmark.nc", runs_dir.parent / "libero_benchmark_dual_cache.nc",

@@ -43,7 +43,7 @@ base = common.base_policy(config)
 figures = []
 
 # %%
-if not config.checkpoint:
+if not config.trained():
     print("No checkpoint: random weights of the", config.preset, "preset. Success rates here are NOT meaningful.")
 results = libero_benchmark.evaluate(config, base=base)
 table = libero_benchmark.success_table(results)
@@ -72,7 +72,7 @@ verdicts
 # %%
 fig = px.bar(table, x="suite", y="success rate", color="method", barmode="group", facet_col="task",
              error_y=table["95% CI high"] - table["success rate"], error_y_minus=table["success rate"] - table["95% CI low"],
-             title="Closed-loop success, 95% Wilson intervals" + ("" if config.checkpoint else " (random weights: not meaningful)"))
+             title="Closed-loop success, 95% Wilson intervals" + (f" ({config.model_name()})" if config.trained() else " (random weights: not meaningful)"))
 figures.append(common.save_figure(fig, "libero_benchmark", config.figures_dir)); fig
 
 # %%

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcvla.studies.micro import CHECKPOINT_DIR, SHIPPED, center_crop, load_micro, micro_checkpoint
+from dcvla.studies.micro import CHECKPOINT_DIR, ONE_TASK, SHIPPED, center_crop, load_micro, micro_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -27,19 +27,21 @@ def test_every_committed_checkpoint_is_small(name):
     assert size <= 40 * 2**20, f"{name}: {size / 2**20:.1f} MB"
 
 
-def test_the_one_task_checkpoint_loads_strictly_and_steps_on_its_task():
-    """checkpoints/smolvla-micro-goal (docs/micro.md, fourth session): smolvla-micro trained on libero_goal task 8
-    alone, loaded by SmolVLA's strict loader without reuse, one closed-loop step on that task's first init state."""
+@pytest.mark.parametrize("name", ONE_TASK)
+def test_a_one_task_checkpoint_loads_strictly_and_steps_on_its_task(name):
+    """checkpoints/smolvla-micro-goal, openvla-micro-goal (docs/micro.md): a micro preset trained on one task alone,
+    loaded by its family's strict loader without caching, one closed-loop step on that task's first init state."""
     from dcvla.libero.env import close_env, get_init_states, get_task, make_env
     from dcvla.libero.evaluate import cameras_for, run_trial
 
-    policy = load_micro("smolvla-micro", checkpoint=CHECKPOINT_DIR / "smolvla-micro-goal")
-    assert policy.name == "none" and policy.model.config.name == "smolvla-micro"
-    info = get_task("libero_goal", 8)
-    env = make_env("libero_goal", 8, cameras=cameras_for(policy))
+    preset, suite, task = ONE_TASK[name]
+    policy = load_micro(preset, checkpoint=CHECKPOINT_DIR / name)
+    assert policy.name == {"openvla-micro": "vanilla", "smolvla-micro": "none"}[preset]
+    assert policy.model.config.name == preset
+    env = make_env(suite, task, cameras=cameras_for(policy))
     try:
-        result = run_trial(policy, env, "libero_goal", get_init_states("libero_goal", 8)[0], info.instruction,
-                           max_steps=1, center_crop=False)
+        result = run_trial(policy, env, suite, get_init_states(suite, task)[0], get_task(suite, task).instruction,
+                           max_steps=1, center_crop=center_crop(preset))
     finally:
         close_env(env)
     assert result.error == "" and result.steps == 1
@@ -80,6 +82,30 @@ def test_the_studies_take_a_micro_policy_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="no smolvla-micro checkpoint"):
         pi0_base(config)
+
+
+def test_the_openvla_studies_take_a_shipped_checkpoint_as_their_preset(tmp_path, monkeypatch):
+    """A committed OpenVLA checkpoint's name is a study preset (`PolicyParameters.trained`), as a flow one is the
+    stability cliff's: the study loads it strictly; `checkpoint` still overrides; a random preset stays random."""
+    from dcvla.openvla.checkpoint import save_pretrained
+    from dcvla.openvla.loading import vanilla_policy
+    from dcvla.studies.common import StudyConfig, base_policy
+
+    trained = vanilla_policy("tiny", seed=3).model
+    save_pretrained(trained, tmp_path / "openvla-tiny-goal", dtype=None)
+    monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path)
+    config = StudyConfig(preset="openvla-tiny-goal")
+    assert config.trained() == "openvla-tiny-goal" and config.model_name() == "openvla-tiny-goal"
+    for (name, mine), theirs in zip(trained.state_dict().items(), base_policy(config).model.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    assert StudyConfig(preset="openvla-tiny-goal", checkpoint=str(tmp_path / "x")).trained() == str(tmp_path / "x")
+    assert StudyConfig(preset="tiny").trained() == "" and StudyConfig(preset="tiny").model_name() == "tiny preset"
+    with pytest.raises(ValueError, match="StudyConfig.preset: unknown preset 'nosuch'.*shipped micro policy: openvla-tiny-goal"):
+        StudyConfig(preset="nosuch")
+    from dcvla.studies.stability_cliff import CliffConfig
+
+    with pytest.raises(ValueError, match="no flow-matching preset or shipped micro policy for 'openvla-tiny-goal'"):
+        CliffConfig(preset="openvla-tiny-goal")  # an OpenVLA checkpoint is no flow policy
 
 
 def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):

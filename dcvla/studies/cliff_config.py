@@ -102,12 +102,12 @@ class CliffConfig(Parameters):
             if name in FLOW_PRESETS:
                 return name
         raise ValueError(f"CliffConfig.preset: no flow-matching preset or shipped micro policy for {self.preset!r}; "
-                         f"known: {', '.join(FLOW_PRESETS)} (or small, tiny), {', '.join(shipped_checkpoints())}")
+                         f"known: {', '.join(FLOW_PRESETS)} (or small, tiny), {', '.join(shipped_checkpoints('lerobot'))}")
 
     def trained(self) -> str:
         """The trained weights the study runs: `checkpoint`, else a shipped micro policy `preset` names; "" for the
         random weights of a flow preset."""
-        return self.checkpoint or (self.preset if self.preset in shipped_checkpoints() else "")
+        return self.checkpoint or (self.preset if self.preset in shipped_checkpoints("lerobot") else "")
 
     def model_name(self) -> str:
         return Path(self.trained()).name if self.trained() else self.pi0_preset()

@@ -30,7 +30,7 @@ from ..openvla.loading import check_preset, vanilla_policy
 from ..openvla.record import action_kl
 from ..recording import record_episode
 from ..units import Unit, make_unit, run_units
-from .micro import resolve_micro
+from .micro import resolve_micro, shipped_checkpoints
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 PAPER_METHODS = ("vanilla", "vla_cache", "ttf", "ttf_vla_cache", "dual_cache")
@@ -131,7 +131,8 @@ class PolicyParameters(Parameters):
     in which dtype."""
 
     preset: str = "small"                # model preset (random weights) unless `checkpoint` is given; OpenVLA-OFT:
-                                         # oft-small, oft-tiny, openvla-oft-7b
+                                         # oft-small, oft-tiny, openvla-oft-7b; or a shipped micro policy by name
+                                         # ("openvla-micro-goal": trained weights)
     checkpoint: str = ""                 # OpenVLA or OpenVLA-OFT checkpoint directory or hub id ("" = random preset),
                                          # or a shipped micro policy by name ("openvla-micro")
     unnorm_key: str = ""                 # dataset statistics for a checkpoint ("" = its only one)
@@ -143,13 +144,23 @@ class PolicyParameters(Parameters):
         """The preset (unless a checkpoint is given), the dtype and the device: a typo fails when the config is
         built, naming the field, not when the model is built or moved."""
         owner = type(self).__name__
-        if not self.checkpoint:
+        if not self.trained():
             try:
                 check_preset(self.preset)
             except ValueError as err:
-                raise ValueError(f"{owner}.preset: {err} (or give checkpoint=)") from None
+                raise ValueError(f"{owner}.preset: {err}, or a shipped micro policy: "
+                                 f"{', '.join(shipped_checkpoints('openvla'))} (or give checkpoint=)") from None
         parse_dtype(self.dtype, f"{owner}.dtype")
         check_device(self.device, f"{owner}.device")
+
+    def trained(self) -> str:
+        """The trained weights the study runs: `checkpoint`, else a shipped micro policy `preset` names
+        ("openvla-micro-goal"); "" for the random weights of a preset."""
+        return self.checkpoint or (self.preset if self.preset in shipped_checkpoints("openvla") else "")
+
+    def model_name(self) -> str:
+        """The checkpoint's name, or "<preset> preset" (random weights)."""
+        return Path(self.trained()).name if self.trained() else f"{self.preset} preset"
 
 
 @dataclass
@@ -186,7 +197,7 @@ def suite_tasks(suites: list[str], tasks: list[int]) -> list[tuple[str, int]]:
 def base_policy(config: PolicyParameters) -> CachePolicyBase:
     """The vanilla policy whose model every method of a study shares (`with_config`): a checkpoint, or a random
     preset, on the configured device; `OFTCachedPolicy` for OpenVLA-OFT (`dcvla.openvla.loading`)."""
-    return vanilla_policy(config.preset, resolve_micro(config.checkpoint), config.unnorm_key or None, config.seed,
+    return vanilla_policy(config.preset, resolve_micro(config.trained()), config.unnorm_key or None, config.seed,
                           parse_dtype(config.dtype, f"{type(config).__name__}.dtype"), config.device)
 
 

@@ -17,6 +17,8 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 MICRO_FAMILIES = {"openvla-micro": "openvla", "smolvla-micro": "smolvla"}
 #: The micro presets whose trained checkpoints are committed (a test loads each and runs it in the simulator).
 SHIPPED: tuple[str, ...] = ("smolvla-micro",)
+#: The committed one-task checkpoints (docs/micro.md): name -> (micro preset, suite, task it was trained on).
+ONE_TASK: dict[str, tuple[str, str, int]] = {"smolvla-micro-goal": ("smolvla-micro", "libero_goal", 8)}
 
 
 def micro_checkpoint(preset: str) -> Path:
@@ -30,12 +32,19 @@ def micro_checkpoint(preset: str) -> Path:
     return path
 
 
-def shipped_checkpoints() -> list[str]:
-    """The names of the committed checkpoints (`checkpoints/<name>`, each with its config.json): the micro presets'
-    and those of one-task runs such as `smolvla-micro-goal` (docs/micro.md)."""
+#: The file that marks each published layout: lerobot's (the flow policies') and OpenVLA's.
+LAYOUT_FILES = {"lerobot": "config.json", "openvla": "dataset_statistics.json"}
+
+
+def shipped_checkpoints(layout: str | None = None) -> list[str]:
+    """The names of the committed checkpoints (`checkpoints/<name>` holding safetensors weights), of one `layout`
+    ("lerobot", "openvla") or of both: the micro presets' and those of one-task runs such as `smolvla-micro-goal`
+    (docs/micro.md)."""
     if not CHECKPOINT_DIR.is_dir():
         return []
-    return sorted(p.name for p in CHECKPOINT_DIR.iterdir() if (p / "config.json").is_file())
+    marks = [LAYOUT_FILES[layout]] if layout else list(LAYOUT_FILES.values())
+    return sorted(p.name for p in CHECKPOINT_DIR.iterdir()
+                  if any(p.glob("*.safetensors")) and any((p / mark).is_file() for mark in marks))
 
 
 def resolve_micro(checkpoint: str) -> str | Path:
