@@ -16,11 +16,12 @@
 #
 # Closed-loop success per method x suite x trial with the upstream OpenVLA protocol (`dcvla.libero.evaluate`).
 # Give a fine-tuned checkpoint (e.g. `openvla/openvla-7b-finetuned-libero-spatial`, `unnorm_key=libero_spatial`,
-# on a GPU) for meaningful numbers. On the embedded default it runs the small preset at smoke size: **random
+# on a GPU) for meaningful numbers. On the embedded default it runs the openvla-micro preset at smoke size: **random
 # weights give no meaningful success rate**; the run only shows the loop, the protocol and the result files work.
 
 # %% tags=["parameters"]
-preset = "small"          # model preset with random weights (ignored when checkpoint is set); OpenVLA-OFT: "oft-small"
+preset = "openvla-micro"  # model preset with random weights: openvla-micro (the micro policies' architecture),
+                          # small (wider, slower), tiny; OpenVLA-OFT: oft-small; or a shipped micro policy by name
 checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset

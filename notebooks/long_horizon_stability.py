@@ -21,7 +21,8 @@
 # here.
 
 # %% tags=["parameters"]
-preset = "small"          # model preset with random weights (ignored when checkpoint is set); OpenVLA-OFT: "oft-small"
+preset = "openvla-micro"  # model preset with random weights: openvla-micro (the micro policies' architecture),
+                          # small (wider, slower), tiny; OpenVLA-OFT: oft-small; or a shipped micro policy by name
 checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset
