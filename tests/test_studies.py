@@ -203,6 +203,10 @@ def test_find_cliff_locates_the_largest_jump():
                           "value": [0.0, 0.01, 0.03, 0.1], "action KL": [0.001, 0.002, 0.003, 0.5]})
     cliff = find_cliff(table).iloc[0]
     assert (cliff["from"], cliff["to"]) == (0.03, 0.1) and cliff["jump / median step"] > 100
+    one_jump = table.assign(**{"action KL": [0.0, 0.0, 0.0, 0.5]})
+    assert find_cliff(one_jump).iloc[0]["jump / median step"] == float("inf")
+    flat = table.assign(**{"action KL": 0.0})  # nothing reused anywhere on the sweep: no jump at all
+    assert np.isnan(find_cliff(flat).iloc[0]["jump / median step"])
 
 
 def test_study_config_and_parameters_are_checked():

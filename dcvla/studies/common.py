@@ -349,7 +349,8 @@ def config_json(config: StudyConfig) -> str:
 
 def find_cliff(table: pd.DataFrame, metric: str = "action KL") -> pd.DataFrame:
     """Per (parameter, method): the step between consecutive sweep values where `metric` rises the most, and
-    that rise as a multiple of the median step (a cliff stands out; a slope does not)."""
+    that rise as a multiple of the median step (a cliff stands out; a slope does not; inf: one jump among flat
+    steps; NaN: `metric` never changes over the sweep)."""
     rows = []
     for (parameter, method), group in table.groupby(["parameter", "method"]):
         group = group.sort_values("value")
@@ -361,7 +362,8 @@ def find_cliff(table: pd.DataFrame, metric: str = "action KL") -> pd.DataFrame:
         typical = float(np.median(np.abs(steps))) or float("nan")
         rows.append({"parameter": parameter, "method": method, "from": values[i], "to": values[i + 1],
                      f"{metric} before": metric_values[i], f"{metric} after": metric_values[i + 1],
-                     "jump / median step": abs(steps[i]) / typical if typical == typical else float("inf")})
+                     "jump / median step": abs(steps[i]) / typical if typical == typical
+                     else float("inf") if steps[i] else float("nan")})
     return pd.DataFrame(rows)
 
 
