@@ -71,8 +71,8 @@ def success_summary(success: xr.DataArray, reference: str, by: tuple[str, ...] =
 
 
 def paired(success: xr.DataArray, a: str, b: str) -> dict:
-    """Run `a` against run `b` on the trials both played: their rates there, how many only one of them won, the
-    exact McNemar p and a verdict. `success` has a "method" dim (run labels) and the trial dims; NaN: not played."""
+    """Run `a` against run `b` on the trials both played: their rates there, how many both won and how many only one
+    of them won, the exact McNemar p and a verdict. `success` has a "method" dim (run labels) and the trial dims; NaN: not played."""
     missing = [m for m in (a, b) if m not in success.method.values]
     if missing:
         raise ValueError(f"paired: no trials of {missing} (runs: {', '.join(map(str, success.method.values))})")
@@ -89,4 +89,4 @@ def paired(success: xr.DataArray, a: str, b: str) -> dict:
         verdict = f"no significant difference (p = {p:.3g}, {n} paired trials)"
     rates = (x.mean(), y.mean()) if n else (np.nan, np.nan)
     return {"a": a, "b": b, "paired trials": n, "rate a": rates[0], "rate b": rates[1],
-            "only a": only_a, "only b": only_b, "McNemar p": p, "verdict": verdict}
+            "both": int((x & y).sum()), "only a": only_a, "only b": only_b, "McNemar p": p, "verdict": verdict}

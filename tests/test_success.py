@@ -64,7 +64,7 @@ def test_the_dual_cache_is_held_against_vanilla_and_each_rival_the_run_played():
     assert (table["paired trials"] == 11).all()
     assert table.loc["vanilla", "verdict"].startswith("no significant difference")
     assert table.loc["vanilla", "kept"] == 1.0  # all 11 of vanilla's successes
-    assert (table.loc["ttf", "only a"], table.loc["ttf", "only b"]) == (10, 0)
+    assert (table.loc["ttf", "only a"], table.loc["ttf", "only b"], table.loc["ttf", "both"]) == (10, 0, 1)
     assert table.loc["ttf", "McNemar p"] == pytest.approx(2 / 2**10)
     assert table.loc["ttf", "verdict"] == "dual_cache succeeds more (p = 0.00195)"
     assert table.loc["ttf", "kept"] == 1.0 and table.loc["vla_cache", "kept"] == 1.0

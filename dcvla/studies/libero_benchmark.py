@@ -123,9 +123,8 @@ def dual_cache_verdicts(results: xr.Dataset, method: str = "dual_cache", rivals:
     rows = []
     for other in (m for m in ("vanilla", *rivals) if m in played and m != method):
         row = paired(results.success, method, other)
-        n = row["paired trials"]
-        both = round(row["rate b"] * n) - row["only b"] if n else 0  # the other's successes, less those it won alone
-        row["kept"] = both / (both + row["only b"]) if both + row["only b"] else float("nan")
+        won = row["both"] + row["only b"]  # the other's successes
+        row["kept"] = row["both"] / won if won else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
