@@ -60,12 +60,13 @@ BENCHMARK_COLUMNS = ["trials", "successes", "success rate", "95% CI low", "95% C
 
 def print_benchmark_summary(path: Path, verdicts: Path, model: str) -> None:
     """The libero_benchmark's success per method, suite and task, and the dual cache against each other method
-    (`libero_benchmark.dual_cache_verdicts`; that file is absent when the dual cache was not run)."""
+    (`libero_benchmark.dual_cache_verdicts`; only when this run played the dual cache: a file left by an earlier
+    run is not this one's)."""
     table = read_dataset(path).to_dataframe().set_index(["method", "suite", "task"])
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"\nClosed-loop LIBERO success ({model}; Wilson 95%; exact McNemar p against vanilla on the same trials):")
         print(table[[c for c in BENCHMARK_COLUMNS if c in table]].round(4).to_string())
-        if verdicts.is_file():
+        if verdicts.is_file() and "dual_cache" in table.index.get_level_values("method"):
             print("\nDoes the dual cache keep success where the others do?")
             columns = ["b", "paired trials", "rate a", "rate b", "only a", "only b", "McNemar p", "kept", "verdict"]
             print(read_dataset(verdicts).to_dataframe()[columns].rename(columns={"b": "against"})
