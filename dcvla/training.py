@@ -48,6 +48,20 @@ class TrainConfig:
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def random_shift(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
+    """DrQ's random shift: each image of pixels [..., C, H, W] (its C channels together) padded by `shift` pixels
+    (edge replicated) and cropped back to H x W at an offset drawn from `rng`, so the policy cannot key on a pixel's
+    exact place."""
+    if shift <= 0:
+        return pixels
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    padded = torch.nn.functional.pad(flat, (shift,) * 4, mode="replicate")
+    offsets = rng.integers(0, 2 * shift + 1, size=(len(flat), 2))
+    h, w = pixels.shape[-2:]
+    out = torch.stack([p[:, y : y + h, x : x + w] for p, (y, x) in zip(padded, offsets)])
+    return out.reshape(pixels.shape)
+
+
 def batch_indices(n_samples: int, config: TrainConfig, step: int) -> np.ndarray:
     """The sample indices of batch `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
     if n_samples < 1:

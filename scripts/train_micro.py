@@ -74,7 +74,7 @@ def train_openvla(args: argparse.Namespace, config: TrainConfig) -> None:
     preset = get_preset(args.preset)
     model = random_model(preset, seed=config.seed)
     model.norm_stats = dataset_statistics(demos)
-    data = DemoFrames(demos, Processor(load_tokenizer(), preset), model, model.norm_stats)
+    data = DemoFrames(demos, Processor(load_tokenizer(), preset), model, model.norm_stats, shift=args.shift)
     train_and_save(args, config, model, lambda m, idx: action_loss(m, data, idx), len(data),
                    lambda out: save_pretrained(model, out))
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     ap.add_argument("--stop-after", type=int, help="stop after this many steps of this run (a checkpoint is kept)")
     ap.add_argument("--shift", type=int, default=8,
-                    help="smolvla-micro: random image shift, pixels (DrQ augmentation; default 8 of 224; 0: none)")
+                    help="random image shift, pixels (DrQ augmentation; default 8 of 224; 0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     args.out = args.out or ROOT / "checkpoints" / args.preset

@@ -86,6 +86,26 @@ def test_the_objective_scores_what_the_decoder_computes(base, demos, statistics)
     torch.testing.assert_close(both[0], prediction.logits, rtol=1e-4, atol=1e-4)
 
 
+def test_openvla_batches_shift_both_towers_pixels_alike_and_the_same_way_again(base, demos, statistics, monkeypatch):
+    """`shift` moves a sample's DINOv2 and SigLIP pixels by one offset, drawn from the batch's indices (a resumed run
+    sees the same pixels); the action tokens stay the oracle's."""
+    from dcvla.openvla import train as openvla_train
+
+    model, plain = tiny_data(base, demos, statistics)
+    shifted = DemoFrames(demos, base.processor, model, statistics, shift=8)
+    seen = []
+    monkeypatch.setattr(openvla_train, "teacher_forced_logits", lambda m, pixels, prompts, targets: seen.append(
+        (pixels, targets)) or torch.zeros(*targets.shape, int(targets.max()) + 1, requires_grad=True))
+    for data in (shifted, shifted, plain):
+        action_loss(model, data, np.array([1, 7]))
+    (a, tokens), (b, _), (c, plain_tokens) = seen
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(tokens, plain_tokens)
+    for moved, original in zip(a, c):  # one offset for all 6 channels: some (dy, dx) maps both towers' pixels
+        match = [(dy, dx) for dy in range(-8, 9) for dx in range(-8, 9)
+                 if torch.equal(moved[:, 8:-8, 8:-8], original[:, 8 + dy: 216 + dy or None, 8 + dx: 216 + dx or None])]
+        assert match, "no single offset moves every channel of the sample"
+
+
 def test_batches_are_a_function_of_the_step():
     config = TrainConfig(steps=10, batch_size=4, seed=3)
     first = [batch_indices(10, config, s) for s in range(5)]  # two epochs of 10 samples
@@ -272,7 +292,8 @@ def test_random_shift_translates_each_image_with_its_edges_replicated(smolvla_de
     """DrQ's augmentation: every image of a batch moved by its own offset of at most `shift` pixels, the uncovered
     border filled from the edge; the same batch shifts the same way (a resumed run sees the same pixels), and
     `shift=0` hands the policy's pixels through untouched."""
-    from dcvla.smolvla.train import DemoFrames, random_shift
+    from dcvla.smolvla.train import DemoFrames
+    from dcvla.training import random_shift
 
     image = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
     out = random_shift(image, 3, np.random.default_rng(0))

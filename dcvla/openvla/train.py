@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..training import random_shift
 from .model import OpenVLA
 from .processing import Processor, preprocess_image
 
@@ -60,10 +61,13 @@ def normalize(actions: np.ndarray, stats: dict) -> np.ndarray:
 
 
 class DemoFrames:
-    """Every (frame, action) of `demos` as OpenVLA training samples (a demonstration's frames loaded on first use)."""
+    """Every (frame, action) of `demos` as OpenVLA training samples (a demonstration's frames loaded on first use).
+    `shift` > 0 shifts each batch's images at random by up to that many pixels (`random_shift`: both towers' pixels
+    together, drawn from the batch's sample indices, so a resumed run sees the same pixels)."""
 
-    def __init__(self, demos: Sequence[Demo], processor: Processor, model: OpenVLA, statistics: dict) -> None:
-        self.demos, self.processor = list(demos), processor
+    def __init__(self, demos: Sequence[Demo], processor: Processor, model: OpenVLA, statistics: dict,
+                 shift: int = 0) -> None:
+        self.demos, self.processor, self.shift = list(demos), processor, shift
         self.index = [(d, f) for d, demo in enumerate(self.demos) for f in range(len(demo.actions))]
         self.prompts = {demo.instruction: processor.encode_prompt(demo.instruction)[0] for demo in self.demos}
         stats = statistics[STATS_KEY]["action"]
@@ -117,5 +121,6 @@ def action_loss(model: OpenVLA, data: DemoFrames, indices: np.ndarray) -> torch.
     """Mean cross-entropy of the action tokens of samples `indices` under teacher forcing."""
     pixels, prompts, targets = zip(*(data.sample(int(i)) for i in indices))
     targets = torch.stack(targets)
-    logits = teacher_forced_logits(model, torch.stack(pixels), prompts, targets)
+    pixels = random_shift(torch.stack(pixels), data.shift, np.random.default_rng([1, *map(int, indices)]))
+    logits = teacher_forced_logits(model, pixels, prompts, targets)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(logits.device).flatten())

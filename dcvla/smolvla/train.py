@@ -31,6 +31,7 @@ import torch
 from ..kv_store import BatchKV
 from ..normalization import ACTION, STATE, Normalization
 from ..prefix_reuse import LIBERO_ACTION_DIM
+from ..training import random_shift
 from .model import SmolVLAModel
 from .policy import SmolVLAPolicy
 
@@ -87,19 +88,6 @@ class Batch:
     states: torch.Tensor         # [sample, max_state_dim] normalised, zero-padded
     actions: torch.Tensor        # [sample, chunk, max_action_dim] normalised, zero-padded
     is_pad: torch.Tensor         # [sample, chunk] bool: past the episode's end
-
-
-def random_shift(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
-    """DrQ's random shift: each image of pixels [..., 3, H, W] padded by `shift` pixels (edge replicated) and cropped
-    back to H x W at an offset drawn from `rng`, so the policy cannot key on a pixel's exact place."""
-    if shift <= 0:
-        return pixels
-    flat = pixels.reshape(-1, *pixels.shape[-3:])
-    padded = torch.nn.functional.pad(flat, (shift,) * 4, mode="replicate")
-    offsets = rng.integers(0, 2 * shift + 1, size=(len(flat), 2))
-    h, w = pixels.shape[-2:]
-    out = torch.stack([p[:, y : y + h, x : x + w] for p, (y, x) in zip(padded, offsets)])
-    return out.reshape(pixels.shape)
 
 
 class DemoFrames:
