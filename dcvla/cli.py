@@ -311,6 +311,7 @@ def studies(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     for study in PAPER_SET:
         run_study(study, per_study[study])
+    from .studies.cliff_config import CliffConfig
     from .studies.common import PolicyParameters
     from .studies.summary import print_benchmark_summary, print_cache_summary, print_cliff_summary
 
@@ -321,8 +322,8 @@ def studies(args: argparse.Namespace) -> None:
     print_cache_summary(runs_dir.parent / "cache_behaviour.nc", openvla["cache_behaviour"])
     print_benchmark_summary(runs_dir.parent / "libero_benchmark.nc", runs_dir.parent / "libero_benchmark_dual_cache.nc",
                             openvla["libero_benchmark"])
-    cliff = model["stability_cliff"]
-    print_cliff_summary(runs_dir.parent / "stability_cliff.nc", Path(cliff["checkpoint"]).name or cliff["preset"])
+    cliff = CliffConfig.from_parameters(model["stability_cliff"]).model_name()
+    print_cliff_summary(runs_dir.parent / "stability_cliff.nc", cliff)
     figures = ROOT / Path(parameters.get("figures_dir", "figures"))
     print("\nFigures:\n" + "\n".join(f"  {shown(p)}" for p in sorted(figures.glob("*.png"))))
     print(f"\nDone in {time.perf_counter() - start:.0f} s")
