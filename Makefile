@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml | system-deps
 studies: $(STAMP)
 	$(PY) -m dcvla studies
 
+# one pytest worker per core, at most 4 (each test file on one worker: its fixtures are built once)
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 # the micro policies' demonstrations (50 per task, about 2 h on 2 cores) and training (resumable: rerun to go on)
 demos: $(STAMP)
