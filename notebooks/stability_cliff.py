@@ -120,10 +120,15 @@ if config.trials():
         display(verdicts.round(4))
     own = stability_cliff.own_gate_runs(success).sort_values("value")
     above, below = own["95% CI high"] - own["success rate"], own["success rate"] - own["95% CI low"]
-    fig = px.line(own, x="value", y="success rate", color="mode", markers=True, error_y=above, error_y_minus=below,
-                  labels={"value": "threshold"}, title=f"Closed-loop success per reuse mode and threshold "
-                                                       f"({config.model_name()}; Wilson 95%; dashed: no reuse)")
+    modes = list(dict.fromkeys(own["mode"]))  # side by side at each threshold, so equal rates stay visible
+    own["threshold"] = own["value"] + 0.0006 * (own["mode"].map(modes.index) - (len(modes) - 1) / 2)
+    fig = px.line(own, x="threshold", y="success rate", color="mode", markers=True, error_y=above, error_y_minus=below,
+                  hover_data=["value", "trials"], title=f"Closed-loop success per reuse mode and threshold "
+                                                        f"({config.model_name()}; Wilson 95%; dashed: no reuse)")
     fig.add_hline(y=float(success.loc[success["mode"] == "none", "success rate"].iloc[0]), line_dash="dash")
+    span = [*config.thresholds, *own["value"]]
+    fig.update_xaxes(range=[min(span) - 0.003, max(span) + 0.003])
+    fig.update_yaxes(range=[-0.05, 1.05])
     figures.append(common.save_figure(fig, "stability_cliff_success", config.figures_dir))
     display(fig)
 

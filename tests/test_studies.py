@@ -221,8 +221,12 @@ def test_study_config_and_parameters_are_checked():
 def test_stability_cliff_smoke(tmp_path):
     run_study("stability_cliff", tmp_path, "-p", "steps", "3", "-p", "thresholds", "[-1.0, 0.95, 1.01]",
               "-p", "modes", '["full", "vision_only", "synchronized"]', "-p", "max_ages", "[1, 2]",
-              "-p", "pixel_thresholds", "[0.0, 1.0]")
+              "-p", "pixel_thresholds", "[0.0, 1.0]", "-p", "success_trials", "1", "-p", "max_steps", "3",
+              "-p", "success_runs", '["vision_only-cosine-0.95"]')
     table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe().set_index(["mode", "gate", "value"])
+    played = table.dropna(subset=["success rate"])  # the run asked for (and the reference, apart), 3 steps: failures
+    assert list(played.index) == [("vision_only", "cosine", 0.95)], played
+    assert (played["trials"] == 1).all() and (played["success rate"] == 0).all()
     own = table.xs("cosine", level="gate")
     never = own.xs(1.01, level="value")  # a cosine similarity never exceeds 1: nothing reused, no drift
     assert (never["reuse rate"] == 0).all() and (never["action drift"] == 0).all() and (never["FLOPs ratio"] == 1).all()
@@ -238,7 +242,7 @@ def test_stability_cliff_smoke(tmp_path):
     assert "speedup" not in table and (table[SPEEDUP] > 0).all() and (table[HZ] > 0).all()  # from the timing unit
     names = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert {"stability_cliff.png", "stability_cliff_gates.png", "stability_cliff_staleness.png",
-            "stability_cliff_similarity.png"} <= names
+            "stability_cliff_similarity.png", "stability_cliff_success.png"} <= names
 
 
 def test_stability_cliff_runs_pi05_and_a_lerobot_checkpoint(tmp_path):
