@@ -4,6 +4,7 @@ published layout, loadable by the family's strict loader.
     MUJOCO_GL=egl .venv/bin/python scripts/train_micro.py openvla-micro            # make train-micro (both)
     MUJOCO_GL=egl .venv/bin/python scripts/train_micro.py smolvla-micro
     .venv/bin/python scripts/train_micro.py openvla-micro --stop-after 500          # a slice; rerun to go on
+    .venv/bin/python scripts/train_micro.py openvla-micro --export --out /tmp/ckpt  # the last checkpoint, to evaluate
 
 `openvla-micro` is the OpenVLA architecture (DINOv2 + SigLIP towers, projector, Llama with action tokens) at micro
 widths, trained from seeded random weights with OpenVLA's objective (`dcvla.openvla.train`); `smolvla-micro` is
@@ -85,12 +86,13 @@ def train_and_save(args: argparse.Namespace, config: TrainConfig, model: torch.n
     --out."""
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {n_samples} frames, "
           f"{config.steps} steps of {config.batch_size}", flush=True)
-    step = train(model, loss, n_samples, config, args.work, stop_after=args.stop_after)
+    step = train(model, loss, n_samples, config, args.work, stop_after=0 if args.export else args.stop_after)
     if step < config.steps:
         print(f"stopped at step {step} of {config.steps}; rerun the same command to go on", flush=True)
-        return
+        if not args.export:
+            return
     save(args.out)
-    print(f"checkpoint -> {args.out}", flush=True)
+    print(f"checkpoint{f' of step {step}' if step < config.steps else ''} -> {args.out}", flush=True)
 
 
 def smolvla_demos(episodes: list) -> list:
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     ap.add_argument("--stop-after", type=int, help="stop after this many steps of this run (a checkpoint is kept)")
+    ap.add_argument("--export", action="store_true",
+                    help="train nothing: write the run's last checkpoint to --out, to evaluate it before the end")
     ap.add_argument("--shift", type=int, default=8,
                     help="random image shift, pixels (DrQ augmentation; default 8 of 224; 0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

@@ -190,6 +190,15 @@ def test_train_micro_script_trains_resumes_and_writes_the_checkpoint(tmp_path, c
     script = SCRIPT
     args = ["openvla-micro", "--demos", str(root), "--out", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
             "--figure", str(tmp_path / "loss.png"), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1"]
+    assert script.main([*args, "--stop-after", "1"]) == 0 and not (tmp_path / "ckpt").exists()
+    early = tmp_path / "step1"
+    assert script.main([*args, "--export", "--out", str(early)]) == 0  # step 1's weights, nothing trained
+    assert f"checkpoint of step 1 -> {early}" in capsys.readouterr().out
+    assert len(list(csv.DictReader((tmp_path / "work" / LOSS_FILE).open()))) == 1
+    state = torch.load(tmp_path / "work" / STATE_FILE, weights_only=True)["model"]
+    exported = load_pretrained(early).state_dict()
+    name = next(k for k in state if "lm_head" in k)
+    torch.testing.assert_close(exported[name], state[name].to(torch.bfloat16).to(exported[name].dtype), rtol=0, atol=0)
     assert script.main(args) == 0
     out = capsys.readouterr().out
     assert "demonstrations: libero_goal task 8: 1\n" in out and "checkpoint ->" in out
