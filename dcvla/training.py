@@ -62,6 +62,12 @@ def random_shift(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> 
     return out.reshape(pixels.shape)
 
 
+def shift_batch(pixels: torch.Tensor, shift: int, indices) -> torch.Tensor:
+    """`random_shift` of the pixels of the batch of sample `indices`, its offsets drawn from those indices (a stream
+    of its own, apart from a family's other draws for the same batch), so a resumed run sees the same pixels."""
+    return random_shift(pixels, shift, np.random.default_rng([1, *map(int, indices)]))
+
+
 def batch_indices(n_samples: int, config: TrainConfig, step: int) -> np.ndarray:
     """The sample indices of batch `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
     if n_samples < 1:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..training import random_shift
+from ..training import shift_batch
 from .model import OpenVLA
 from .processing import Processor, preprocess_image
 
@@ -62,7 +62,7 @@ def normalize(actions: np.ndarray, stats: dict) -> np.ndarray:
 
 class DemoFrames:
     """Every (frame, action) of `demos` as OpenVLA training samples (a demonstration's frames loaded on first use).
-    `shift` > 0 shifts each batch's images at random by up to that many pixels (`random_shift`: both towers' pixels
+    `shift` > 0 shifts each batch's images at random by up to that many pixels (`shift_batch`: both towers' pixels
     together, drawn from the batch's sample indices, so a resumed run sees the same pixels)."""
 
     def __init__(self, demos: Sequence[Demo], processor: Processor, model: OpenVLA, statistics: dict,
@@ -121,6 +121,6 @@ def action_loss(model: OpenVLA, data: DemoFrames, indices: np.ndarray) -> torch.
     """Mean cross-entropy of the action tokens of samples `indices` under teacher forcing."""
     pixels, prompts, targets = zip(*(data.sample(int(i)) for i in indices))
     targets = torch.stack(targets)
-    pixels = random_shift(torch.stack(pixels), data.shift, np.random.default_rng([1, *map(int, indices)]))
+    pixels = shift_batch(torch.stack(pixels), data.shift, indices)
     logits = teacher_forced_logits(model, pixels, prompts, targets)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(logits.device).flatten())

@@ -31,7 +31,7 @@ import torch
 from ..kv_store import BatchKV
 from ..normalization import ACTION, STATE, Normalization
 from ..prefix_reuse import LIBERO_ACTION_DIM
-from ..training import random_shift
+from ..training import shift_batch
 from .model import SmolVLAModel
 from .policy import SmolVLAPolicy
 
@@ -93,7 +93,7 @@ class Batch:
 class DemoFrames:
     """Every frame of `demos` as SmolVLA training samples, prepared by `policy` (its model's statistics must be the
     demonstrations'); a demonstration's frames are decoded on first use and kept. `shift` > 0 shifts each batch's
-    images at random by up to that many pixels (`random_shift`, drawn from the batch's sample indices)."""
+    images at random by up to that many pixels (`shift_batch`, drawn from the batch's sample indices)."""
 
     def __init__(self, demos: Sequence[Demo], policy: SmolVLAPolicy, shift: int = 0) -> None:
         self.demos, self.policy, self.shift = list(demos), policy, shift
@@ -132,8 +132,7 @@ class DemoFrames:
             states.append(self.states[d][f])
             actions.append(self.chunks[d][0][f])
             is_pad.append(self.chunks[d][1][f])
-        rng = np.random.default_rng([1, *map(int, indices)])  # apart from `flow_noise`'s stream of the same batch
-        return Batch(random_shift(torch.stack(pixels), self.shift, rng), prompts, torch.stack(states),
+        return Batch(shift_batch(torch.stack(pixels), self.shift, indices), prompts, torch.stack(states),
                      torch.stack(actions), torch.stack(is_pad))
 
 
