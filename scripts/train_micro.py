@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dcvla.libero.episodes import DEMO_DIR, load_episodes
-from dcvla.training import LOSS_FILE, TrainConfig, train
+from dcvla.training import LOSS_FILE, STATE_FILE, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or ROOT / "checkpoints" / args.preset
     args.work = args.work or ROOT / "data" / "train" / args.preset
     args.figure = args.figure or ROOT / "figures" / f"train_{args.preset}.png"
+    if args.export and not (args.work / STATE_FILE).is_file():  # else it would write the seeded random weights
+        ap.error(f"--export: no training state {args.work / STATE_FILE} to export; train first (or pass its --work)")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -190,6 +190,10 @@ def test_train_micro_script_trains_resumes_and_writes_the_checkpoint(tmp_path, c
     script = SCRIPT
     args = ["openvla-micro", "--demos", str(root), "--out", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
             "--figure", str(tmp_path / "loss.png"), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1"]
+    with pytest.raises(SystemExit):  # nothing trained yet: nothing to export
+        script.main([*args, "--export"])
+    assert f"no training state {tmp_path / 'work' / STATE_FILE} to export" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
     assert script.main([*args, "--stop-after", "1"]) == 0 and not (tmp_path / "ckpt").exists()
     early = tmp_path / "step1"
     assert script.main([*args, "--export", "--out", str(early)]) == 0  # step 1's weights, nothing trained
