@@ -14,8 +14,8 @@ import csv
 import math
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,6 +46,50 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup
         progress = (step - self.warmup) / max(self.steps - self.warmup, 1)
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@dataclass
+class Demo:
+    """One demonstration as a family's trainer takes it: its instruction, actions [n, 7] in the family's convention,
+    robot states [n, 8], and a function returning its frames per camera (agent view, then wrist view), each
+    [n, H, W, 3] uint8 as the family's LIBERO evaluation hands them to the policy (called once, when first needed)."""
+
+    instruction: str
+    actions: np.ndarray
+    states: np.ndarray
+    frames: Callable[[], Sequence[np.ndarray]]
+
+
+class DemoSamples:
+    """Every frame of `demos` as a training sample (`index[i]` = (demonstration, frame)); a demonstration's frames
+    are decoded on first use and kept. A family's dataset builds on it with its own preprocessing and targets."""
+
+    def __init__(self, demos: Sequence[Demo], cameras: int) -> None:
+        self.demos, self.cameras = list(demos), cameras
+        self.index = [(d, f) for d, demo in enumerate(self.demos) for f in range(len(demo.actions))]
+        self._frames: dict[int, Sequence[np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def frames(self, i: int) -> list[np.ndarray]:
+        """Sample `i`'s images, one per camera (the first `cameras` of its demonstration), each [H, W, 3] uint8."""
+        d, f = self.index[i]
+        if d not in self._frames:
+            cameras = self._frames[d] = self.demos[d].frames()[: self.cameras]
+            lengths = [len(c) for c in cameras]
+            if len(cameras) != self.cameras or set(lengths) != {len(self.demos[d].actions)}:
+                raise ValueError(f"demonstration {d} ({self.demos[d].instruction!r}) has {lengths} frames per camera "
+                                 f"for {self.cameras} cameras and {len(self.demos[d].actions)} actions")
+        return [frames[f] for frames in self._frames[d]]
+
+
+def chunk_rows(n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The action rows [n, chunk] each of n frames' chunk reads, clamped to the episode's last, and which of them are
+    past the episode's end [n, chunk] (lerobot's `_get_query_indices` with delta indices 0..chunk-1; OpenVLA-OFT's
+    RLDS chunking clamps the same way)."""
+    wanted = np.arange(n)[:, None] + np.arange(chunk)[None, :]
+    return np.minimum(wanted, n - 1), wanted >= n
 
 
 def random_shift(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:

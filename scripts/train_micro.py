@@ -7,7 +7,9 @@ published layout, loadable by the family's strict loader.
     .venv/bin/python scripts/train_micro.py openvla-micro --export --out /tmp/ckpt  # the last checkpoint, to evaluate
 
 `openvla-micro` is the OpenVLA architecture (DINOv2 + SigLIP towers, projector, Llama with action tokens) at micro
-widths, trained from seeded random weights with OpenVLA's objective (`dcvla.openvla.train`); `smolvla-micro` is
+widths, trained from seeded random weights with OpenVLA's objective (`dcvla.openvla.train`); `oft-micro` is the
+same model with OpenVLA-OFT's LIBERO inputs and heads (both views, the proprio state, 8-action chunks regressed
+with an L1 loss in one bidirectional pass; `dcvla.openvla.oft.train`); `smolvla-micro` is
 SmolVLA's (SigLIP, pixel-shuffle connector, SmolLM2 layers, the flow-matching action expert), trained with lerobot
 SmolVLA's flow-matching objective (`dcvla.smolvla.train`). Each learns from every frame of every demonstration
 under --demos. The run is resumable: its state (weights, optimiser, step) goes to <work>/train_state.pt every
@@ -49,18 +51,30 @@ def openvla_demos(episodes: list) -> list:
     """Episodes as OpenVLA training demonstrations: the center-cropped frames the LIBERO evaluation hands an OpenVLA
     policy, the oracle's actions in OpenVLA's gripper convention, the robot states."""
     from dcvla.libero import protocol
-    from dcvla.openvla.train import Demo
+    from dcvla.training import Demo
 
-    return [Demo(ep.instruction, protocol.openvla_action(ep.actions), ep.states, lambda ep=ep: cropped_frames(ep))
+    return [Demo(ep.instruction, protocol.openvla_action(ep.actions), ep.states, lambda ep=ep: (cropped(ep.jpegs),))
             for ep in episodes]
 
 
-def cropped_frames(ep) -> np.ndarray:
-    """The episode's frames center-cropped, decoded one at a time rather than through `ep.frames` (which keeps
-    the uncropped frames in the episode too: twice the memory, 9 GB for the 200 demonstrations)."""
+def oft_demos(episodes: list) -> list:
+    """Episodes as OpenVLA-OFT training demonstrations: `openvla_demos`' with the wrist view too, center-cropped
+    alike, as OFT's LIBERO evaluation hands the policy both."""
+    from dcvla.libero import protocol
+    from dcvla.training import Demo
+
+    return [Demo(ep.instruction, protocol.openvla_action(ep.actions), ep.states,
+                 lambda ep=ep: (cropped(ep.jpegs), cropped(ep.wrist_jpegs))) for ep in episodes]
+
+
+def cropped(jpegs) -> np.ndarray:
+    """An episode's frames of one camera center-cropped, decoded one at a time rather than through `ep.frames` (which
+    keeps the uncropped frames in the episode too: twice the memory, 9 GB for the 200 demonstrations)."""
     from dcvla.libero import protocol
 
-    return np.stack([protocol.policy_input(protocol.decode_frame(jpeg)) for jpeg in ep.jpegs])
+    if jpegs is None:
+        raise ValueError("the episode has no frames of this camera (recorded without the wrist view?)")
+    return np.stack([protocol.policy_input(protocol.decode_frame(jpeg)) for jpeg in jpegs])
 
 
 def train_openvla(args: argparse.Namespace, config: TrainConfig) -> None:
@@ -77,6 +91,21 @@ def train_openvla(args: argparse.Namespace, config: TrainConfig) -> None:
     model.norm_stats = dataset_statistics(demos)
     data = DemoFrames(demos, Processor(load_tokenizer(), preset), model, model.norm_stats, shift=args.shift)
     train_and_save(args, config, model, lambda m, idx: action_loss(m, data, idx), len(data),
+                   lambda out: save_pretrained(model, out))
+
+
+def train_oft(args: argparse.Namespace, config: TrainConfig) -> None:
+    from dcvla.openvla.oft import OFTProcessor, get_preset, random_model, save_pretrained
+    from dcvla.openvla.oft.train import OFTFrames, l1_loss
+    from dcvla.openvla.train import dataset_statistics
+    from dcvla.tokenizer import load_tokenizer
+
+    demos = oft_demos(load_demos(args.demos))
+    preset = get_preset(args.preset)
+    model = random_model(preset, seed=config.seed)
+    model.norm_stats = dataset_statistics(demos)
+    data = OFTFrames(demos, OFTProcessor(load_tokenizer(), preset), model, model.norm_stats, shift=args.shift)
+    train_and_save(args, config, model, lambda m, idx: l1_loss(m, data, idx), len(data),
                    lambda out: save_pretrained(model, out))
 
 
@@ -99,7 +128,7 @@ def smolvla_demos(episodes: list) -> list:
     """Episodes as SmolVLA training demonstrations: the agent and wrist views as the LIBERO evaluation hands a flow
     policy them (uncropped: lerobot and openpi resize the whole view), the oracle's actions in LIBERO's own
     convention (SmolVLA's, as lerobot's LIBERO datasets hold them), the robot states."""
-    from dcvla.smolvla.train import Demo
+    from dcvla.training import Demo
 
     return [Demo(ep.instruction, ep.actions, ep.states, lambda ep=ep: (ep.frames, ep.wrist_frames)) for ep in episodes]
 
@@ -118,6 +147,7 @@ def train_smolvla(args: argparse.Namespace, config: TrainConfig) -> None:
 
 
 TRAINERS = {"openvla-micro": (train_openvla, "action-token cross-entropy"),
+            "oft-micro": (train_oft, "L1 error of the action chunk"),
             "smolvla-micro": (train_smolvla, "flow-matching squared error")}
 FAMILIES = tuple(TRAINERS)
 

@@ -27,12 +27,13 @@ PROCESSOR = OFTProcessor(load_tokenizer(), TINY)
 
 
 def test_presets_add_the_oft_modules_to_the_openvla_presets():
-    for oft, base in (("openvla-oft-7b", "openvla-7b"), ("oft-small", "small"), ("oft-tiny", "tiny")):
+    for oft, base in (("openvla-oft-7b", "openvla-7b"), ("oft-small", "small"), ("oft-tiny", "tiny"),
+                      ("oft-micro", "openvla-micro")):
         cfg, vla = get_preset(oft), openvla_preset(base)
         assert (cfg.dino, cfg.siglip, cfg.llm, cfg.projector_dims) == (vla.dino, vla.siglip, vla.llm, vla.projector_dims)
         assert (cfg.num_images, cfg.num_vision_tokens, cfg.proprio_dim, cfg.chunk_size, cfg.num_action_slots) == (2, 512, 8, 8, 56)
         assert cfg.head_dims == (7 * vla.llm.hidden_size, vla.llm.hidden_size, 7)
-    with pytest.raises(ValueError, match="unknown OpenVLA-OFT preset 'tiny'; known presets: oft-small, oft-tiny, openvla-oft-7b"):
+    with pytest.raises(ValueError, match="unknown OpenVLA-OFT preset 'tiny'; known presets: oft-micro, oft-small, oft-tiny, openvla-oft-7b"):
         get_preset("tiny")
     with pytest.raises(ValueError, match="OFTConfig.chunk_size=0 must be >= 1"):
         replace(TINY, chunk_size=0)

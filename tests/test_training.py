@@ -248,7 +248,7 @@ def test_smolvla_learns_lerobots_targets_on_what_its_evaluation_hands_it(smolvla
     from dcvla.libero.protocol import POLICY_RESOLUTION, action_convention, postprocess
     from dcvla.normalization import ACTION, STATE
     from dcvla.smolvla import SmolVLAPolicy
-    from dcvla.smolvla.train import chunk_rows
+    from dcvla.training import chunk_rows
 
     assert action_convention(SmolVLAPolicy) == "libero"
     actions = np.concatenate([d.actions for d in smolvla_demos])

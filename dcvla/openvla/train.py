@@ -14,28 +14,16 @@ unchanged code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from ..training import shift_batch
+from ..training import Demo, DemoSamples, shift_batch
 from .model import OpenVLA
 from .processing import Processor, preprocess_image
 
 STATS_KEY = "libero_demos"  # the unnorm_key of a micro checkpoint
-
-
-@dataclass
-class Demo:
-    """One demonstration: its instruction, actions [n, 7] in OpenVLA's convention, robot states [n, d], and a
-    function returning its n frames [n, H, W, 3] as the policy sees them (called once, when first needed)."""
-
-    instruction: str
-    actions: np.ndarray
-    states: np.ndarray
-    frames: Callable[[], np.ndarray]
 
 
 def dataset_statistics(demos: Sequence[Demo]) -> dict:
@@ -60,31 +48,22 @@ def normalize(actions: np.ndarray, stats: dict) -> np.ndarray:
     return np.clip(np.where(np.asarray(stats["mask"]), scaled, actions), -1.0, 1.0)
 
 
-class DemoFrames:
+class DemoFrames(DemoSamples):
     """Every (frame, action) of `demos` as OpenVLA training samples (a demonstration's frames loaded on first use).
     `shift` > 0 shifts each batch's images at random by up to that many pixels (`shift_batch`: both towers' pixels
     together, drawn from the batch's sample indices, so a resumed run sees the same pixels)."""
 
     def __init__(self, demos: Sequence[Demo], processor: Processor, model: OpenVLA, statistics: dict,
                  shift: int = 0) -> None:
-        self.demos, self.processor, self.shift = list(demos), processor, shift
-        self.index = [(d, f) for d, demo in enumerate(self.demos) for f in range(len(demo.actions))]
+        super().__init__(demos, cameras=1)  # the agent view: OpenVLA sees one camera
+        self.processor, self.shift = processor, shift
         self.prompts = {demo.instruction: processor.encode_prompt(demo.instruction)[0] for demo in self.demos}
         stats = statistics[STATS_KEY]["action"]
         self.tokens = [torch.from_numpy(model.action_tokenizer.encode(normalize(demo.actions, stats))) for demo in self.demos]
-        self._frames: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.index)
 
     def frame(self, i: int) -> np.ndarray:
-        d, f = self.index[i]
-        if d not in self._frames:
-            frames = self._frames[d] = self.demos[d].frames()
-            if len(frames) != len(self.demos[d].actions):
-                raise ValueError(f"demonstration {d} ({self.demos[d].instruction!r}) has {len(frames)} frames for "
-                                 f"{len(self.demos[d].actions)} actions")
-        return self._frames[d][f]
+        """Sample `i`'s agent view [H, W, 3] uint8, as the policy is handed it."""
+        return self.frames(i)[0]
 
     def sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixel_values [6, H, W], prompt ids [text], action token ids [7]) of sample `i`."""

@@ -22,7 +22,7 @@ the velocity is the model's own differentiable code (`velocities`: `embed_images
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,24 +31,12 @@ import torch
 from ..kv_store import BatchKV
 from ..normalization import ACTION, STATE, Normalization
 from ..prefix_reuse import LIBERO_ACTION_DIM
-from ..training import shift_batch
+from ..training import Demo, DemoSamples, chunk_rows, shift_batch
 from .model import SmolVLAModel
 from .policy import SmolVLAPolicy
 
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)  # lerobot's DEFAULT_QUANTILES, as q01 ... q99
 TIME_BETA, TIME_SCALE, TIME_OFFSET = (1.5, 1.0), 0.999, 0.001  # lerobot's `sample_time`
-
-
-@dataclass
-class Demo:
-    """One demonstration: its instruction, actions [n, 7] in LIBERO's convention, robot states [n, 8], and a
-    function returning its frames per camera (agent view, wrist view), each [n, H, W, 3] uint8 as the policy is
-    handed them (called once, when first needed)."""
-
-    instruction: str
-    actions: np.ndarray
-    states: np.ndarray
-    frames: Callable[[], Sequence[np.ndarray]]
 
 
 def dataset_statistics(demos: Sequence[Demo]) -> Normalization:
@@ -72,13 +60,6 @@ def pad_vector(x: np.ndarray, dim: int) -> np.ndarray:
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dim - x.shape[-1])])
 
 
-def chunk_rows(n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """The action rows [n, chunk] each frame's chunk reads, clamped to the episode's last, and which of them are
-    padding [n, chunk] (lerobot's `_get_query_indices` with delta indices 0..chunk-1)."""
-    wanted = np.arange(n)[:, None] + np.arange(chunk)[None, :]
-    return np.minimum(wanted, n - 1), wanted >= n
-
-
 @dataclass
 class Batch:
     """A batch of samples as the model takes them."""
@@ -90,15 +71,15 @@ class Batch:
     is_pad: torch.Tensor         # [sample, chunk] bool: past the episode's end
 
 
-class DemoFrames:
+class DemoFrames(DemoSamples):
     """Every frame of `demos` as SmolVLA training samples, prepared by `policy` (its model's statistics must be the
     demonstrations'); a demonstration's frames are decoded on first use and kept. `shift` > 0 shifts each batch's
     images at random by up to that many pixels (`shift_batch`, drawn from the batch's sample indices)."""
 
     def __init__(self, demos: Sequence[Demo], policy: SmolVLAPolicy, shift: int = 0) -> None:
-        self.demos, self.policy, self.shift = list(demos), policy, shift
+        super().__init__(demos, cameras=2)  # agent view, wrist view
+        self.policy, self.shift = policy, shift
         cfg, norm = policy.model.config, policy.model.normalization
-        self.index = [(d, f) for d, demo in enumerate(self.demos) for f in range(len(demo.actions))]
         self.prompts = {demo.instruction: torch.tensor([policy.encode_prompt(demo.instruction)[0]]) for demo in self.demos}
         self.states = [torch.from_numpy(pad_vector(np.stack([policy.normalize_state(s) for s in demo.states]),
                                                    cfg.max_state_dim)).float() for demo in self.demos]
@@ -107,20 +88,6 @@ class DemoFrames:
             rows, is_pad = chunk_rows(len(demo.actions), cfg.chunk_size)
             normalised = pad_vector(norm.normalize(demo.actions, ACTION), cfg.max_action_dim)  # [n, max_action_dim]
             self.chunks.append((torch.from_numpy(normalised[rows]).float(), torch.from_numpy(is_pad)))
-        self._frames: dict[int, Sequence[np.ndarray]] = {}
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def frames(self, i: int) -> list[np.ndarray]:
-        """Sample `i`'s camera images, each [H, W, 3] uint8, as the policy is handed them."""
-        d, f = self.index[i]
-        if d not in self._frames:
-            cameras = self._frames[d] = self.demos[d].frames()
-            if {len(frames) for frames in cameras} != {len(self.demos[d].actions)}:
-                raise ValueError(f"demonstration {d} ({self.demos[d].instruction!r}) has {[len(c) for c in cameras]} "
-                                 f"frames per camera for {len(self.demos[d].actions)} actions")
-        return [frames[f] for frames in self._frames[d]]
 
     def batch(self, indices: Sequence[int]) -> Batch:
         """Samples `indices`: each frame's cameras through the policy's preprocessing, its prompt, state and chunk."""

@@ -14,7 +14,7 @@ import torch
 #: Where the shipped checkpoints live (the repository's `checkpoints/`).
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 #: Every micro preset, with the family that loads it.
-MICRO_FAMILIES = {"openvla-micro": "openvla", "smolvla-micro": "smolvla"}
+MICRO_FAMILIES = {"openvla-micro": "openvla", "oft-micro": "openvla", "smolvla-micro": "smolvla"}
 #: The micro presets whose trained checkpoints are committed (a test loads each and runs it in the simulator).
 SHIPPED: tuple[str, ...] = ("smolvla-micro",)
 #: The committed one-task checkpoints (docs/micro.md): name -> (micro preset, suite, task it was trained on).
@@ -57,7 +57,8 @@ def resolve_micro(checkpoint: str) -> str | Path:
 
 def center_crop(preset: str) -> bool:
     """Whether the LIBERO evaluation center-crops what `preset` sees: OpenVLA's protocol does (its LIBERO fine-tunes,
-    and openvla-micro's training frames, are cropped), the flow policies' does not."""
+    and the OpenVLA micro policies' training frames, are cropped; OpenVLA-OFT's crops both views), the flow
+    policies' does not."""
     return MICRO_FAMILIES[preset] == "openvla"
 
 

@@ -63,9 +63,13 @@ PRESETS: dict[str, OFTConfig] = {
     "openvla-oft-7b": from_openvla(OPENVLA_PRESETS["openvla-7b"], "openvla-oft-7b"),
     "oft-small": from_openvla(OPENVLA_PRESETS["small"], "oft-small"),
     "oft-tiny": from_openvla(OPENVLA_PRESETS["tiny"], "oft-tiny"),
+    # openvla-micro's towers and Llama with OFT's heads, trained here on the project's demonstrations
+    # (scripts/train_micro.py oft-micro, docs/micro.md).
+    "oft-micro": from_openvla(OPENVLA_PRESETS["openvla-micro"], "oft-micro"),
 }
 # An OpenVLA preset name (what an OpenVLA-layout checkpoint records) -> its OFT preset.
-FROM_OPENVLA_PRESET = {"openvla-7b": "openvla-oft-7b", "small": "oft-small", "tiny": "oft-tiny"}
+FROM_OPENVLA_PRESET = {"openvla-7b": "openvla-oft-7b", "small": "oft-small", "tiny": "oft-tiny",
+                       "openvla-micro": "oft-micro"}
 
 
 def get_preset(name: str) -> OFTConfig:
