@@ -36,6 +36,7 @@ demos: $(STAMP)
 
 train-micro: $(STAMP)
 	$(PY) scripts/train_micro.py openvla-micro
+	$(PY) scripts/train_micro.py oft-micro
 	$(PY) scripts/train_micro.py smolvla-micro
 
 eval-micro: $(STAMP)
