@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_a_missing_or_unknown_micro_checkpoint_is_named(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="unknown micro preset 'pi0-micro'; known: openvla-micro, smolvla-micro"):
+    with pytest.raises(ValueError, match="unknown micro preset 'pi0-micro'; known: openvla-micro, oft-micro, smolvla-micro"):
         micro_checkpoint("pi0-micro")
     monkeypatch.setattr("dcvla.studies.micro.CHECKPOINT_DIR", tmp_path)
     with pytest.raises(FileNotFoundError,
@@ -36,7 +36,7 @@ def test_a_one_task_checkpoint_loads_strictly_and_steps_on_its_task(name):
 
     preset, suite, task = ONE_TASK[name]
     policy = load_micro(preset, checkpoint=CHECKPOINT_DIR / name)
-    assert policy.name == {"openvla-micro": "vanilla", "smolvla-micro": "none"}[preset]
+    assert policy.name == {"openvla-micro": "vanilla", "oft-micro": "vanilla", "smolvla-micro": "none"}[preset]
     assert policy.model.config.name == preset
     env = make_env(suite, task, cameras=cameras_for(policy))
     try:
@@ -54,7 +54,7 @@ def test_a_shipped_micro_policy_steps_on_every_trained_task(preset):
     from dcvla.libero.evaluate import cameras_for, run_trial
 
     policy = load_micro(preset)
-    assert policy.name == {"openvla-micro": "vanilla", "smolvla-micro": "none"}[preset]  # no caching, no reuse
+    assert policy.name == {"openvla-micro": "vanilla", "oft-micro": "vanilla", "smolvla-micro": "none"}[preset]  # no caching, no reuse
     for suite, task in DEMO_TASKS.items():
         info = get_task(suite, task)
         env = make_env(suite, task, cameras=cameras_for(policy))
