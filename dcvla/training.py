@@ -131,6 +131,22 @@ def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                     "config": asdict(config)}, tmp)
 
 
+def _load_state(path: Path, config: TrainConfig) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != asdict(config):
+        raise ValueError(f"{path} was trained with {state['config']}, not {asdict(config)}: resume with the same "
+                         f"settings, or train into another directory")
+    return state
+
+
+def load_weights(model: torch.nn.Module, out_dir: str | Path, config: TrainConfig) -> int:
+    """The weights of the last checkpoint under `out_dir` (of a run with `config`, else a clear error) into `model`,
+    reading nothing else and writing nothing: a live run may be appending to its log there. Returns its step."""
+    state = _load_state(Path(out_dir) / STATE_FILE, config)
+    model.load_state_dict(state["model"])
+    return int(state["step"])
+
+
 def _resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
     """Load the last checkpoint under `out_dir` if there is one (the same config, else a clear error) and trim
     `loss.csv` to its step. Returns the step to continue from."""
@@ -138,10 +154,7 @@ def _resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     if not path.exists():
         log.unlink(missing_ok=True)  # the log of a run stopped before its first checkpoint: those steps rerun
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["config"] != asdict(config):
-        raise ValueError(f"{path} was trained with {state['config']}, not {asdict(config)}: resume with the same "
-                         f"settings, or train into another directory")
+    state = _load_state(path, config)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if log.exists():

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dcvla.libero.episodes import DEMO_DIR, load_episodes
-from dcvla.training import LOSS_FILE, STATE_FILE, TrainConfig, train
+from dcvla.training import LOSS_FILE, STATE_FILE, TrainConfig, load_weights, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,10 @@ def train_and_save(args: argparse.Namespace, config: TrainConfig, model: torch.n
     --out."""
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {n_samples} frames, "
           f"{config.steps} steps of {config.batch_size}", flush=True)
-    step = train(model, loss, n_samples, config, args.work, stop_after=0 if args.export else args.stop_after)
+    if args.export:  # the run's weights as they are; its state and log untouched (it may be training on)
+        step = load_weights(model, args.work, config)
+    else:
+        step = train(model, loss, n_samples, config, args.work, stop_after=args.stop_after)
     if step < config.steps:
         print(f"stopped at step {step} of {config.steps}; rerun the same command to go on", flush=True)
         if not args.export:
