@@ -331,7 +331,7 @@ def test_benchmark_config_is_checked():
     (StudyConfig, {"device": "cdua"}, "StudyConfig.device: 'cdua' is not a torch device"),
     (StudyConfig, {"dtype": "flaot32"}, "StudyConfig.dtype: 'flaot32' is not a model dtype"),
     (StudyConfig, {"preset": "nosuch"}, "StudyConfig.preset: unknown preset 'nosuch'; OpenVLA presets: openvla-7b, small, openvla-micro, tiny; "
-                                         "OpenVLA-OFT presets: openvla-oft-7b, oft-small, oft-tiny, or a shipped micro policy: "),
+                                         "OpenVLA-OFT presets: openvla-oft-7b, oft-small, oft-tiny, oft-micro, or a shipped micro policy: "),
     (BenchmarkConfig, {"trials": "2"}, "BenchmarkConfig.trials must be an int"),
     (BenchmarkConfig, {"tasks": 0}, "BenchmarkConfig.tasks must be a list of ints, got 0"),
     (CliffConfig, {"thresholds": 0.9}, "CliffConfig.thresholds must be a list of numbers, got 0.9"),

@@ -131,7 +131,7 @@ class PolicyParameters(Parameters):
     in which dtype."""
 
     preset: str = "small"                # model preset (random weights) unless `checkpoint` is given; OpenVLA-OFT:
-                                         # oft-small, oft-tiny, openvla-oft-7b; or a shipped micro policy by name
+                                         # oft-small, oft-tiny, oft-micro, openvla-oft-7b; or a shipped micro policy by name
                                          # ("openvla-micro-goal": trained weights)
     checkpoint: str = ""                 # OpenVLA or OpenVLA-OFT checkpoint directory or hub id ("" = random preset),
                                          # or a shipped micro policy by name ("openvla-micro")
