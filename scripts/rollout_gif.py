@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     caption = "no reuse" if args.mode == "none" else f"{args.mode} reuse at {args.threshold:g}"
     write_gif(env.frames, out, f"{caption}: {outcome}", args.every, args.size)
     print(f"{args.suite} task {task} init {args.init}: {outcome} in {result.steps} steps -> {out}")
-    records = getattr(policy, "records", [])  # a flow policy's inferences of the trial
-    if records:
+    records = getattr(policy, "records", []) if MICRO_FAMILIES[args.preset] != "openvla" else []
+    if records:  # a flow policy's inferences of the trial (an OpenVLA policy's records hold no gate)
         print(f"{len(records)} inferences; the gate opened on {sum(bool(r.gate) for r in records)}, "
               f"{np.mean([r.reuse_fraction for r in records]):.2f} of the prefix K/V reused on average")
     return 0
