@@ -92,11 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     caption = "no reuse" if args.mode == "none" else f"{args.mode} reuse at {args.threshold:g}"
     write_gif(env.frames, out, f"{caption}: {outcome}", args.every, args.size)
     print(f"{args.suite} task {task} init {args.init}: {outcome} in {result.steps} steps -> {out}")
-    records = getattr(policy, "records", []) if MICRO_FAMILIES[args.preset] != "openvla" else []
-    if records:  # a flow policy's inferences of the trial (an OpenVLA policy's records hold no gate)
-        print(f"{len(records)} inferences; the gate opened on {sum(bool(r.gate) for r in records)}, "
-              f"{np.mean([r.reuse_fraction for r in records]):.2f} of the prefix K/V reused on average")
+    summary = reuse_summary(args.preset, policy)
+    if summary:
+        print(summary)
     return 0
+
+
+def reuse_summary(preset: str, policy: Any) -> str | None:
+    """How a flow policy reused its prefix K/V over the trial's inferences; None for an OpenVLA-family policy (its
+    step records hold the cache's masks, no gate) or one that recorded nothing."""
+    records = getattr(policy, "records", []) if MICRO_FAMILIES[preset] != "openvla" else []
+    if not records:
+        return None
+    return (f"{len(records)} inferences; the gate opened on {sum(bool(r.gate) for r in records)}, "
+            f"{np.mean([r.reuse_fraction for r in records]):.2f} of the prefix K/V reused on average")
 
 
 if __name__ == "__main__":

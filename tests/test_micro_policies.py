@@ -140,3 +140,15 @@ def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):
     assert summary in run()
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert xr.open_dataset(files[0]).attrs["method"] == "none"  # the policy without prefix reuse
+
+
+def test_rollout_gif_summarises_a_flow_policys_reuse():
+    """scripts/rollout_gif.py's line on a flow policy's trial: its inferences, the gate's openings, the mean reuse
+    (an OpenVLA policy's records have no gate: tests/test_training_oft.py)."""
+    from types import SimpleNamespace
+
+    from test_training import load_script
+
+    records = [SimpleNamespace(gate=False, reuse_fraction=0.0), SimpleNamespace(gate=True, reuse_fraction=0.5)]
+    summary = load_script("rollout_gif").reuse_summary("smolvla-micro", SimpleNamespace(records=records))
+    assert summary == "2 inferences; the gate opened on 1, 0.25 of the prefix K/V reused on average"

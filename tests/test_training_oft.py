@@ -21,7 +21,7 @@ from dcvla.openvla.train import STATS_KEY, dataset_statistics, normalize
 from dcvla.tokenizer import load_tokenizer
 from dcvla.training import LOSS_FILE, TrainConfig, train
 
-from test_training import SCRIPT
+from test_training import SCRIPT, load_script
 
 TINY = get_preset("oft-tiny")
 
@@ -122,6 +122,7 @@ def test_training_fits_a_batch_and_ships_a_loadable_checkpoint(demos, tmp_path):
     assert policy.model.norm_stats == model.norm_stats
     chunk = policy.step(data.frames(0), demos[0].instruction, demos[0].states[0])
     assert chunk.shape == (8, 7) and np.isfinite(chunk).all()
+    assert policy.records and load_script("rollout_gif").reuse_summary("oft-micro", policy) is None  # no gate to count
 
 
 def test_train_micro_script_trains_oft_micro(tmp_path, capsys):
