@@ -257,8 +257,9 @@ class Explorer:
         """OpenVLA / OFT at one frame: the chosen camera's reuse or staleness, text-to-vision attention of the chosen
         layer and head. Returns the image panel's title and the info line's facts."""
         ds, fig = self.ds, self.figure
-        reuse = self._patches(at.reuse.values).astype(bool) if "reuse" in ds else np.zeros(GRID * GRID, bool)
-        stale = self._patches(at.staleness.values).astype(float) if "staleness" in ds else np.full(GRID * GRID, np.nan)
+        n = int(ds.attrs.get("patches_per_image", GRID * GRID))
+        reuse = self._patches(at.reuse.values).astype(bool) if "reuse" in ds else np.zeros(n, bool)
+        stale = self._patches(at.staleness.values).astype(float) if "staleness" in ds else np.full(n, np.nan)
         draw_patches(fig, ds, reuse, stale, self.overlay.value)
         if "text_to_vision" in ds and self.layer.value is not None:
             t2v = at.text_to_vision.sel(layer=self.layer.value).astype(float)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,8 +20,7 @@ from plotly.subplots import make_subplots
 
 from . import accessor  # noqa: F401  (registers ds.dcvla)
 
-GRID, PATCH_PX, SIZE = 16, 14, 224  # 256 patches of 14x14 px on the 224x224 policy image
-CENTERS = [PATCH_PX * i + PATCH_PX / 2 for i in range(GRID)]
+GRID, SIZE = 16, 224  # OpenVLA: 256 patches of 14x14 px on the 224x224 policy image (oft-micro: 8 x 8 of 28 px)
 IMAGE, OVERLAY, REUSED, HEAT = range(4)  # fixed traces; curves and actions follow
 DRIFTS = ("q_drift", "k_drift", "v_drift")
 DASH = {"dino": "dot", "siglip": "dash", "llm": "solid"}
@@ -38,9 +38,18 @@ def png_uri(image: np.ndarray) -> str:
 
 
 def grid(values: np.ndarray) -> list[list]:
-    """[256] -> 16x16 nested lists, NaN as None (transparent in plotly, valid JSON)."""
-    z = np.asarray(values, float).reshape(GRID, GRID)
-    return [[None if np.isnan(v) else float(v) for v in row] for row in z]
+    """[256] -> 16x16 nested lists (any square count: its grid), NaN as None (transparent in plotly, valid JSON)."""
+    z = np.asarray(values, float)
+    side = math.isqrt(z.size)
+    if side * side != z.size:
+        raise ValueError(f"{z.size} patch values do not make a square grid")
+    return [[None if np.isnan(v) else float(v) for v in row] for row in z.reshape(side, side)]
+
+
+def centers(n: int) -> list[float]:
+    """Pixel centres of the rows (columns) of a grid of `n` patches on the SIZE x SIZE image."""
+    side = math.isqrt(n)
+    return [SIZE / side * (i + 0.5) for i in range(side)]
 
 
 EMPTY = grid(np.full(GRID * GRID, np.nan))
@@ -55,7 +64,7 @@ def make_figure() -> go.FigureWidget:
     fig = make_subplots(rows=2, cols=2, row_heights=[0.58, 0.42], horizontal_spacing=0.12, vertical_spacing=0.1,
                         subplot_titles=["frame", "map", "curves", "action"])  # each retitled per dataset
     fig.add_trace(go.Image(source=png_uri(np.zeros((SIZE, SIZE, 3))), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip"), 1, 1)
-    fig.add_trace(go.Heatmap(x=CENTERS, y=CENTERS, z=EMPTY, opacity=0.5, name="overlay", colorbar=dict(x=0.44, y=0.79, len=0.5),
+    fig.add_trace(go.Heatmap(x=centers(GRID * GRID), y=centers(GRID * GRID), z=EMPTY, opacity=0.5, name="overlay", colorbar=dict(x=0.44, y=0.79, len=0.5),
                              hovertemplate="x %{x} y %{y}: %{z}<extra></extra>"), 1, 1)
     fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="reused", showlegend=False, hoverinfo="skip",
                              marker=dict(symbol="square-open", size=9, color="white", line=dict(width=1))), 1, 1)
@@ -88,7 +97,8 @@ def configure_axes(fig: go.FigureWidget, ds: xr.Dataset) -> None:
 def draw_patches(fig: go.FigureWidget, ds: xr.Dataset, reuse: np.ndarray, stale: np.ndarray, mode: str) -> None:
     """OpenVLA / OFT: one image's reuse mask ([256] bool) or staleness ([256]) over its patches, as `mode` says
     (reuse, staleness, both: staleness with the reused patches outlined, none)."""
-    heat = fig.data[OVERLAY]
+    heat, at = fig.data[OVERLAY], centers(reuse.size)
+    heat.update(x=at, y=at)
     if mode == "reuse":
         heat.update(z=grid(np.where(reuse, 1.0, np.nan)), zmin=0, zmax=1, showscale=False,
                     colorscale=[[0, "#1f77b4"], [1, "#1f77b4"]])
@@ -98,8 +108,8 @@ def draw_patches(fig: go.FigureWidget, ds: xr.Dataset, reuse: np.ndarray, stale:
                     colorscale="YlOrRd")
     else:
         heat.update(z=EMPTY, showscale=False)
-    rows, cols = np.divmod(np.flatnonzero(reuse if mode == "both" else np.zeros_like(reuse)), GRID)
-    fig.data[REUSED].update(x=[CENTERS[c] for c in cols], y=[CENTERS[r] for r in rows])
+    rows, cols = np.divmod(np.flatnonzero(reuse if mode == "both" else np.zeros_like(reuse)), len(at))
+    fig.data[REUSED].update(x=[at[c] for c in cols], y=[at[r] for r in rows])
 
 
 def draw_flow_frame(fig: go.FigureWidget, ds: xr.Dataset, at: xr.Dataset) -> tuple[str, list[str]]:

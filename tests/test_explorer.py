@@ -197,3 +197,21 @@ def test_explorer_in_voila_moves_with_the_slider(runs_dir, notebook, tmp_path):
         assert page.evaluate(browser.OVERLAY_Z) != before
         assert page.evaluate(browser.FRAME_LINES) == [2, 2], "the frame line on the drift and action panels follows"
         browser.screenshot(page, tmp_path, "explorer.png")
+
+
+def test_patch_panels_take_the_recordings_grid():
+    """An 8 x 8 grid (oft-micro's 28 px patches) is drawn as 8 x 8 cells of 28 px, the reused marks at their
+    centres; a count that is no square grid is refused by name."""
+    from dcvla.explorer import REUSED
+    from dcvla.explorer_panels import centers, draw_patches, grid, make_figure
+
+    assert centers(64) == [14.0 + 28 * i for i in range(8)] and centers(256)[:2] == [7.0, 21.0]
+    fig, reuse = make_figure(), np.zeros(64, bool)
+    reuse[10] = True  # row 1, column 2
+    import xarray as xr
+
+    draw_patches(fig, xr.Dataset({"staleness": ("patch", np.ones(64))}), reuse, np.ones(64), "both")
+    assert len(fig.data[OVERLAY].z) == 8 and list(fig.data[OVERLAY].x) == centers(64)
+    assert (list(fig.data[REUSED].x), list(fig.data[REUSED].y)) == ([70.0], [42.0])
+    with pytest.raises(ValueError, match="60 patch values do not make a square grid"):
+        grid(np.zeros(60))

@@ -13,12 +13,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dcvla.libero.episodes import list_episodes, load_episode
-from dcvla.libero.protocol import policy_input
 from dcvla.openvla import METHODS, CacheConfig
 from dcvla.openvla.oft import OFTCachedPolicy, OFTRecorder, normalize_proprio
 from dcvla.openvla.oft.flops import vanilla_stage_flops
 from dcvla.recording import recorder_for
+from oft_clip import clip, run  # noqa: F401  (clip: the fixture)
 
 # The engine runs the reference's fp32 products on subsets of rows and over gathered K/V: only the summation order
 # differs (measured max |diff| <= 8.1e-7 on the normalised chunk, every method; reuse on a moving scene: ~2e-2).
@@ -30,27 +29,11 @@ def policy(**config) -> OFTCachedPolicy:
     return BASE.with_config(CacheConfig(**config))
 
 
-@pytest.fixture(scope="module")
-def clip():
-    """4 steps: ([third-person, wrist], state) each, and the instruction."""
-    spatial = load_episode(list_episodes(suite="libero_spatial")[0])
-    steps = [([policy_input(spatial.frames[i]), policy_input(spatial.wrist_frames[i])], spatial.states[i])
-             for i in range(4)]
-    return steps, spatial.instruction
-
-
 def reference(images, state, instruction) -> np.ndarray:
     """The normalised chunk of the plain forward."""
     input_ids, pixel_values = BASE.processor(images, instruction)
     proprio = normalize_proprio(np.asarray(state, np.float64), BASE.model.stats(None)["proprio"])
     return BASE.model.reference_forward(input_ids, pixel_values, torch.tensor(proprio, dtype=torch.float32)).normalized.numpy()
-
-
-def run(pol, steps, instruction) -> list[np.ndarray]:
-    pol.reset()
-    for images, state in steps:
-        pol.step(images, instruction, state)
-    return [r.prediction.normalized for r in pol.records]
 
 
 # ----------------------------------------------------------------------------------- the frozen scene

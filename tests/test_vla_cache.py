@@ -111,5 +111,5 @@ def test_layer_schedule_edges():
     assert not vla_cache_layer_reuse(torch.zeros(256, dtype=torch.bool), entropy).any()
     with pytest.raises(ValueError, match=r"VLACacheConfig.prune_layers \(2, 6, 9, 11\) exceed the 8 layers"):
         vla_cache_layer_reuse(reusable, torch.rand(8))
-    with pytest.raises(ValueError, match=r"reusable must be a \[256\] bool tensor"):
+    with pytest.raises(ValueError, match=r"reusable must be a \[vision\] bool tensor"):
         vla_cache_layer_reuse(reusable.float(), entropy)

@@ -7,7 +7,9 @@ Images: a model sees `num_images` images of 256 patches each, through both tower
 patch j of image i, at LLM position 1 + 256 i + j. Each image has its own unified selector (its own previous
 frame, its own 256 relevance values); their masks are joined (`concat_selections`), so one reuse mask covers every
 vision token and drives the towers of each image and the LLM. VLA-Cache selects per image and schedules the joined
-positions once, as upstream's OpenVLA-OFT path does (`vla_cache_reusable`).
+positions once, as upstream's OpenVLA-OFT path does (`vla_cache_reusable`). Towers that cut the image into another
+grid (`oft-micro`: 8 x 8 patches of 28 px, 64 a view) select on that grid, with the config's patch counts (given
+for upstream's 256) scaled to it (`scaled_count`: TTF's top 70 becomes the top 18 of 64).
 
 A step reads the device as few times as it can (on a GPU each read waits for every kernel queued before it): each
 selector reads its pixel scores once, reuse decisions and row plans are made on the host and reach the device in
@@ -31,7 +33,8 @@ from ..tokenizer import load_tokenizer
 from . import flops as F
 from .llm_cache import PrefillOutput, PrefillRequest, mask_plans, new_llm_store, prefill, vla_cache_plans
 from .methods import METHODS, CacheConfig, Method
-from .ttf_selector import MAX_TEXT_TOKENS, Selection, UnifiedTokenSelector, concat_selections, text_relevance
+from .ttf_selector import (MAX_TEXT_TOKENS, Selection, UnifiedTokenSelector, concat_selections, scaled_count,
+                           text_relevance)
 from .vit_cache import new_tower_store, run_tower, tower_plan
 from .vla_cache import vla_cache_layer_reuse, vla_cache_reusable
 
@@ -110,11 +113,16 @@ class CachePolicyBase:
             raise ValueError(f"CacheConfig.attention_layer_id={config.attention_layer_id} is past the LLM's {depth} layers")
         if any(layer >= depth for layer in config.prune_layers):
             raise ValueError(f"CacheConfig.prune_layers={config.prune_layers} has a layer past the LLM's {depth} layers")
-        patch = model.config.dino.patch_size
-        self.selectors = [UnifiedTokenSelector(config.selector_config(), patch_size=patch) for _ in self.image_names]
-        self.vla_config = vla = config.vla_cache_config(self.family)
-        # the family's VLA-Cache constants, written into the config (recordings keep it as their provenance)
+        n, self.patch_size = model.config.num_patches, model.config.dino.patch_size
+        self.grid = model.config.dino.image_size // self.patch_size
+        selector = replace(config.selector_config(), attention_top_k=scaled_count(config.attention_top_k, n))
+        self.selectors = [UnifiedTokenSelector(selector, self.patch_size, self.grid) for _ in self.image_names]
+        vla = config.vla_cache_config(self.family)
+        # the family's VLA-Cache constants, written into the config (recordings keep it as their provenance); its
+        # counts stay upstream's, for 256 patches, and the selection takes them to this grid
         self.config = replace(config, top_k_static=vla.top_k_static, attention_top_k_remove=vla.attention_top_k_remove)
+        self.vla_config = replace(vla, top_k_static=scaled_count(vla.top_k_static, n),
+                                  attention_top_k_remove=scaled_count(vla.attention_top_k_remove, n))
         self.prob_layers = frozenset({config.attention_layer_id}) if self.method.needs_relevance else frozenset()
         # VLA-Cache's layer schedule needs every layer's attention entropy from the previous frame.
         self.entropy_layers = frozenset(range(depth)) if self.method.llm == "vla_cache" else frozenset()
@@ -213,7 +221,8 @@ class CachePolicyBase:
         if self.method.llm == "vla_cache":
             images224 = [resize_image(image, self.model.config.dino.image_size) for image in images]
             if self.prev_images is not None and self.prev_entropy is not None:
-                reusable = vla_cache_reusable(self.prev_images, images224, self.prev_relevance, self.vla_config)
+                reusable = vla_cache_reusable(self.prev_images, images224, self.prev_relevance, self.vla_config,
+                                              self.patch_size, self.grid)
                 reuse.llm_skip = vla_cache_layer_reuse(reusable, self.prev_entropy, self.vla_config)  # [layer, vision]
         return selection, reuse, images224
 
@@ -314,7 +323,8 @@ class CachePolicyBase:
         parts = [readout]
         if self.method.needs_relevance:
             probs = out.prefill.text_probs[self.config.attention_layer_id]
-            parts.append(text_relevance(probs, self.relevance_rows, len(self.image_names)).double())
+            parts.append(text_relevance(probs, self.relevance_rows, len(self.image_names),
+                                        self.model.config.num_patches).double())
         if out.prefill.entropy:
             parts.append(torch.stack([out.prefill.entropy[layer] for layer in range(n_layers)]).double())
         host = torch.cat(parts).cpu().numpy()

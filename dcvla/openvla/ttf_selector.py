@@ -13,6 +13,8 @@ channel: 4.37 R, 4.46 G, 4.44 B) and the SigLIP score exactly 2x, so TTF's publi
 
 Patch j of the 16x16 grid (row-major, row = image y) is LLM sequence position j + 1. The selection is checked
 against TTF's own code by `tests/test_selector_parity.py` (fixture: `scripts/make_selector_parity_fixture.py`).
+A model whose towers cut the image into another grid (`oft-micro`: 8 x 8 patches of 28 px) passes its `grid`; the
+counts of a config are upstream's, for 256 patches (`scaled_count` carries them to another grid).
 
 The selector reads the device once per frame (the pixel scores, with the count of non-finite pixels); the rest of
 its decision is made on the host, where the previous frame's relevance already is.
@@ -29,7 +31,8 @@ import torch.nn.functional as F
 
 from ..vision import SIGLIP_MEAN, SIGLIP_STD
 
-NUM_PATCHES = 256
+GRID = 16                # patches a side of OpenVLA's 224 px image (14 px patches), as upstream hard-codes it
+NUM_PATCHES = GRID * GRID
 MAX_TEXT_TOKENS = 35  # TTF and VLA-Cache average at most the first 35 prompt rows (token_attention_merge)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 FUSIONS = ("hybrid", "pixel", "attention")
@@ -40,6 +43,12 @@ def check_int(owner: str, name: str, value, lo: int, hi: int | None = None) -> N
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{owner}.{name} must be an int {bound}, got {value!r}")
+
+
+def scaled_count(count: int, num_patches: int) -> int:
+    """A patch count of upstream's (for its 256 patches an image) on a grid of `num_patches`: the same share of the
+    patches, rounded half up (TTF's top 70 of 256 is the top 18 of 64)."""
+    return (count * num_patches + NUM_PATCHES // 2) // NUM_PATCHES
 
 
 def check_float(owner: str, name: str, value, lo: float, hi: float) -> None:
@@ -107,13 +116,13 @@ def top_k_patches(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(mask)
 
 
-def check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor | None:
+def check_relevance(relevance: torch.Tensor | None, name: str, num_patches: int = NUM_PATCHES) -> torch.Tensor | None:
     if relevance is None:
         return None
     if not isinstance(relevance, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [256] or None, got {type(relevance).__name__}")
-    if relevance.shape != (NUM_PATCHES,):
-        raise ValueError(f"{name} must have shape [{NUM_PATCHES}] (one value per patch); got {list(relevance.shape)}")
+        raise TypeError(f"{name} must be a torch.Tensor [{num_patches}] or None, got {type(relevance).__name__}")
+    if relevance.shape != (num_patches,):
+        raise ValueError(f"{name} must have shape [{num_patches}] (one value per patch); got {list(relevance.shape)}")
     relevance = on_host(relevance.detach().float())
     bad = ~np.isfinite(relevance.numpy())
     if bad.any():
@@ -123,7 +132,7 @@ def check_relevance(relevance: torch.Tensor | None, name: str) -> torch.Tensor |
 
 def text_to_vision_relevance(
     attn: torch.Tensor, query_positions: torch.Tensor | None = None, max_text_tokens: int = MAX_TEXT_TOKENS,
-    text_start: int = NUM_PATCHES + 1, num_images: int = 1,
+    text_start: int = NUM_PATCHES + 1, num_images: int = 1, num_patches: int = NUM_PATCHES,
 ) -> torch.Tensor:
     """Per-patch relevance from one LLM layer's prefill attention, as TTF and VLA-Cache compute it.
 
@@ -137,12 +146,13 @@ def text_to_vision_relevance(
         max_text_tokens: cap on the text rows used (upstream: 35; OpenVLA-OFT's VLA-Cache: 34).
         text_start: the first row position read (OpenVLA: 257; OpenVLA-OFT: 513, its proprio token).
         num_images: images whose 256 vision columns follow BOS, one after the other.
+        num_patches: vision columns per image (256; `oft-micro`'s 8 x 8 grid: 64).
     Returns:
         [num_images * 256] float32 on CPU.
     """
     probs = attn.detach().float()
     probs = probs[0] if probs.dim() == 4 else probs
-    n_vision = NUM_PATCHES * num_images
+    n_vision = num_patches * num_images
     if probs.dim() != 3 or probs.shape[-1] < n_vision + 1:
         raise ValueError(f"attn must be [1, heads, q, k] or [heads, q, k] with k > {n_vision}; got {list(attn.shape)}")
     mean = probs.mean(dim=0)  # [q, k]
@@ -150,17 +160,19 @@ def text_to_vision_relevance(
     rows = (pos >= text_start) & (pos < text_start + max_text_tokens)  # [q]
     if not rows.any():
         raise ValueError(f"no query row at a text position (>= {text_start}); is this the prefill attention?")
-    return vision_columns(mean, rows, num_images).cpu()  # [vision]
+    return vision_columns(mean, rows, num_images, num_patches).cpu()  # [vision]
 
 
-def vision_columns(mean: torch.Tensor, rows: torch.Tensor | slice, num_images: int) -> torch.Tensor:
+def vision_columns(mean: torch.Tensor, rows: torch.Tensor | slice, num_images: int,
+                   num_patches: int = NUM_PATCHES) -> torch.Tensor:
     """[q, seq] head-averaged probabilities -> [num_images * 256]: the mean over `rows` of each image's vision
     columns, one image at a time, as upstream slices them (VLA-Cache's OFT path: columns 1..256, then 257..512)."""
-    parts = [mean[rows, 1 + NUM_PATCHES * i : 1 + NUM_PATCHES * (i + 1)].mean(dim=0) for i in range(num_images)]
+    parts = [mean[rows, 1 + num_patches * i : 1 + num_patches * (i + 1)].mean(dim=0) for i in range(num_images)]
     return parts[0] if num_images == 1 else torch.cat(parts)
 
 
-def text_relevance(text_probs: torch.Tensor, max_text_tokens: int = MAX_TEXT_TOKENS, num_images: int = 1) -> torch.Tensor:
+def text_relevance(text_probs: torch.Tensor, max_text_tokens: int = MAX_TEXT_TOKENS, num_images: int = 1,
+                   num_patches: int = NUM_PATCHES) -> torch.Tensor:
     """`text_to_vision_relevance` of the text rows a prefill returns (`PrefillOutput.text_probs`), where they are:
     the same values, computed on their device without reading it.
 
@@ -169,14 +181,15 @@ def text_relevance(text_probs: torch.Tensor, max_text_tokens: int = MAX_TEXT_TOK
             position order (OpenVLA: the prompt, from 1 + 256; OpenVLA-OFT: from its proprio token, 1 + 512).
         max_text_tokens: cap on the text rows used (upstream: 35).
         num_images: images whose 256 vision columns follow BOS.
+        num_patches: vision columns per image (256).
     Returns:
         [num_images * 256] float32, on `text_probs`' device.
     """
-    n_vision = NUM_PATCHES * num_images
+    n_vision = num_patches * num_images
     if text_probs.dim() != 3 or text_probs.shape[1] == 0 or text_probs.shape[-1] < n_vision + 1:
         raise ValueError(f"text_probs must be [heads, text > 0, seq > {n_vision}]; got {list(text_probs.shape)}")
     mean = text_probs.detach().float().mean(dim=0)  # [text, seq]
-    return vision_columns(mean, slice(None, max_text_tokens), num_images)  # [vision]
+    return vision_columns(mean, slice(None, max_text_tokens), num_images, num_patches)  # [vision]
 
 
 def concat_selections(selections: list[Selection]) -> Selection:
@@ -198,14 +211,16 @@ class UnifiedTokenSelector:
     """TTF-VLA's reuse decision for one episode stream; it keeps the previous frame's pixel values itself.
 
     Args:
-        config: thresholds, top-k, keyframe interval, fusion.
-        patch_size: ViT patch side; the image is 16 patches a side.
+        config: thresholds, top-k, keyframe interval, fusion (its top-k as given, for this grid).
+        patch_size: ViT patch side.
+        grid: patches a side (OpenVLA: 16), so the image is `grid * patch_size` pixels a side.
     """
 
-    def __init__(self, config: SelectorConfig | None = None, patch_size: int = 14) -> None:
+    def __init__(self, config: SelectorConfig | None = None, patch_size: int = 14, grid: int = GRID) -> None:
         self.config = config if config is not None else SelectorConfig()
         check_int("UnifiedTokenSelector", "patch_size", patch_size, 1)
-        self.patch_size = patch_size
+        check_int("UnifiedTokenSelector", "grid", grid, 1)
+        self.patch_size, self.grid, self.num_patches = patch_size, grid, grid * grid
         self.reset()
 
     def reset(self) -> None:
@@ -235,14 +250,15 @@ class UnifiedTokenSelector:
         n_bad = int(host.numpy()[0])
         if n_bad:
             raise ValueError(f"pixel_values has {n_bad} NaN or infinite values")
-        relevance = check_relevance(text_to_vision, "text_to_vision")
-        scores = torch.zeros(2, NUM_PATCHES) if prev is None else host[1:].view(2, NUM_PATCHES).clone()  # [tower, patch]
+        n = self.num_patches
+        relevance = check_relevance(text_to_vision, "text_to_vision", n)
+        scores = torch.zeros(2, n) if prev is None else host[1:].view(2, n).clone()  # [tower, patch]
         keyframe = prev is None or self._frame % cfg.keyframe_interval == 0
-        none = torch.zeros(NUM_PATCHES, dtype=torch.bool)
+        none = torch.zeros(n, dtype=torch.bool)
         if keyframe:
-            towers, relevant = torch.ones(2, NUM_PATCHES, dtype=torch.bool), ~none
+            towers, relevant = torch.ones(2, n, dtype=torch.bool), ~none
         else:
-            towers = scores > cfg.pixel_threshold if cfg.fusion != "attention" else torch.zeros(2, NUM_PATCHES, dtype=torch.bool)
+            towers = scores > cfg.pixel_threshold if cfg.fusion != "attention" else torch.zeros(2, n, dtype=torch.bool)
             if cfg.fusion == "pixel":
                 relevant = none
             elif relevance is None:
@@ -254,7 +270,7 @@ class UnifiedTokenSelector:
         return Selection(~(dynamic | relevant), dynamic, relevant.clone(), scores.amax(0), keyframe, towers, scores)
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        side = 16 * self.patch_size
+        side = self.grid * self.patch_size
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor [1, 6, {side}, {side}], got {type(pixel_values).__name__}")
         if pixel_values.shape != (1, 6, side, side):

@@ -6,7 +6,8 @@ Follows siyuhsu/vla-cache (`src/openvla/experiments/robot/vla_cache_utils.py`, `
 image y) is LLM sequence position j + 1. Its OpenVLA-OFT path (`src/openvla-oft/experiments/robot/`) selects per
 image (patch j of the wrist image is position 257 + j) and schedules the merged positions once
 (`vla_cache_reusable`, `vla_cache_layer_reuse`). `tests/test_selector_parity.py` checks it against upstream's own code
-(fixture: `scripts/make_selector_parity_fixture.py`).
+(fixture: `scripts/make_selector_parity_fixture.py`). Another grid (`oft-micro`: 8 x 8 patches of 28 px) is passed as
+`patch_size` and `grid`, with the counts of the config already for it (`ttf_selector.scaled_count`).
 
 Everything here runs on the host (numpy for the data-dependent steps), from the raw frames and the previous
 frame's relevance and entropies, which the policy reads from the device once per frame.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .ttf_selector import NUM_PATCHES, check_float, check_int, check_relevance, on_host, top_k_patches
+from .ttf_selector import GRID, NUM_PATCHES, check_float, check_int, check_relevance, on_host, top_k_patches
 
 
 # (static patches kept, most attended removed) as upstream runs them, per family, read at siyuhsu/vla-cache a490988:
@@ -57,20 +58,20 @@ class VLACacheConfig:
         object.__setattr__(self, "prune_layers", layers)
 
 
-def _as_patches(image, name: str, patch_size: int) -> np.ndarray:
+def _as_patches(image, name: str, patch_size: int, grid: int) -> np.ndarray:
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    side = 16 * patch_size
+    side = grid * patch_size
     if array.shape != (side, side, 3):
         raise ValueError(f"{name} must be an RGB image [{side}, {side}, 3] (H, W, C); got shape {list(array.shape)}")
     if array.dtype != np.uint8 and array.dtype.kind != "f":
         raise TypeError(f"{name} must be uint8 or float, got dtype {array.dtype}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ValueError(f"{name} has NaN or infinite pixel values")
-    grid = array.reshape(16, patch_size, 16, patch_size, 3).transpose(0, 2, 1, 3, 4)  # [row, col, y, x, c]
-    return grid.reshape(NUM_PATCHES, -1).astype(np.float32)  # [patch, y*x*c], skimage.view_as_blocks' order
+    blocks = array.reshape(grid, patch_size, grid, patch_size, 3).transpose(0, 2, 1, 3, 4)  # [row, col, y, x, c]
+    return blocks.reshape(grid * grid, -1).astype(np.float32)  # [patch, y*x*c], skimage.view_as_blocks' order
 
 
-def patch_cosine_similarity(prev_image, image, patch_size: int = 14) -> torch.Tensor:
+def patch_cosine_similarity(prev_image, image, patch_size: int = 14, grid: int = GRID) -> torch.Tensor:
     """Cosine similarity of each patch's raw RGB values between two frames (VLA-Cache's static test).
 
     Upstream compares the uint8 224x224 RGB images the processor receives (after the optional center crop,
@@ -81,16 +82,18 @@ def patch_cosine_similarity(prev_image, image, patch_size: int = 14) -> torch.Te
         prev_image: [224, 224, 3] uint8 (numpy or torch) previous frame.
         image: [224, 224, 3] uint8 current frame.
         patch_size: patch side.
+        grid: patches a side (the image is `grid * patch_size` pixels a side).
     Returns:
-        [256] float32 similarity, patch j = row j // 16, column j % 16.
+        [256] float32 similarity, patch j = row j // 16, column j % 16 (grid x grid in general).
     """
-    a, b = _as_patches(prev_image, "prev_image", patch_size), _as_patches(image, "image", patch_size)
+    a, b = (_as_patches(prev_image, "prev_image", patch_size, grid), _as_patches(image, "image", patch_size, grid))
     dot = np.sum(a * b, axis=1)  # [patch]
     return torch.from_numpy(dot / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8))
 
 
 def vla_cache_static_patches(
-    prev_image, image, prev_text_to_vision: torch.Tensor | None, config: VLACacheConfig | None = None
+    prev_image, image, prev_text_to_vision: torch.Tensor | None, config: VLACacheConfig | None = None,
+    patch_size: int = 14, grid: int = GRID,
 ) -> torch.Tensor:
     """The patches VLA-Cache may serve from the previous frame's K/V cache.
 
@@ -102,16 +105,17 @@ def vla_cache_static_patches(
         prev_text_to_vision: [256] relevance of the previous prefill at `config.attention_layer_id`
             (`text_to_vision_relevance` with that prefill's query positions), or None on an episode's first frame.
         config: VLA-Cache parameters.
+        patch_size, grid: the patches (`patch_cosine_similarity`).
     Returns:
         [256] bool, all False when there is no previous prefill.
     """
     config = config if config is not None else VLACacheConfig()
-    similarity = patch_cosine_similarity(prev_image, image)  # [patch]
-    relevance = check_relevance(prev_text_to_vision, "prev_text_to_vision")
+    similarity = patch_cosine_similarity(prev_image, image, patch_size, grid)  # [patch]
+    relevance = check_relevance(prev_text_to_vision, "prev_text_to_vision", grid * grid)
     if relevance is None:
-        return torch.zeros(NUM_PATCHES, dtype=torch.bool)
+        return torch.zeros(grid * grid, dtype=torch.bool)
     order = torch.sort(similarity, descending=True, stable=True).indices.numpy()  # [patch]
-    static = np.zeros(NUM_PATCHES, dtype=bool)
+    static = np.zeros(grid * grid, dtype=bool)
     static[order[similarity.numpy()[order] >= config.similarity_threshold][: config.top_k_static]] = True
     return torch.from_numpy(static) & ~top_k_patches(relevance, config.attention_top_k_remove)
 
@@ -167,7 +171,7 @@ def vla_cache_reuse_proportions(layer_entropy: torch.Tensor, config: VLACacheCon
 
 
 def vla_cache_reusable(prev_images: list, images: list, prev_text_to_vision: torch.Tensor | None,
-                       config: VLACacheConfig | None = None) -> torch.Tensor:
+                       config: VLACacheConfig | None = None, patch_size: int = 14, grid: int = GRID) -> torch.Tensor:
     """`vla_cache_static_patches` of each image with its own 256 relevance values, joined in image order: what
     upstream's OpenVLA-OFT path merges (`remaining_static_tokens_primary + remaining_static_tokens_wrist`, positions
     1..256 then 257..512, so already sorted) before its one layer schedule. One image: that image's [256].
@@ -176,13 +180,15 @@ def vla_cache_reusable(prev_images: list, images: list, prev_text_to_vision: tor
         prev_images, images: [224, 224, 3] uint8 RGB frames, one per image (third-person, then wrist).
         prev_text_to_vision: [num_images * 256] relevance of the previous prefill, or None on an episode's first frame.
         config: VLA-Cache parameters.
+        patch_size, grid: the patches (`patch_cosine_similarity`).
     Returns:
         [num_images * 256] bool.
     """
     if len(prev_images) != len(images):
         raise ValueError(f"{len(prev_images)} previous images for {len(images)} images")
+    n = grid * grid
     parts = [vla_cache_static_patches(prev, image, None if prev_text_to_vision is None else
-                                      prev_text_to_vision[i * NUM_PATCHES:(i + 1) * NUM_PATCHES], config)
+                                      prev_text_to_vision[i * n:(i + 1) * n], config, patch_size, grid)
              for i, (prev, image) in enumerate(zip(prev_images, images))]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -205,9 +211,9 @@ def vla_cache_layer_reuse(
         [num_layers, vision] bool, monotone non-decreasing along layers.
     """
     config = config if config is not None else VLACacheConfig()
-    if not isinstance(reusable, torch.Tensor) or reusable.dim() != 1 or reusable.numel() % NUM_PATCHES \
-            or reusable.numel() == 0 or reusable.dtype != torch.bool:
-        raise ValueError(f"reusable must be a [{NUM_PATCHES}] bool tensor ({NUM_PATCHES} per image: [{2 * NUM_PATCHES}] for "
+    if not isinstance(reusable, torch.Tensor) or reusable.dim() != 1 or reusable.numel() == 0 \
+            or reusable.dtype != torch.bool:
+        raise ValueError(f"reusable must be a [vision] bool tensor ({NUM_PATCHES} per image: [{2 * NUM_PATCHES}] for "
                          f"two); got {getattr(reusable, 'shape', reusable)!r}")
     share = vla_cache_reuse_proportions(layer_entropy, config)  # [layer]
     num_layers = share.shape[0]
