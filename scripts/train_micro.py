@@ -9,7 +9,7 @@ published layout, loadable by the family's strict loader.
 `openvla-micro` is the OpenVLA architecture (DINOv2 + SigLIP towers, projector, Llama with action tokens) at micro
 widths, trained from seeded random weights with OpenVLA's objective (`dcvla.openvla.train`); `oft-micro` is the
 same model with OpenVLA-OFT's LIBERO inputs and heads (both views, the proprio state, 8-action chunks regressed
-with an L1 loss in one bidirectional pass; `dcvla.openvla.oft.train`); `smolvla-micro` is
+with an L1 loss in one bidirectional pass, its towers in 28 px patches; `dcvla.openvla.oft.train`); `smolvla-micro` is
 SmolVLA's (SigLIP, pixel-shuffle connector, SmolLM2 layers, the flow-matching action expert), trained with lerobot
 SmolVLA's flow-matching objective (`dcvla.smolvla.train`). Each learns from every frame of every demonstration
 under --demos. The run is resumable: its state (weights, optimiser, step) goes to <work>/train_state.pt every
@@ -153,9 +153,6 @@ TRAINERS = {"openvla-micro": (train_openvla, "action-token cross-entropy"),
             "oft-micro": (train_oft, "L1 error of the action chunk"),
             "smolvla-micro": (train_smolvla, "flow-matching squared error")}
 FAMILIES = tuple(TRAINERS)
-#: A preset's own defaults where TrainConfig's do not fit it: oft-micro's step (two images, 586 positions) costs
-#: about 4 s at 16 samples on 2 cores, so its recipe takes 5000 steps of 8 to stay within 3 hours.
-RECIPES = {"oft-micro": {"steps": 5000, "batch_size": 8}}
 
 
 def loss_figure(work: Path, figure: Path, title: str) -> None:
@@ -178,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="the checkpoint (default checkpoints/PRESET)")
     ap.add_argument("--work", type=Path, help="training state and loss log (default data/train/PRESET)")
     ap.add_argument("--figure", type=Path, help="the loss curve (default figures/train_PRESET.png)")
-    ap.add_argument("--steps", type=int, help=f"default {TrainConfig.steps} (oft-micro: {RECIPES['oft-micro']['steps']})")
-    ap.add_argument("--batch-size", type=int,
-                    help=f"default {TrainConfig.batch_size} (oft-micro: {RECIPES['oft-micro']['batch_size']})")
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps, help=f"default {TrainConfig.steps}")
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help=f"default {TrainConfig.batch_size}")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
@@ -191,9 +187,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="random image shift, pixels (DrQ augmentation; default 8 of 224; 0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
-    recipe = {"steps": TrainConfig.steps, "batch_size": TrainConfig.batch_size} | RECIPES.get(args.preset, {})
-    args.steps = recipe["steps"] if args.steps is None else args.steps
-    args.batch_size = recipe["batch_size"] if args.batch_size is None else args.batch_size
     args.out = args.out or ROOT / "checkpoints" / args.preset
     args.work = args.work or ROOT / "data" / "train" / args.preset
     args.figure = args.figure or ROOT / "figures" / f"train_{args.preset}.png"

@@ -30,8 +30,11 @@ def test_presets_add_the_oft_modules_to_the_openvla_presets():
     for oft, base in (("openvla-oft-7b", "openvla-7b"), ("oft-small", "small"), ("oft-tiny", "tiny"),
                       ("oft-micro", "openvla-micro")):
         cfg, vla = get_preset(oft), openvla_preset(base)
-        assert (cfg.dino, cfg.siglip, cfg.llm, cfg.projector_dims) == (vla.dino, vla.siglip, vla.llm, vla.projector_dims)
-        assert (cfg.num_images, cfg.num_vision_tokens, cfg.proprio_dim, cfg.chunk_size, cfg.num_action_slots) == (2, 512, 8, 8, 56)
+        patch = 28 if oft == "oft-micro" else 14  # oft-micro: openvla-micro's towers in 28 px patches (an 8 x 8 grid)
+        assert (cfg.dino, cfg.siglip) == (replace(vla.dino, patch_size=patch), replace(vla.siglip, patch_size=patch))
+        assert (cfg.llm, cfg.projector_dims) == (vla.llm, vla.projector_dims)
+        assert (cfg.num_images, cfg.num_vision_tokens, cfg.proprio_dim, cfg.chunk_size, cfg.num_action_slots) == \
+            (2, 2 * (224 // patch) ** 2, 8, 8, 56)
         assert cfg.head_dims == (7 * vla.llm.hidden_size, vla.llm.hidden_size, 7)
     with pytest.raises(ValueError, match="unknown OpenVLA-OFT preset 'tiny'; known presets: oft-micro, oft-small, oft-tiny, openvla-oft-7b"):
         get_preset("tiny")

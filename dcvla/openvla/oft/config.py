@@ -8,7 +8,7 @@ towers and Llama and add these modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..config import PRESETS as OPENVLA_PRESETS
 from ..config import OpenVLAConfig
@@ -64,12 +64,16 @@ PRESETS: dict[str, OFTConfig] = {
     "oft-small": from_openvla(OPENVLA_PRESETS["small"], "oft-small"),
     "oft-tiny": from_openvla(OPENVLA_PRESETS["tiny"], "oft-tiny"),
     # openvla-micro's towers and Llama with OFT's heads, trained here on the project's demonstrations
-    # (scripts/train_micro.py oft-micro, docs/micro.md).
-    "oft-micro": from_openvla(OPENVLA_PRESETS["openvla-micro"], "oft-micro"),
+    # (scripts/train_micro.py oft-micro, docs/micro.md). The towers cut 224 px frames into 28 px patches: an 8 x 8
+    # grid, 64 tokens per tower and view, as smolvla-micro's 28 px patches (16 tokens a camera after its pixel
+    # shuffle) see the scene. With openvla-micro's 14 px patches (256 tokens a view, 586 positions) a training step
+    # cost 2.6 times as much, and 5000 steps of 8 did not learn the task (docs/micro.md, section 2).
+    "oft-micro": from_openvla(OPENVLA_PRESETS["openvla-micro"], "oft-micro",
+                              dino=replace(OPENVLA_PRESETS["openvla-micro"].dino, patch_size=28),
+                              siglip=replace(OPENVLA_PRESETS["openvla-micro"].siglip, patch_size=28)),
 }
-# An OpenVLA preset name (what an OpenVLA-layout checkpoint records) -> its OFT preset.
-FROM_OPENVLA_PRESET = {"openvla-7b": "openvla-oft-7b", "small": "oft-small", "tiny": "oft-tiny",
-                       "openvla-micro": "oft-micro"}
+# An OpenVLA preset name (what an OpenVLA-layout checkpoint records) -> its OFT preset: the same towers and Llama.
+FROM_OPENVLA_PRESET = {"openvla-7b": "openvla-oft-7b", "small": "oft-small", "tiny": "oft-tiny"}
 
 
 def get_preset(name: str) -> OFTConfig:
