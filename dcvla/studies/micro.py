@@ -18,7 +18,8 @@ MICRO_FAMILIES = {"openvla-micro": "openvla", "oft-micro": "openvla", "smolvla-m
 #: The micro presets whose trained checkpoints are committed (a test loads each and runs it in the simulator).
 SHIPPED: tuple[str, ...] = ("smolvla-micro",)
 #: The committed one-task checkpoints (docs/micro.md): name -> (micro preset, suite, task it was trained on).
-ONE_TASK: dict[str, tuple[str, str, int]] = {"smolvla-micro-goal": ("smolvla-micro", "libero_goal", 8)}
+ONE_TASK: dict[str, tuple[str, str, int]] = {"smolvla-micro-goal": ("smolvla-micro", "libero_goal", 8),
+                                             "oft-micro-goal": ("oft-micro", "libero_goal", 8)}
 
 
 def micro_checkpoint(preset: str) -> Path:
