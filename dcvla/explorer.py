@@ -250,14 +250,18 @@ class Explorer:
 
     def _patches(self, values: np.ndarray) -> np.ndarray:
         """The chosen camera's patches of a per-patch array (OFT: patch p of image i at p + i * patches_per_image)."""
-        n, camera = int(self.ds.attrs.get("patches_per_image", GRID * GRID)), int(self.camera.value or 0)
+        n, camera = self._patches_per_image(), int(self.camera.value or 0)
         return values[..., camera * n:(camera + 1) * n]
+
+    def _patches_per_image(self) -> int:
+        """The recording's patches per image (OpenVLA: 256; oft-micro's 8 x 8 grid: 64)."""
+        return int(self.ds.attrs.get("patches_per_image", GRID * GRID))
 
     def _draw_patch_frame(self, at: xr.Dataset) -> tuple[str, list[str]]:
         """OpenVLA / OFT at one frame: the chosen camera's reuse or staleness, text-to-vision attention of the chosen
         layer and head. Returns the image panel's title and the info line's facts."""
         ds, fig = self.ds, self.figure
-        n = int(ds.attrs.get("patches_per_image", GRID * GRID))
+        n = self._patches_per_image()
         reuse = self._patches(at.reuse.values).astype(bool) if "reuse" in ds else np.zeros(n, bool)
         stale = self._patches(at.staleness.values).astype(float) if "staleness" in ds else np.full(n, np.nan)
         draw_patches(fig, ds, reuse, stale, self.overlay.value)

@@ -46,8 +46,13 @@ class ViTConfig:
         return int(self.class_token) + self.num_register_tokens
 
     @property
+    def grid(self) -> int:
+        """Patches a side (OpenVLA's towers: 224 // 14 = 16)."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid ** 2
 
     @property
     def num_layers_run(self) -> int:

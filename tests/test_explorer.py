@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+import xarray as xr
 
 import browser
 from browser import runs_dir  # noqa: F401  (the fixture: two tiny recordings)
@@ -208,8 +209,6 @@ def test_patch_panels_take_the_recordings_grid():
     assert centers(64) == [14.0 + 28 * i for i in range(8)] and centers(256)[:2] == [7.0, 21.0]
     fig, reuse = make_figure(), np.zeros(64, bool)
     reuse[10] = True  # row 1, column 2
-    import xarray as xr
-
     draw_patches(fig, xr.Dataset({"staleness": ("patch", np.ones(64))}), reuse, np.ones(64), "both")
     assert len(fig.data[OVERLAY].z) == 8 and list(fig.data[OVERLAY].x) == centers(64)
     assert (list(fig.data[REUSED].x), list(fig.data[REUSED].y)) == ([70.0], [42.0])

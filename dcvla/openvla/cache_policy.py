@@ -113,8 +113,7 @@ class CachePolicyBase:
             raise ValueError(f"CacheConfig.attention_layer_id={config.attention_layer_id} is past the LLM's {depth} layers")
         if any(layer >= depth for layer in config.prune_layers):
             raise ValueError(f"CacheConfig.prune_layers={config.prune_layers} has a layer past the LLM's {depth} layers")
-        n, self.patch_size = model.config.num_patches, model.config.dino.patch_size
-        self.grid = model.config.dino.image_size // self.patch_size
+        n, self.patch_size, self.grid = model.config.num_patches, model.config.dino.patch_size, model.config.dino.grid
         selector = replace(config.selector_config(), attention_top_k=scaled_count(config.attention_top_k, n))
         self.selectors = [UnifiedTokenSelector(selector, self.patch_size, self.grid) for _ in self.image_names]
         vla = config.vla_cache_config(self.family)

@@ -86,7 +86,7 @@ def patch_cosine_similarity(prev_image, image, patch_size: int = 14, grid: int =
     Returns:
         [256] float32 similarity, patch j = row j // 16, column j % 16 (grid x grid in general).
     """
-    a, b = (_as_patches(prev_image, "prev_image", patch_size, grid), _as_patches(image, "image", patch_size, grid))
+    a, b = _as_patches(prev_image, "prev_image", patch_size, grid), _as_patches(image, "image", patch_size, grid)
     dot = np.sum(a * b, axis=1)  # [patch]
     return torch.from_numpy(dot / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8))
 
