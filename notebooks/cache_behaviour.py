@@ -27,8 +27,8 @@
 # ideal). The line printed under the table says how many frames, on which device and dtype.
 
 # %% tags=["parameters"]
-preset = "openvla-micro"  # model preset with random weights: openvla-micro (the micro policies' architecture),
-                          # small (wider, slower), tiny; OpenVLA-OFT: oft-small; or a shipped micro policy by name
+preset = "oft-micro-goal"  # a shipped micro policy (trained: OpenVLA-OFT's architecture on libero_goal task 8), or
+                           # a preset with random weights: openvla-micro, small, tiny; OpenVLA-OFT: oft-micro, oft-small
 checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset

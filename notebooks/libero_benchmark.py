@@ -14,14 +14,17 @@
 # %% [markdown]
 # # LIBERO benchmark
 #
-# Closed-loop success per method x suite x trial with the upstream OpenVLA protocol (`dcvla.libero.evaluate`).
-# Give a fine-tuned checkpoint (e.g. `openvla/openvla-7b-finetuned-libero-spatial`, `unnorm_key=libero_spatial`,
-# on a GPU) for meaningful numbers. On the embedded default it runs the openvla-micro preset at smoke size: **random
-# weights give no meaningful success rate**; the run only shows the loop, the protocol and the result files work.
+# Closed-loop success per method x suite x trial with the upstream OpenVLA protocol (`dcvla.libero.evaluate`). Give a
+# fine-tuned checkpoint (e.g. `openvla/openvla-7b-finetuned-libero-spatial`, `unnorm_key=libero_spatial`, on a GPU)
+# for meaningful numbers. The embedded default runs `oft-micro-goal`, a 9.4 M-parameter policy of OpenVLA-OFT's
+# architecture the project trained on scripted demonstrations of libero_goal task 8 (docs/micro.md; not OpenVLA-OFT's
+# weights), on two init states of that task with the suite's full step budget: real successes, too few trials to
+# separate the methods (docs/micro.md gives the 20-state, two-seed grid). A preset with random weights (`-p preset
+# openvla-micro -p max_steps 10`) shows only that the loop, the protocol and the result files work.
 
 # %% tags=["parameters"]
-preset = "openvla-micro"  # model preset with random weights: openvla-micro (the micro policies' architecture),
-                          # small (wider, slower), tiny; OpenVLA-OFT: oft-small; or a shipped micro policy by name
+preset = "oft-micro-goal"  # a shipped micro policy (trained: OpenVLA-OFT's architecture on libero_goal task 8), or
+                           # a preset with random weights: openvla-micro, small, tiny; OpenVLA-OFT: oft-micro, oft-small
 checkpoint = ""           # OpenVLA or OpenVLA-OFT checkpoint dir or hub id, e.g. openvla/openvla-7b-finetuned-libero-spatial
 unnorm_key = ""           # dataset statistics of the checkpoint (empty: its only one)
 seed = 0                  # weights seed of the random preset
@@ -30,11 +33,11 @@ dtype = "float32"         # "bfloat16" for openvla-7b on a GPU
 runs_dir = "data/runs"    # result files (runs_dir/libero_benchmark/METHOD/SUITE_taskNN.nc); tables go to its parent
 figures_dir = "figures"
 methods = ["vanilla", "dual_cache"]
-suites = ["libero_spatial"]
+suites = ["libero_goal"]  # the default policy's suite
 tasks = []                # task ids per suite ([]: its trained one, the first shipped episode's)
-trials = 1                # init states 0..trials-1 (the protocol uses 50)
+trials = 2                # init states 0..trials-1 (the protocol uses 50)
 seeds = [0]               # evaluation seeds (0: the protocol's); each runs every trial again
-max_steps = 10            # 0: the protocol's per-suite budget; smoke runs cut it short
+max_steps = 0             # 0: the protocol's per-suite budget; smoke runs of random weights cut it short
 
 # %%
 import plotly.express as px
