@@ -44,6 +44,7 @@ frames = 5                # frames per episode from its start (0: whole episode)
 drift = False             # shadow recompute for Q/K/V drift (doubles the cost)
 
 # %%
+import math
 import numpy as np, pandas as pd, plotly.express as px, plotly.graph_objects as go
 from dcvla.studies import cache_behaviour, common, speed
 config = common.StudyConfig.from_parameters(globals())
@@ -89,10 +90,12 @@ frame = int(chosen.frame[~chosen.keyframe.values][0]) if (~chosen.keyframe).any(
 episode = next(e for e in common.episodes(config) if e.name == str(chosen.episode.item()))
 images = common.episode_inputs(base, episode, frame + 1)[0][frame]  # OpenVLA-OFT: [agent view, wrist view]
 images = images if images.ndim == 4 else images[None]
-image = np.concatenate(list(images), axis=1)  # the images side by side; 256 patches each
-mask = np.concatenate(list(chosen.reuse.sel(frame=frame).values.reshape(len(images), 16, 16)), axis=1)
-fig = go.Figure([go.Image(z=image), go.Heatmap(z=np.where(mask, 1.0, np.nan), x=np.arange(16 * len(images)) * 14 + 7,
-                 y=np.arange(16) * 14 + 7, opacity=0.45, showscale=False, colorscale=[[0, "royalblue"], [1, "royalblue"]])])
+image = np.concatenate(list(images), axis=1)  # the images side by side; a square grid of patches each
+grid = math.isqrt(int(chosen.attrs["patches_per_image"]))  # 16 x 16 of 14 px (OpenVLA), 8 x 8 of 28 px (oft-micro)
+cell = images.shape[1] / grid
+mask = np.concatenate(list(chosen.reuse.sel(frame=frame).values.reshape(len(images), grid, grid)), axis=1)
+fig = go.Figure([go.Image(z=image), go.Heatmap(z=np.where(mask, 1.0, np.nan), x=(np.arange(grid * len(images)) + 0.5) * cell,
+                 y=(np.arange(grid) + 0.5) * cell, opacity=0.45, showscale=False, colorscale=[[0, "royalblue"], [1, "royalblue"]])])
 fig.update_layout(title=f"{chosen.attrs['method']}: reused patches (blue), {episode.name} frame {frame}",
                   width=120 + 400 * len(images), height=520)
 figures.append(common.save_figure(fig, "cache_behaviour_mask", config.figures_dir)); fig

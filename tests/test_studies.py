@@ -83,7 +83,9 @@ def test_mechanism_equivalence_on_openvla_oft(tmp_path):
 
 
 def test_cache_behaviour_and_long_horizon_on_openvla_oft(tmp_path):
-    run_oft_study("cache_behaviour", tmp_path, "-p", "frames", "3", "-p", "methods", '["vanilla", "vla_cache", "dual_cache"]')
+    # oft-micro: towers in 28 px patches, 8 x 8 an image; the tables and the mask over the images take its own grid
+    run_oft_study("cache_behaviour", tmp_path, "-p", "preset", "oft-micro", "-p", "frames", "3",
+                  "-p", "methods", '["vanilla", "vla_cache", "dual_cache"]')
     table = read_dataset(tmp_path / "cache_behaviour.nc").to_dataframe().set_index("method")
     assert table.loc["vanilla", "action L1"] == 0 and table.loc["dual_cache", "FLOPs ratio"] > 1.0
     assert 0 < table.loc["dual_cache", "LLM reuse rate"] < 1 and table.loc["dual_cache", "action drift"] > 0
