@@ -184,6 +184,12 @@ def test_evaluation_records_failures_and_resumes(spatial_env, tmp_path):
     assert V.result_path(tmp_path, "m", "libero_spatial", 0, seed=1).name == "libero_spatial_task00_seed1.nc"
     seeds = V.load_results(tmp_path, method="m")
     assert seeds.seed.values.tolist() == [0, 1] and int(seeds.success.sel(seed=1).notnull().sum()) == 2
+    # one run's trials out of a folder other runs share: their methods drop out, what none played is NaN
+    one = V.load_results(tmp_path, keep={"method": ["m", "not_run"], "suite": ["libero_spatial"], "task": [0],
+                                         "seed": [1], "trial": [0, 1, 2]})
+    assert one.method.values.tolist() == ["m", "not_run"] and one.trial.values.tolist() == [0, 1, 2]
+    assert one.success.sel({"method": "m"}).squeeze().notnull().values.tolist() == [True, True, False]
+    assert bool(one.success.sel({"method": "not_run"}).isnull().all())
 
 
 def test_loading_a_missing_or_foreign_file_names_it(tmp_path):

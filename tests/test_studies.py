@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from dcvla.cli import available_studies, main as cli, parse_value
-from dcvla.io import read_dataset
+from dcvla.io import read_dataset, write_dataset
 from dcvla.notebooks import NOTEBOOKS, build_all, build_notebook, notebook_names
 from dcvla.openvla import CacheConfig
 from dcvla.studies.common import StudyConfig, find_cliff, suite_tasks
@@ -125,10 +125,18 @@ def test_long_horizon_sweeps_and_cliff(tmp_path):
 
 
 def test_libero_benchmark_smoke(tmp_path):
+    from dcvla.libero.evaluate import result_path
+
+    # an earlier run's file in the same folder (another method, more init states) stays out of this run's table
+    earlier = xr.Dataset({"success": ("trial", np.ones(3, np.int8)), "steps": ("trial", np.full(3, 2, np.int32))},
+                         coords={"trial": [0, 1, 2], "step": [0, 1]},
+                         attrs={"method": "vla_cache", "suite": "libero_spatial", "task_id": 0})
+    write_dataset(earlier, result_path(tmp_path / "runs" / "libero_benchmark", "vla_cache", "libero_spatial", 0))
     run_study("libero_benchmark", tmp_path, "-p", "suites", '["libero_spatial"]', "-p", "methods", '["dual_cache"]',
               "-p", "max_steps", "2")
     table = read_dataset(tmp_path / "libero_benchmark.nc").to_dataframe().set_index("method")
     assert list(table.index) == ["dual_cache"] and table["success rate"].between(0, 1).all()
+    assert table.loc["dual_cache", "trials"] == 2  # the notebook's two init states, not the earlier file's three
     assert (table["95% CI low"] <= table["success rate"]).all() and (table["success rate"] <= table["95% CI high"]).all()
     assert table.loc["dual_cache", "McNemar p"] == 1.0  # without vanilla, against itself (tests/test_success.py pairs)
 

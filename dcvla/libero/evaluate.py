@@ -380,10 +380,12 @@ def _run_trials(policy: Any, env: Any, suite: str, info: Any, init_states: np.nd
     return ds
 
 
-def load_results(run_dir: str | Path, method: str | None = None) -> xr.Dataset:
+def load_results(run_dir: str | Path, method: str | None = None, keep: dict[str, list] | None = None) -> xr.Dataset:
     """Stack every result file under `run_dir` into one dataset with dims (method, suite, task, seed, trial).
 
     Trials missing from a file (partial runs) are NaN. `step` is padded to the longest budget.
+    `keep` ({dim: values}) keeps one run's methods, suites, tasks, seeds and trials: other runs' files in the same
+    folder drop out, and a value no file has is NaN (not played).
     """
     rows = []
     pattern = f"{method}/*.nc" if method else "*/*.nc"
@@ -394,4 +396,5 @@ def load_results(run_dir: str | Path, method: str | None = None) -> xr.Dataset:
         rows.append(ds)
     if not rows:
         raise ValueError(f"no result files under {run_dir}" + (f" for method {method!r}" if method else ""))
-    return xr.combine_by_coords(rows, combine_attrs="drop_conflicts", data_vars="all", join="outer")
+    results = xr.combine_by_coords(rows, combine_attrs="drop_conflicts", data_vars="all", join="outer")
+    return results.reindex(keep) if keep else results

@@ -88,7 +88,6 @@ def success_trials(config: CliffConfig, base=None, progress: bool = False) -> xr
     todo = success_units(config)
     run_units(todo, (stability_cliff.__name__, asdict(config)), work=lambda: CliffWorker(config, base, progress), progress=progress)
     labels, tasks = [run_label(*key) for key in success_keys(config)], sorted({u.get("task") for u in todo})
-    results = load_results(Path(todo[0].path).parents[1])  # other configs' files too: keep this one's
-    results = results.sel({"method": labels, "suite": config.suites, "task": tasks, "seed": config.success_seeds,
-                           "trial": list(range(config.trials()))})
+    results = load_results(Path(todo[0].path).parents[1], keep={"method": labels, "suite": config.suites, "task": tasks,
+                                                                 "seed": config.success_seeds, "trial": list(range(config.trials()))})
     return results.success.assign_coords(reuse_mean=results.reuse_mean)

@@ -95,13 +95,15 @@ def evaluate(config: BenchmarkConfig, base: CachePolicyBase | None = None) -> xr
     Args:
         base: a loaded policy whose model and processor every method shares; built from `config` when None.
     Returns:
-        Every result file under `results_dir(config)` (earlier runs' methods, suites and tasks included), with
-        dims (method, suite, task, trial): `dcvla.libero.evaluate.load_results`.
+        This config's trials, dims (method, suite, task, seed, trial): `dcvla.libero.evaluate.load_results`
+        (other runs' files in the same folder, say a method not asked for or more init states, are left out).
     """
     from ..libero.evaluate import load_results
 
     run_units(benchmark_units(config), (__name__, asdict(config)), work=lambda: BenchmarkWorker(config, base))
-    return load_results(results_dir(config))
+    tasks = sorted({task for _, task in suite_tasks(config.suites, config.tasks)})
+    return load_results(results_dir(config), keep={"method": config.methods, "suite": config.suites, "task": tasks,
+                                                   "seed": config.seeds, "trial": list(range(config.trials))})
 
 
 def success_table(results: xr.Dataset, reference: str = "vanilla", by: tuple[str, ...] = ("suite", "task")) -> pd.DataFrame:
