@@ -136,7 +136,7 @@ def test_libero_benchmark_smoke(tmp_path):
               "-p", "max_steps", "2")
     table = read_dataset(tmp_path / "libero_benchmark.nc").to_dataframe().set_index("method")
     assert list(table.index) == ["dual_cache"] and table["success rate"].between(0, 1).all()
-    assert table.loc["dual_cache", "trials"] == 2  # the notebook's two init states, not the earlier file's three
+    assert table.loc["dual_cache", "trials"] == 2  # the notebook's two init states (the earlier file is another method's)
     assert (table["95% CI low"] <= table["success rate"]).all() and (table["success rate"] <= table["95% CI high"]).all()
     assert table.loc["dual_cache", "McNemar p"] == 1.0  # without vanilla, against itself (tests/test_success.py pairs)
 
