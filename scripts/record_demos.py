@@ -7,10 +7,16 @@ view, wrist view, state, the oracle's actions) at <out>/<suite>_task<NN>_seed<NN
 
     MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py                 # 50 per task, 2 processes
     MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py --per-task 5 --suites libero_spatial
+    MUJOCO_GL=egl .venv/bin/python scripts/record_demos.py --suites libero_object --finish --out data/demos-object2
 
 Demonstration k of a task (k < --per-task) tries placement seeds k, k + per_task, k + 2 * per_task, ... until the
 oracle succeeds (at most --tries); a failed seed leaves <name>.failed (its steps), so a rerun resumes where the last
 one stopped and never retries it. Only successful rollouts are kept.
+
+By default an episode ends 5 steps after the env first reports success. On libero_object's basket tasks that comes
+while the can is still held (it enters the basket's region as it is carried or lowered), so a policy learns to stop
+there, holding it; --finish lets the oracle lower, release and retreat first, and keeps the episode only if the
+goal still holds at its end.
 """
 
 from __future__ import annotations
@@ -44,14 +50,15 @@ def orphaned(parent: int) -> bool:
     return os.getppid() != parent
 
 
-def record_slots(job: tuple[str, int, list[int], Path, int, int, float, int]) -> tuple[str, int, int, int, float]:
-    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise, parent pid).
+def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, int]) -> tuple[str, int, int, int, float]:
+    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise, finish, parent
+    pid).
     Builds the env once; stops before the next demonstration once the parent is gone.
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
 
-    suite, task, slots, out, per_task, tries, noise, parent = job
+    suite, task, slots, out, per_task, tries, noise, finish, parent = job
     todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
     written = failed = 0
     t0 = time.perf_counter()
@@ -67,7 +74,7 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int, float, int]) ->
                 if path.with_suffix(".failed").exists():
                     continue
                 t = time.perf_counter()
-                ep = record_episode(suite, task, env=env, placement_seed=seed, action_noise=noise)
+                ep = record_episode(suite, task, env=env, placement_seed=seed, action_noise=noise, finish=finish)
                 if ep.meta["success"]:
                     save_episode(ep, path)
                     written += 1
@@ -92,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="processes (each renders on one core; default 2)")
     ap.add_argument("--noise", type=float, default=DEMO_NOISE,
                     help=f"DART perturbation of the executed translation, action units (default {DEMO_NOISE}; 0: none)")
+    ap.add_argument("--finish", action="store_true",
+                    help="after success the oracle lowers, releases and retreats before the episode ends")
     ap.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output directory (default {DEMO_DIR})")
     args = ap.parse_args(argv)
     if args.per_task < 1 or args.tries < 1 or args.workers < 1:
         ap.error("--per-task, --tries and --workers must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries,
-             args.noise, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
+             args.noise, args.finish, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(record_slots, jobs, chunksize=1)

@@ -83,6 +83,38 @@ def test_oracle_solves_shipped_tasks(suite, task, init):
     assert res["success"] and res["success_step"] < protocol.max_steps(suite)
 
 
+def test_oracle_finish_releases_what_a_mid_carry_success_left_held(monkeypatch):
+    """libero_object's basket goal holds while the can is still held, being lowered into the basket: by default the
+    episode ends there, the gripper closed; with `finish` the oracle lowers, releases and retreats, and the goal still
+    holds at the end."""
+    suite, task = "libero_object", 0
+    phases: list[str] = []
+    oracle_act = Oracle.act
+
+    def spy(self, obs):
+        phases.append(self.phase)
+        return oracle_act(self, obs)
+
+    monkeypatch.setattr(Oracle, "act", spy)
+    env = E.make_env(suite, task, render=False)
+    runs = {}
+    try:
+        for finish in (False, True):
+            phases.clear()
+            grips: list[float] = []
+            res = run_oracle(env, E.get_init_state(suite, task, 0), protocol.max_steps(suite),
+                             on_step=lambda obs, a, done: grips.append(float(a[6])), finish=finish)
+            runs[finish] = res, list(phases), grips, env.check_success()
+    finally:
+        E.close_env(env)
+    (plain, plain_phases, plain_grips, _), (full, full_phases, full_grips, holds) = runs[False], runs[True]
+    assert plain["success"] and full["success"] and holds
+    assert plain["success_step"] == full["success_step"]  # the same rollout up to the first success
+    assert "release" not in plain_phases and plain_grips[-1] == 1.0  # ended holding the can in the basket's region
+    assert {"lower", "release", "retreat"} <= set(full_phases) and full_grips[-1] == -1.0  # released, arm away
+    assert full["steps"] > plain["steps"]
+
+
 def test_oracle_rejects_unsupported_goal():
     env = E.make_env("libero_goal", "open_the_middle_drawer_of_the_cabinet", render=False)
     try:

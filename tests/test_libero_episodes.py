@@ -342,8 +342,8 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     spec.loader.exec_module(script)
     tried = []
 
-    def fake_record(suite, task, env=None, placement_seed=None, action_noise=0.0):
-        assert action_noise == 0.25
+    def fake_record(suite, task, env=None, placement_seed=None, action_noise=0.0, finish=False):
+        assert action_noise == 0.25 and finish is True
         tried.append(placement_seed)
         meta = {"success": placement_seed != 1, "n_steps": 3, "suite": suite, "task_id": task,
                 "placement_seed": placement_seed, "init_state_index": -1}
@@ -353,7 +353,7 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     monkeypatch.setattr(script, "save_episode", lambda ep, path: path.write_bytes(b"demo"))
     monkeypatch.setattr("dcvla.libero.env.make_env", lambda *a, **k: None)
     monkeypatch.setattr("dcvla.libero.env.close_env", lambda env: None)
-    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25, os.getppid())  # seeds (0, 3), (1, 4), (2, 5)
+    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25, True, os.getppid())  # seeds (0, 3), (1, 4), (2, 5)
     assert script.record_slots(job)[2:4] == (3, 1)
     assert tried == [0, 1, 4, 2]  # seed 1 failed, slot 1 went on to seed 4
     assert (tmp_path / "libero_spatial_task00_seed0001.failed").exists()

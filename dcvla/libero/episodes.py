@@ -244,7 +244,7 @@ def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None)
 
 def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: int | None = None,
                    seed: int = protocol.SEED, env: Any = None, placement_seed: int | None = None,
-                   action_noise: float = 0.0) -> Episode:
+                   action_noise: float = 0.0, finish: bool = False) -> Episode:
     """Roll out the oracle on one task with rendering and capture what a policy would see.
 
     Args:
@@ -259,6 +259,9 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         action_noise: the stationary standard deviation (action units) of the DART-style perturbation added to the
             translation the env executes (`oracle.PositionNoise`, seeded by the placement seed or init index); the
             episode keeps the oracle's unperturbed actions. 0 executes the oracle's actions as they are.
+        finish: the oracle goes on after success to the end of its sequence (lower, release, retreat) and the episode
+            succeeds if the goal still holds then (`run_oracle(finish=True)`); by default it ends 5 steps after the
+            first success, as every demonstration before the fifteenth session did.
 
     Returns:
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
@@ -277,7 +280,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         init_state, noise = _start(env, suite, info.task_id, init_index, placement_seed, seed, action_noise)
         with _timed_render(env) as render_s:
             result = run_oracle(env, init_state, max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
-                                on_step=capture.on_step, noise=noise)
+                                on_step=capture.on_step, noise=noise, finish=finish)
     finally:
         if own:
             close_env(env)
@@ -286,7 +289,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
                 init_state_index=-1 if placement_seed is not None else int(init_index), placement_seed=placement_seed,
                 seed=int(seed), env_seed=protocol.ENV_SEED if placement_seed is None else int(placement_seed),
                 success=bool(result["success"]), n_steps=n, action_noise=float(action_noise),
-                success_step=result["success_step"], wait_steps=protocol.WAIT_STEPS,
+                success_step=result["success_step"], finish=int(finish), wait_steps=protocol.WAIT_STEPS,
                 render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
                 step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
                 render_resolution=protocol.RENDER_RESOLUTION)

@@ -279,7 +279,7 @@ class PositionNoise:
 
 
 def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int = 10, extra_steps: int = 5,
-               on_step: Any = None, noise: PositionNoise | None = None) -> dict:
+               on_step: Any = None, noise: PositionNoise | None = None, finish: bool = False) -> dict:
     """Run the oracle closed-loop from an init state, LIBERO-protocol style.
 
     Args:
@@ -292,6 +292,10 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
             observation the action was chosen from.
         noise: a `PositionNoise` perturbing the translation the env executes; `on_step` still gets the oracle's own
             action, the label a demonstration keeps.
+        finish: after success, go on with the oracle's sequence (lower, release, retreat) until it has finished,
+            then hold `extra_steps`; the run succeeds only if the goal still holds at its last step. Without it the
+            arm holds still from the first success: a goal met while the object is held (a can entering a
+            basket's region) then ends the episode with the object in the gripper, never released.
 
     Returns:
         {"success": bool, "steps": oracle steps taken, "success_step": first step with done or None}.
@@ -303,18 +307,22 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
         obs, _, _, _ = env.step([0, 0, 0, 0, 0, 0, -1])
     oracle = Oracle()
     oracle.reset(env)
-    success_step, t, action = None, 0, None
+    success_step, hold_step, t, action, done = None, None, 0, None, False
     while t < max_steps:
-        # After success the arm holds still (gripper as it was), so the episode ends with the goal still achieved.
-        action = oracle.act(obs) if success_step is None else oracle.hold(obs, action[6])
+        # Once holding (from success, or with `finish` from the end of the oracle's sequence after success) the arm
+        # holds still, gripper as it was, so the episode ends with the goal still achieved.
+        if hold_step is None and success_step is not None and (not finish or oracle.finished):
+            hold_step = t
+        action = oracle.act(obs) if hold_step is None else oracle.hold(obs, action[6])
         prev = obs
-        executed = action if noise is None or success_step is not None else noise(action, oracle.phase)
+        executed = action if noise is None or hold_step is not None else noise(action, oracle.phase)
         obs, _, done, _ = env.step(executed.tolist())
         t += 1
         if done and success_step is None:
             success_step = t
         if on_step is not None:
             on_step(prev, action, bool(done))
-        if success_step is not None and t >= success_step + extra_steps:
+        if hold_step is not None and t >= hold_step + extra_steps:
             break
-    return {"success": success_step is not None, "steps": t, "success_step": success_step}
+    success = success_step is not None and (bool(done) or not finish)
+    return {"success": success, "steps": t, "success_step": success_step}
