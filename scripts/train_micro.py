@@ -78,34 +78,27 @@ def cropped(jpegs) -> np.ndarray:
 
 
 def train_openvla(args: argparse.Namespace, config: TrainConfig) -> None:
-    from dcvla.openvla.checkpoint import save_pretrained
-    from dcvla.openvla.config import get_preset
-    from dcvla.openvla.model import random_model
-    from dcvla.openvla.processing import Processor
-    from dcvla.openvla.train import DemoFrames, action_loss, dataset_statistics
-    from dcvla.tokenizer import load_tokenizer
-
-    demos = openvla_demos(load_demos(args.demos))
-    preset = get_preset(args.preset)
-    model = random_model(preset, seed=config.seed)
-    model.norm_stats = dataset_statistics(demos)
-    data = DemoFrames(demos, Processor(load_tokenizer(), preset), model, model.norm_stats, shift=args.shift)
-    train_and_save(args, config, model, lambda m, idx: action_loss(m, data, idx), len(data),
-                   lambda out: save_pretrained(model, out))
-
-
-def train_oft(args: argparse.Namespace, config: TrainConfig) -> None:
-    from dcvla.openvla.oft import OFTProcessor, get_preset, random_model, save_pretrained
-    from dcvla.openvla.oft.train import OFTFrames, l1_loss
+    """`openvla-micro` (OpenVLA's objective and inputs) or `oft-micro` (OpenVLA-OFT's): the same backbone, each
+    family's processor, frames, loss and layout."""
     from dcvla.openvla.train import dataset_statistics
     from dcvla.tokenizer import load_tokenizer
 
-    demos = oft_demos(load_demos(args.demos))
+    if args.preset == "oft-micro":
+        from dcvla.openvla.oft import OFTProcessor as Processor, get_preset, random_model, save_pretrained
+        from dcvla.openvla.oft.train import OFTFrames as Frames, l1_loss as objective
+        demos = oft_demos(load_demos(args.demos))
+    else:
+        from dcvla.openvla.checkpoint import save_pretrained
+        from dcvla.openvla.config import get_preset
+        from dcvla.openvla.model import random_model
+        from dcvla.openvla.processing import Processor
+        from dcvla.openvla.train import DemoFrames as Frames, action_loss as objective
+        demos = openvla_demos(load_demos(args.demos))
     preset = get_preset(args.preset)
     model = random_model(preset, seed=config.seed)
     model.norm_stats = dataset_statistics(demos)
-    data = OFTFrames(demos, OFTProcessor(load_tokenizer(), preset), model, model.norm_stats, shift=args.shift)
-    train_and_save(args, config, model, lambda m, idx: l1_loss(m, data, idx), len(data),
+    data = Frames(demos, Processor(load_tokenizer(), preset), model, model.norm_stats, shift=args.shift)
+    train_and_save(args, config, model, lambda m, idx: objective(m, data, idx), len(data),
                    lambda out: save_pretrained(model, out))
 
 
@@ -150,7 +143,7 @@ def train_smolvla(args: argparse.Namespace, config: TrainConfig) -> None:
 
 
 TRAINERS = {"openvla-micro": (train_openvla, "action-token cross-entropy"),
-            "oft-micro": (train_oft, "L1 error of the action chunk"),
+            "oft-micro": (train_openvla, "L1 error of the action chunk"),
             "smolvla-micro": (train_smolvla, "flow-matching squared error")}
 FAMILIES = tuple(TRAINERS)
 
