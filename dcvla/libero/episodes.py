@@ -256,12 +256,9 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         seed: numpy seed (protocol: 7); the env gets the protocol's env seed (0), as upstream.
         env: an env from `make_env(suite, task, cameras=CAMERAS)` to reuse (without the wrist camera the
             episode has no wrist view); built (and closed) here when None.
-        action_noise: the stationary standard deviation (action units) of the DART-style perturbation added to the
-            translation the env executes (`oracle.PositionNoise`, seeded by the placement seed or init index); the
-            episode keeps the oracle's unperturbed actions. 0 executes the oracle's actions as they are.
-        finish: the oracle goes on after success to the end of its sequence (lower, release, retreat) and the episode
-            succeeds if the goal still holds then (`run_oracle(finish=True)`); by default it ends 5 steps after the
-            first success, as every demonstration before the fifteenth session did.
+        action_noise: the stationary standard deviation (action units) of the DART perturbation of the executed
+            translation (`oracle.PositionNoise`, seeded like the placement); the episode keeps the oracle's actions.
+        finish: the oracle lowers, releases and retreats after success; the goal must hold at the end (`run_oracle`).
 
     Returns:
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
