@@ -83,7 +83,7 @@ def test_oracle_solves_shipped_tasks(suite, task, init):
     assert res["success"] and res["success_step"] < protocol.max_steps(suite)
 
 
-def test_oracle_finish_releases_what_a_mid_carry_success_left_held(monkeypatch):
+def test_oracle_finish_releases_what_a_success_left_in_the_gripper(monkeypatch):
     """libero_object's basket goal holds while the can is still held, being lowered into the basket: by default the
     episode ends there, the gripper closed; with `finish` the oracle lowers, releases and retreats, and the goal still
     holds at the end."""
