@@ -16,12 +16,17 @@ one stopped and never retries it. Only successful rollouts are kept.
 By default an episode ends 5 steps after the env first reports success. On libero_object's basket tasks that comes
 while the can is still held (it enters the basket's region as it is carried or lowered), so a policy learns to stop
 there, holding it; --finish lets the oracle lower, release and retreat first, and keeps the episode only if the
-goal still holds at its end.
+goal still holds at its end. --lower-speed sets `Oracle.lower_speed`: the oracle lowers the carried object no slower
+than that until it rests on the target, instead of slowing proportionally over the last centimetres.
+
+A folder holds one recipe: a rerun whose --noise, --finish or --lower-speed differ from the demonstrations already
+there stops, naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -29,6 +34,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np  # noqa: E402
 
 from dcvla.io import atomic_path  # noqa: E402
 from dcvla.libero.episodes import (  # noqa: E402
@@ -45,20 +52,33 @@ def slot_done(out: Path, suite: str, task: int, seeds: list[int]) -> bool:
     return any(p.exists() for p in paths) or all(p.with_suffix(".failed").exists() for p in paths)
 
 
+def check_recipe(out: Path, suite: str, task: int, recipe: dict) -> None:
+    """Raise SystemExit naming the file when a demonstration already in `out` was recorded with another recipe
+    (`action_noise`, `finish`, `lower_speed`; files from before `lower_speed` existed recorded it as 0)."""
+    for path in sorted(out.glob(f"{suite}_task{task:02d}_seed*.npz")):  # demo_path's names
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+        have = {k: float(meta.get(k, 0.0)) for k in recipe}
+        if have != recipe:
+            raise SystemExit(f"{path} was recorded with {have}, this run asks for {recipe}: use another --out")
+        return
+
+
 def orphaned(parent: int) -> bool:
     """Whether the process that started this worker is gone (killed: a pool's workers outlive a killed parent)."""
     return os.getppid() != parent
 
 
-def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, int]) -> tuple[str, int, int, int, float]:
-    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise, finish, parent
-    pid).
+def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, float, int]
+                 ) -> tuple[str, int, int, int, float]:
+    """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise, finish,
+    lower_speed, parent pid).
     Builds the env once; stops before the next demonstration once the parent is gone.
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
 
-    suite, task, slots, out, per_task, tries, noise, finish, parent = job
+    suite, task, slots, out, per_task, tries, noise, finish, lower_speed, parent = job
     todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
     written = failed = 0
     t0 = time.perf_counter()
@@ -74,7 +94,8 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, in
                 if path.with_suffix(".failed").exists():
                     continue
                 t = time.perf_counter()
-                ep = record_episode(suite, task, env=env, placement_seed=seed, action_noise=noise, finish=finish)
+                ep = record_episode(suite, task, env=env, placement_seed=seed, action_noise=noise, finish=finish,
+                                    lower_speed=lower_speed)
                 if ep.meta["success"]:
                     save_episode(ep, path)
                     written += 1
@@ -101,13 +122,20 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"DART perturbation of the executed translation, action units (default {DEMO_NOISE}; 0: none)")
     ap.add_argument("--finish", action="store_true",
                     help="after success the oracle lowers, releases and retreats before the episode ends")
+    ap.add_argument("--lower-speed", type=float, default=0.0,
+                    help="the oracle lowers objects no slower than this, z action units (default 0: proportional)")
     ap.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output directory (default {DEMO_DIR})")
     args = ap.parse_args(argv)
     if args.per_task < 1 or args.tries < 1 or args.workers < 1:
         ap.error("--per-task, --tries and --workers must be at least 1")
+    if not 0 <= args.lower_speed <= 1:
+        ap.error(f"--lower-speed is in action units, 0 to 1; got {args.lower_speed}")
     args.out.mkdir(parents=True, exist_ok=True)
+    recipe = dict(action_noise=args.noise, finish=float(args.finish), lower_speed=args.lower_speed)
+    for suite in args.suites:
+        check_recipe(args.out, suite, DEMO_TASKS[suite], recipe)
     jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries,
-             args.noise, args.finish, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
+             args.noise, args.finish, args.lower_speed, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(record_slots, jobs, chunksize=1)

@@ -123,3 +123,47 @@ def test_oracle_rejects_unsupported_goal():
             Oracle().reset(env)
     finally:
         E.close_env(env)
+
+
+def _lower_phases(suite: str, task: int, monkeypatch, speed: float) -> tuple[dict, list[list[float]]]:
+    """Run the oracle (physics only) with `lower_speed=speed`; its result and each lower phase's z actions."""
+    log: list[tuple[str, float]] = []
+    oracle_act = Oracle.act
+
+    def spy(self, obs):
+        phase = self.phase
+        a = oracle_act(self, obs)
+        log.append((phase, float(a[2])))
+        return a
+
+    monkeypatch.setattr(Oracle, "act", spy)
+    env = E.make_env(suite, task, render=False)
+    try:
+        res = run_oracle(env, E.get_init_state(suite, task, 0), protocol.max_steps(suite), oracle=Oracle(lower_speed=speed))
+        res["holds"] = env.check_success()
+    finally:
+        E.close_env(env)
+    phases, runs = [p for p, _ in log], []
+    for i, (phase, z) in enumerate(log):
+        if phase == "lower":
+            runs[-1:] = [runs[-1] + [z]] if i and phases[i - 1] == "lower" else [*runs[-1:], [z]]
+    return res, runs
+
+
+def test_oracle_lower_speed_keeps_lowering_until_the_object_rests(monkeypatch):
+    """By default the oracle's z action decays toward 0 as the carried mug nears the plate; with `lower_speed` it never
+    falls under that speed, and the lower phase ends (the release follows) once the object is down or stops on
+    something, not at the phase's 40-step timeout."""
+    plain, plain_lowers = _lower_phases("libero_10", 4, monkeypatch, 0.0)
+    fast, fast_lowers = _lower_phases("libero_10", 4, monkeypatch, 0.5)
+    assert plain["success"] and plain["holds"] and fast["success"] and fast["holds"]
+    assert len(plain_lowers) == len(fast_lowers) == 2  # two mugs, two plates
+    assert all(max(z) > -0.1 for z in plain_lowers)  # the last centimetres at near-zero actions
+    assert all(max(z) <= -0.5 + 1e-9 for z in fast_lowers) and all(len(z) < 40 for z in fast_lowers)
+    # aimed 5 cm under where the plate stops the mug: the default pushes until the timeout, lower_speed sees it rest
+    place = Oracle._place_target
+    monkeypatch.setattr(Oracle, "_place_target", lambda self, kind, target: (lambda xy, z: (xy, z - 0.05))(
+        *place(self, kind, target)))
+    _, stuck = _lower_phases("libero_10", 4, monkeypatch, 0.0)
+    _, rested = _lower_phases("libero_10", 4, monkeypatch, 0.5)
+    assert len(stuck[0]) == 40 and len(rested[0]) < 20

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -19,8 +18,6 @@ from dcvla.libero.episodes import (DEFAULT_DIR, DEMO_TASKS, FORMAT_VERSION, SHIP
                                    list_episodes, load_episode, load_episodes, record_episode, replay,
                                    sample_init_state, save_episode)
 from dcvla.libero.oracle import OraclePolicy
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class RecordingPolicy:
@@ -330,40 +327,6 @@ def test_demonstrations_start_from_the_simulators_own_placements(spatial_env, tm
     spatial_env.reset()
     obs = spatial_env.set_init_state(first)
     np.testing.assert_allclose(ep.eef_pos[0], obs["robot0_eef_pos"], atol=0.02)
-
-
-def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypatch):
-    """scripts/record_demos.py: slot k tries seeds k, k + per_task, ...; a kept demonstration or a .failed marker
-    settles a seed, so a rerun records only what is missing."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("record_demos", ROOT / "scripts" / "record_demos.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    tried = []
-
-    def fake_record(suite, task, env=None, placement_seed=None, action_noise=0.0, finish=False):
-        assert action_noise == 0.25 and finish is True
-        tried.append(placement_seed)
-        meta = {"success": placement_seed != 1, "n_steps": 3, "suite": suite, "task_id": task,
-                "placement_seed": placement_seed, "init_state_index": -1}
-        return type("Ep", (), {"meta": meta, "name": f"{suite}/task{task:02d}/seed{placement_seed:04d}"})()
-
-    monkeypatch.setattr(script, "record_episode", fake_record)
-    monkeypatch.setattr(script, "save_episode", lambda ep, path: path.write_bytes(b"demo"))
-    monkeypatch.setattr("dcvla.libero.env.make_env", lambda *a, **k: None)
-    monkeypatch.setattr("dcvla.libero.env.close_env", lambda env: None)
-    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25, True, os.getppid())  # seeds (0, 3), (1, 4), (2, 5)
-    assert script.record_slots(job)[2:4] == (3, 1)
-    assert tried == [0, 1, 4, 2]  # seed 1 failed, slot 1 went on to seed 4
-    assert (tmp_path / "libero_spatial_task00_seed0001.failed").exists()
-    tried.clear()
-    assert script.record_slots(job)[2:4] == (0, 0) and tried == []  # everything settled: nothing redone
-    (tmp_path / "libero_spatial_task00_seed0004.npz").unlink()
-    tried.clear()
-    assert script.record_slots(job[:-1] + (os.getppid() + 1,))[2:4] == (0, 0) and tried == []  # parent gone: stop
-    script.record_slots(job)
-    assert tried == [4]  # only the missing demonstration, not the failed seed again
 
 
 def test_dart_noise_perturbs_what_the_env_executes_and_keeps_the_oracles_actions(spatial_env, monkeypatch):

@@ -1,12 +1,12 @@
 """Recorded episodes: scripted LIBERO rollouts saved to disk, and open-loop replay of a policy over them.
 
-Storage: one `.npz` per episode (no pickle). Frames are stored as the JPEG bytes that the evaluation
-pipeline's own JPEG step produces (rotated 256x256 render, quality 95), so nothing is lost: loading redoes
-decode + lanczos resize and yields bit-for-bit the 224 frames the live protocol would hand the policy
-(before the policy-time center crop). Per step we also keep the robot state and the oracle's action. From
-format_version 2 on, the wrist camera (`robot0_eye_in_hand_image`, rotated and JPEG'd the same way, as OpenVLA-OFT's
-evaluation processes it) is stored beside the agent view. `format_version` lets later versions add arrays without
-breaking old files; unknown keys are ignored, and a version-1 file loads with no wrist view.
+Storage: one `.npz` per episode (no pickle). Frames are stored as the JPEG bytes that the evaluation pipeline's own
+JPEG step produces (rotated 256x256 render, quality 95), so nothing is lost: loading redoes decode + lanczos resize and
+yields bit-for-bit the 224 frames the live protocol would hand the policy (before the policy-time center crop). Per
+step we also keep the robot state and the oracle's action. From format_version 2 on, the wrist camera
+(`robot0_eye_in_hand_image`, rotated and JPEG'd the same way, as OpenVLA-OFT's evaluation processes it) is stored
+beside the agent view. `format_version` lets later versions add arrays without breaking old files; unknown keys are
+ignored, and a version-1 file loads with no wrist view.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None)
 
 def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: int | None = None,
                    seed: int = protocol.SEED, env: Any = None, placement_seed: int | None = None,
-                   action_noise: float = 0.0, finish: bool = False) -> Episode:
+                   action_noise: float = 0.0, finish: bool = False, lower_speed: float = 0.0) -> Episode:
     """Roll out the oracle on one task with rendering and capture what a policy would see.
 
     Args:
@@ -254,17 +254,17 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
             (`sample_init_state`: a demonstration, away from the init states the benchmark evaluates on).
         max_steps: oracle step budget after the wait; defaults to the suite's protocol maximum.
         seed: numpy seed (protocol: 7); the env gets the protocol's env seed (0), as upstream.
-        env: an env from `make_env(suite, task, cameras=CAMERAS)` to reuse (without the wrist camera the
-            episode has no wrist view); built (and closed) here when None.
+        env: an env from `make_env(suite, task, cameras=CAMERAS)` to reuse (built and closed here when None).
         action_noise: the stationary standard deviation (action units) of the DART perturbation of the executed
             translation (`oracle.PositionNoise`, seeded like the placement); the episode keeps the oracle's actions.
         finish: the oracle lowers, releases and retreats after success; the goal must hold at the end (`run_oracle`).
+        lower_speed: the oracle's `Oracle.lower_speed` (0: it slows proportionally onto the target).
 
     Returns:
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
     """
     from .env import close_env, get_task, make_env
-    from .oracle import run_oracle
+    from .oracle import Oracle, run_oracle
 
     info = get_task(suite, task)
     np.random.seed(seed)
@@ -277,7 +277,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         init_state, noise = _start(env, suite, info.task_id, init_index, placement_seed, seed, action_noise)
         with _timed_render(env) as render_s:
             result = run_oracle(env, init_state, max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
-                                on_step=capture.on_step, noise=noise, finish=finish)
+                                on_step=capture.on_step, noise=noise, finish=finish, oracle=Oracle(lower_speed=lower_speed))
     finally:
         if own:
             close_env(env)
@@ -285,8 +285,8 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     meta = dict(suite=suite, task_id=info.task_id, task_name=info.name, instruction=info.instruction,
                 init_state_index=-1 if placement_seed is not None else int(init_index), placement_seed=placement_seed,
                 seed=int(seed), env_seed=protocol.ENV_SEED if placement_seed is None else int(placement_seed),
-                success=bool(result["success"]), n_steps=n, action_noise=float(action_noise),
-                success_step=result["success_step"], finish=int(finish), wait_steps=protocol.WAIT_STEPS,
+                success=bool(result["success"]), n_steps=n, action_noise=float(action_noise), wait_steps=protocol.WAIT_STEPS,
+                success_step=result["success_step"], finish=int(finish), lower_speed=float(lower_speed),
                 render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
                 step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
                 render_resolution=protocol.RENDER_RESOLUTION)

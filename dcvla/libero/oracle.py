@@ -74,6 +74,9 @@ class Oracle:
         gain: proportional gain, action units per metre of position error.
         carry_clearance: height (m) the carried object's bottom keeps above the target's top.
         max_retries: re-grasp attempts per goal atom when a lift leaves the object on the table.
+        lower_speed: 0 (the default, the shipped demonstrations'): the lower phase slows proportionally as the object
+            nears its target, its last centimetres taken with near-zero actions. Above 0: it descends no slower than
+            this (z, action units) until the object stops on something, then releases.
     """
 
     gain: float = 12.0
@@ -81,6 +84,7 @@ class Oracle:
     max_retries: int = 2
     rim_inset: float = 0.012
     rim_depth: float = 0.03
+    lower_speed: float = 0.0
     env: Any = field(default=None, repr=False)
     atoms: list = field(default_factory=list)
 
@@ -220,13 +224,22 @@ class Oracle:
         # Steer by the object's live offset from the hand so a slipped grasp still lands on target.
         xy = tgt_xy + (eef[:2] - obj_pos[:2])
         z = carry_z if phase == "carry" else eef[2] + (tgt_bottom - obj_lo[2])
+        if phase == "lower" and self.lower_speed:
+            z = min(z, eef[2] - self.lower_speed / self.gain)
         wp = np.array([xy[0], xy[1], max(z, self._grasp[2] - 0.5)])
         err_xy = np.linalg.norm(obj_pos[:2] - tgt_xy)
         if phase == "carry" and (err_xy < 0.01 and abs(z - eef[2]) < 0.03 or timeout):
             self._next()
-        elif phase == "lower" and (obj_lo[2] - tgt_bottom < 0.006 or timeout):
+        elif phase == "lower" and (obj_lo[2] - tgt_bottom < 0.006 or timeout or self._resting(obj_lo[2])):
             self._next()
         return wp
+
+    def _resting(self, bottom: float) -> bool:
+        """With `lower_speed`: the lowered object has stopped on something (its bottom fell under 1 mm in 2 steps)."""
+        if not self.lower_speed:
+            return False
+        self._bottoms = [bottom] if self._t == 1 else [*self._bottoms, bottom]
+        return len(self._bottoms) > 3 and self._bottoms[-3] - bottom < 0.001
 
 
 class OraclePolicy:
@@ -279,7 +292,8 @@ class PositionNoise:
 
 
 def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int = 10, extra_steps: int = 5,
-               on_step: Any = None, noise: PositionNoise | None = None, finish: bool = False) -> dict:
+               on_step: Any = None, noise: PositionNoise | None = None, finish: bool = False,
+               oracle: Oracle | None = None) -> dict:
     """Run the oracle closed-loop from an init state, LIBERO-protocol style.
 
     Args:
@@ -296,6 +310,7 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
             then hold `extra_steps`; the run succeeds only if the goal still holds at its last step. Without it the
             arm holds still from the first success: a goal met while the object is held (a can entering a
             basket's region) then ends the episode with the object in the gripper, never released.
+        oracle: the controller to run (its options set, e.g. `Oracle(lower_speed=0.5)`); a default `Oracle()` if None.
 
     Returns:
         {"success": bool, "steps": oracle steps taken, "success_step": first step with done or None}.
@@ -305,7 +320,7 @@ def run_oracle(env: Any, init_state: np.ndarray, max_steps: int, wait_steps: int
     obs = reset_to_init_state(env, init_state)
     for _ in range(wait_steps):
         obs, _, _, _ = env.step([0, 0, 0, 0, 0, 0, -1])
-    oracle = Oracle()
+    oracle = oracle or Oracle()
     oracle.reset(env)
     success_step, hold_step, t, action, done = None, None, 0, None, False
     while t < max_steps:
