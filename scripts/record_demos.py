@@ -17,10 +17,12 @@ By default an episode ends 5 steps after the env first reports success. On liber
 while the can is still held (it enters the basket's region as it is carried or lowered), so a policy learns to stop
 there, holding it; --finish lets the oracle lower, release and retreat first, and keeps the episode only if the
 goal still holds at its end. --lower-speed sets `Oracle.lower_speed`: the oracle lowers the carried object no slower
-than that until it rests on the target, instead of slowing proportionally over the last centimetres.
+than that until it rests on the target, instead of slowing proportionally over the last centimetres;
+--approach-speed sets `Oracle.approach_speed`: the hand goes on from the approach into the descent and the grasp
+without stopping.
 
-A folder holds one recipe: a rerun whose --noise, --finish or --lower-speed differ from the demonstrations already
-there stops, naming the file.
+A folder holds one recipe: a rerun whose --noise, --finish or speeds differ from the demonstrations already there
+stops, naming the file.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def slot_done(out: Path, suite: str, task: int, seeds: list[int]) -> bool:
 
 def check_recipe(out: Path, suite: str, task: int, recipe: dict) -> None:
     """Raise SystemExit naming the file when a demonstration already in `out` was recorded with another recipe
-    (`action_noise`, `finish`, `lower_speed`; files from before `lower_speed` existed recorded it as 0)."""
+    (`action_noise`, `finish` and the oracle's speeds; a file from before a speed existed recorded it as 0)."""
     for path in sorted(out.glob(f"{suite}_task{task:02d}_seed*.npz")):  # demo_path's names
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
@@ -69,16 +71,18 @@ def orphaned(parent: int) -> bool:
     return os.getppid() != parent
 
 
-def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, float, int]
+def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, dict, int]
                  ) -> tuple[str, int, int, int, float]:
     """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise, finish,
-    lower_speed, parent pid).
+    the oracle's speeds (`Oracle` keyword arguments), parent pid).
     Builds the env once; stops before the next demonstration once the parent is gone.
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
 
-    suite, task, slots, out, per_task, tries, noise, finish, lower_speed, parent = job
+    from dcvla.libero.oracle import Oracle
+
+    suite, task, slots, out, per_task, tries, noise, finish, speeds, parent = job
     todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
     written = failed = 0
     t0 = time.perf_counter()
@@ -95,7 +99,7 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, fl
                     continue
                 t = time.perf_counter()
                 ep = record_episode(suite, task, env=env, placement_seed=seed, action_noise=noise, finish=finish,
-                                    lower_speed=lower_speed)
+                                    oracle=Oracle(**speeds))
                 if ep.meta["success"]:
                     save_episode(ep, path)
                     written += 1
@@ -124,18 +128,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="after success the oracle lowers, releases and retreats before the episode ends")
     ap.add_argument("--lower-speed", type=float, default=0.0,
                     help="the oracle lowers objects no slower than this, z action units (default 0: proportional)")
+    ap.add_argument("--approach-speed", type=float, default=0.0,
+                    help="the oracle approaches and descends to a grasp no slower than this, action units (default 0)")
     ap.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output directory (default {DEMO_DIR})")
     args = ap.parse_args(argv)
     if args.per_task < 1 or args.tries < 1 or args.workers < 1:
         ap.error("--per-task, --tries and --workers must be at least 1")
-    if not 0 <= args.lower_speed <= 1:
-        ap.error(f"--lower-speed is in action units, 0 to 1; got {args.lower_speed}")
+    speeds = dict(lower_speed=args.lower_speed, approach_speed=args.approach_speed)
+    for name, value in speeds.items():
+        if not 0 <= value <= 1:
+            ap.error(f"--{name.replace('_', '-')} is in action units, 0 to 1; got {value}")
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = dict(action_noise=args.noise, finish=float(args.finish), lower_speed=args.lower_speed)
+    recipe = dict(action_noise=args.noise, finish=float(args.finish), **speeds)
     for suite in args.suites:
         check_recipe(args.out, suite, DEMO_TASKS[suite], recipe)
     jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries,
-             args.noise, args.finish, args.lower_speed, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
+             args.noise, args.finish, speeds, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(record_slots, jobs, chunksize=1)

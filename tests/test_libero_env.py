@@ -125,29 +125,39 @@ def test_oracle_rejects_unsupported_goal():
         E.close_env(env)
 
 
-def _lower_phases(suite: str, task: int, monkeypatch, speed: float) -> tuple[dict, list[list[float]]]:
-    """Run the oracle (physics only) with `lower_speed=speed`; its result and each lower phase's z actions."""
-    log: list[tuple[str, float]] = []
+def _oracle_run(suite: str, task: int, monkeypatch, **speeds) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """Run the oracle (physics only, init state 0) with `speeds`; its result and every (phase, action) it chose."""
+    log: list[tuple[str, np.ndarray]] = []
     oracle_act = Oracle.act
 
     def spy(self, obs):
         phase = self.phase
         a = oracle_act(self, obs)
-        log.append((phase, float(a[2])))
+        log.append((phase, a))
         return a
 
     monkeypatch.setattr(Oracle, "act", spy)
     env = E.make_env(suite, task, render=False)
     try:
-        res = run_oracle(env, E.get_init_state(suite, task, 0), protocol.max_steps(suite), oracle=Oracle(lower_speed=speed))
+        res = run_oracle(env, E.get_init_state(suite, task, 0), protocol.max_steps(suite), oracle=Oracle(**speeds))
         res["holds"] = env.check_success()
     finally:
         E.close_env(env)
-    phases, runs = [p for p, _ in log], []
-    for i, (phase, z) in enumerate(log):
-        if phase == "lower":
-            runs[-1:] = [runs[-1] + [z]] if i and phases[i - 1] == "lower" else [*runs[-1:], [z]]
-    return res, runs
+    return res, log
+
+
+def _runs(log: list[tuple[str, np.ndarray]], phase: str) -> list[list[np.ndarray]]:
+    """The actions of each unbroken stretch of `phase`."""
+    runs: list[list[np.ndarray]] = []
+    for i, (p, a) in enumerate(log):
+        if p == phase:
+            runs[-1:] = [runs[-1] + [a]] if i and log[i - 1][0] == phase else [*runs[-1:], [a]]
+    return runs
+
+
+def _lower_phases(suite: str, task: int, monkeypatch, speed: float) -> tuple[dict, list[list[float]]]:
+    res, log = _oracle_run(suite, task, monkeypatch, lower_speed=speed)
+    return res, [[float(a[2]) for a in run] for run in _runs(log, "lower")]
 
 
 def test_oracle_lower_speed_keeps_lowering_until_the_object_rests(monkeypatch):
@@ -167,3 +177,17 @@ def test_oracle_lower_speed_keeps_lowering_until_the_object_rests(monkeypatch):
     _, stuck = _lower_phases("libero_10", 4, monkeypatch, 0.0)
     _, rested = _lower_phases("libero_10", 4, monkeypatch, 0.5)
     assert len(stuck[0]) == 40 and len(rested[0]) < 20
+
+
+def test_oracle_approach_speed_goes_on_into_the_grasp_without_stopping(monkeypatch):
+    """By default the hand slows to a near stop above the can before descending; with `approach_speed` every
+    approach and descend action moves it at least that fast, and the oracle still puts the can in the basket."""
+    plain, plain_log = _oracle_run("libero_object", 0, monkeypatch)
+    fast, fast_log = _oracle_run("libero_object", 0, monkeypatch, approach_speed=0.3)
+    assert plain["success"] and fast["success"] and fast["holds"]
+
+    def speeds(log):
+        return [float(np.linalg.norm(a[:3])) for phase, a in log if phase in ("approach", "descend")]
+
+    assert min(speeds(plain_log)) < 0.2  # the near stop a policy learns to stay in
+    assert min(speeds(fast_log)) >= 0.3 - 1e-9

@@ -21,8 +21,9 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     settles a seed, so a rerun records only what is missing."""
     tried = []
 
-    def fake_record(suite, task, env=None, placement_seed=None, action_noise=0.0, finish=False, lower_speed=0.0):
-        assert action_noise == 0.25 and finish is True and lower_speed == 0.5
+    def fake_record(suite, task, env=None, placement_seed=None, action_noise=0.0, finish=False, oracle=None):
+        assert action_noise == 0.25 and finish is True
+        assert oracle.speeds() == {"lower_speed": 0.5, "approach_speed": 0.0}
         tried.append(placement_seed)
         meta = {"success": placement_seed != 1, "n_steps": 3, "suite": suite, "task_id": task,
                 "placement_seed": placement_seed, "init_state_index": -1}
@@ -32,7 +33,8 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
     monkeypatch.setattr(script, "save_episode", lambda ep, path: path.write_bytes(b"demo"))
     monkeypatch.setattr("dcvla.libero.env.make_env", lambda *a, **k: None)
     monkeypatch.setattr("dcvla.libero.env.close_env", lambda env: None)
-    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25, True, 0.5, os.getppid())  # seeds (0, 3), (1, 4), (2, 5)
+    speeds = {"lower_speed": 0.5}
+    job = ("libero_spatial", 0, [0, 1, 2], tmp_path, 3, 2, 0.25, True, speeds, os.getppid())  # seeds (0, 3), (1, 4), (2, 5)
     assert script.record_slots(job)[2:4] == (3, 1)
     assert tried == [0, 1, 4, 2]  # seed 1 failed, slot 1 went on to seed 4
     assert (tmp_path / "libero_spatial_task00_seed0001.failed").exists()
@@ -47,15 +49,20 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
 
 
 def test_a_rerun_with_another_recipe_stops_naming_the_file(tmp_path):
-    """Demonstrations of different recipes never mix in one folder; files from before `lower_speed` count as 0."""
+    """Demonstrations of different recipes never mix in one folder; a file from before a speed existed counts it 0."""
     old = tmp_path / "libero_10_task04_seed0003.npz"
-    np.savez(old, meta=json.dumps({"action_noise": 0.3, "finish": 0}))  # an older file: no lower_speed
+    np.savez(old, meta=json.dumps({"action_noise": 0.3, "finish": 0}))  # an older file: no speeds
     np.savez(tmp_path / "libero_object_task00_seed0000.npz", meta=json.dumps({"action_noise": 0.0, "finish": 1}))
-    script.check_recipe(tmp_path, "libero_10", 4, dict(action_noise=0.3, finish=0.0, lower_speed=0.0))
+    plain = dict(action_noise=0.3, finish=0.0, lower_speed=0.0, approach_speed=0.0)
+    script.check_recipe(tmp_path, "libero_10", 4, plain)
     with pytest.raises(SystemExit, match=r"libero_10_task04_seed0003\.npz.*'lower_speed': 0\.0.*'lower_speed': 0\.5"):
-        script.check_recipe(tmp_path, "libero_10", 4, dict(action_noise=0.3, finish=0.0, lower_speed=0.5))
+        script.check_recipe(tmp_path, "libero_10", 4, {**plain, "lower_speed": 0.5})
+    with pytest.raises(SystemExit, match="approach_speed"):
+        script.check_recipe(tmp_path, "libero_10", 4, {**plain, "approach_speed": 0.3})
     with pytest.raises(SystemExit, match="libero_object_task00_seed0000"):
-        script.check_recipe(tmp_path, "libero_object", 0, dict(action_noise=0.3, finish=1.0, lower_speed=0.0))
-    script.check_recipe(tmp_path, "libero_spatial", 0, dict(action_noise=0.3, finish=0.0, lower_speed=0.5))  # none yet
+        script.check_recipe(tmp_path, "libero_object", 0, {**plain, "finish": 1.0})
+    script.check_recipe(tmp_path, "libero_spatial", 0, {**plain, "lower_speed": 0.5})  # none there yet
     with pytest.raises(SystemExit):
         script.main(["--suites", "libero_10", "--lower-speed", "0.5", "--noise", "0.3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse: out of range
+        script.main(["--suites", "libero_spatial", "--approach-speed", "1.5", "--out", str(tmp_path)])

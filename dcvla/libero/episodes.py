@@ -244,7 +244,7 @@ def load_episodes(directory: str | Path = DEFAULT_DIR, suite: str | None = None)
 
 def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: int | None = None,
                    seed: int = protocol.SEED, env: Any = None, placement_seed: int | None = None,
-                   action_noise: float = 0.0, finish: bool = False, lower_speed: float = 0.0) -> Episode:
+                   action_noise: float = 0.0, finish: bool = False, oracle: Any = None) -> Episode:
     """Roll out the oracle on one task with rendering and capture what a policy would see.
 
     Args:
@@ -258,7 +258,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         action_noise: the stationary standard deviation (action units) of the DART perturbation of the executed
             translation (`oracle.PositionNoise`, seeded like the placement); the episode keeps the oracle's actions.
         finish: the oracle lowers, releases and retreats after success; the goal must hold at the end (`run_oracle`).
-        lower_speed: the oracle's `Oracle.lower_speed` (0: it slows proportionally onto the target).
+        oracle: the `Oracle` to run, its options set (default `Oracle()`); the meta keeps its speed options.
 
     Returns:
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
@@ -271,13 +271,13 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
     own = env is None
     env = env if env is not None else make_env(suite, info.task_id, resolution=protocol.RENDER_RESOLUTION,
                                                seed=protocol.ENV_SEED, cameras=CAMERAS)
-    capture = _Capture()
+    capture, oracle = _Capture(), oracle or Oracle()
     t0 = time.perf_counter()
     try:
         init_state, noise = _start(env, suite, info.task_id, init_index, placement_seed, seed, action_noise)
         with _timed_render(env) as render_s:
             result = run_oracle(env, init_state, max_steps or protocol.max_steps(suite), wait_steps=protocol.WAIT_STEPS,
-                                on_step=capture.on_step, noise=noise, finish=finish, oracle=Oracle(lower_speed=lower_speed))
+                                on_step=capture.on_step, noise=noise, finish=finish, oracle=oracle)
     finally:
         if own:
             close_env(env)
@@ -286,7 +286,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
                 init_state_index=-1 if placement_seed is not None else int(init_index), placement_seed=placement_seed,
                 seed=int(seed), env_seed=protocol.ENV_SEED if placement_seed is None else int(placement_seed),
                 success=bool(result["success"]), n_steps=n, action_noise=float(action_noise), wait_steps=protocol.WAIT_STEPS,
-                success_step=result["success_step"], finish=int(finish), lower_speed=float(lower_speed),
+                success_step=result["success_step"], finish=int(finish), **oracle.speeds(),
                 render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
                 step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
                 render_resolution=protocol.RENDER_RESOLUTION)

@@ -77,6 +77,9 @@ class Oracle:
         lower_speed: 0 (the default, the shipped demonstrations'): the lower phase slows proportionally as the object
             nears its target, its last centimetres taken with near-zero actions. Above 0: it descends no slower than
             this (z, action units) until the object stops on something, then releases.
+        approach_speed: 0 (the default): the hand slows proportionally to a near stop above the grasp point, then
+            again at it. Above 0: the approach and descend phases move it no slower than this (action units, the
+            translation's norm), so it goes on from one into the other, and into the grasp, without stopping.
     """
 
     gain: float = 12.0
@@ -85,6 +88,7 @@ class Oracle:
     rim_inset: float = 0.012
     rim_depth: float = 0.03
     lower_speed: float = 0.0
+    approach_speed: float = 0.0
     env: Any = field(default=None, repr=False)
     atoms: list = field(default_factory=list)
 
@@ -97,6 +101,10 @@ class Oracle:
         self._atom, self._phase, self._t, self._retries = 0, 0, 0, 0
         self._grasp_xy: np.ndarray | None = None
         self._lift_start: tuple[float, float] | None = None
+
+    def speeds(self) -> dict[str, float]:
+        """The options that shape a demonstration's moves (0: the proportional law's), as its meta records them."""
+        return {"lower_speed": float(self.lower_speed), "approach_speed": float(self.approach_speed)}
 
     @property
     def phase(self) -> str:
@@ -154,9 +162,14 @@ class Oracle:
 
     # --- control --------------------------------------------------------------------------------
 
-    def _move(self, eef: np.ndarray, quat: np.ndarray, wp: np.ndarray, grip: float) -> np.ndarray:
+    def _move(self, eef: np.ndarray, quat: np.ndarray, wp: np.ndarray, grip: float, speed: float = 0.0) -> np.ndarray:
+        """The action toward waypoint `wp` by the proportional law, its translation scaled up to norm `speed` if it
+        is slower."""
         a = np.zeros(7)
         a[:3] = np.clip((wp - eef) * self.gain, -1, 1)
+        norm = np.linalg.norm(a[:3])
+        if 0 < norm < speed:
+            a[:3] *= speed / norm
         a[3:6] = np.clip(_quat_err(_DOWN_QUAT, quat) / _ROT_SCALE, -1, 1)
         a[6] = grip
         return a
@@ -187,7 +200,7 @@ class Oracle:
             wp = self._grasp + (np.array([0, 0, 0.08]) if phase == "approach" else 0)
             if np.linalg.norm(wp - eef) < (0.015 if phase == "approach" else 0.006) or timeout:
                 self._next()
-            return self._move(eef, quat, wp, GRIPPER_OPEN)
+            return self._move(eef, quat, wp, GRIPPER_OPEN, self.approach_speed)
         if phase == "grasp":
             if timeout:
                 self._lift_start = (eef[2], obj_pos[2])
