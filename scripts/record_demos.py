@@ -28,7 +28,6 @@ stops, naming the file.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -37,11 +36,9 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import numpy as np  # noqa: E402
-
 from dcvla.io import atomic_path  # noqa: E402
 from dcvla.libero.episodes import (  # noqa: E402
-    CAMERAS, DEMO_DIR, DEMO_NOISE, DEMO_TASKS, demo_path, record_episode, save_episode)
+    CAMERAS, DEMO_DIR, DEMO_NOISE, DEMO_TASKS, demo_path, load_episode, record_episode, save_episode)
 
 
 def slot_seeds(k: int, per_task: int, tries: int) -> list[int]:
@@ -57,13 +54,13 @@ def slot_done(out: Path, suite: str, task: int, seeds: list[int]) -> bool:
 def check_recipe(out: Path, suite: str, task: int, recipe: dict) -> None:
     """Raise SystemExit naming the file when a demonstration already in `out` was recorded with another recipe
     (`action_noise`, `finish` and the oracle's speeds; a file from before a speed existed recorded it as 0)."""
-    for path in sorted(out.glob(f"{suite}_task{task:02d}_seed*.npz")):  # demo_path's names
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-        have = {k: float(meta.get(k, 0.0)) for k in recipe}
-        if have != recipe:
-            raise SystemExit(f"{path} was recorded with {have}, this run asks for {recipe}: use another --out")
+    path = next(iter(sorted(out.glob(f"{suite}_task{task:02d}_seed*.npz"))), None)  # demo_path's names
+    if path is None:
         return
+    meta = load_episode(path).meta  # a damaged file is named by the loader
+    have = {k: float(meta.get(k, 0.0)) for k in recipe}
+    if have != recipe:
+        raise SystemExit(f"{path} was recorded with {have}, this run asks for {recipe}: use another --out")
 
 
 def orphaned(parent: int) -> bool:
@@ -79,7 +76,6 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, di
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
-
     from dcvla.libero.oracle import Oracle
 
     suite, task, slots, out, per_task, tries, noise, finish, speeds, parent = job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from itertools import groupby
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -148,11 +149,7 @@ def _oracle_run(suite: str, task: int, monkeypatch, **speeds) -> tuple[dict, lis
 
 def _runs(log: list[tuple[str, np.ndarray]], phase: str) -> list[list[np.ndarray]]:
     """The actions of each unbroken stretch of `phase`."""
-    runs: list[list[np.ndarray]] = []
-    for i, (p, a) in enumerate(log):
-        if p == phase:
-            runs[-1:] = [runs[-1] + [a]] if i and log[i - 1][0] == phase else [*runs[-1:], [a]]
-    return runs
+    return [[a for _, a in stretch] for name, stretch in groupby(log, key=lambda entry: entry[0]) if name == phase]
 
 
 def _lower_phases(suite: str, task: int, monkeypatch, speed: float) -> tuple[dict, list[list[float]]]:

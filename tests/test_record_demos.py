@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from dcvla.libero.episodes import Episode, save_episode
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("record_demos", ROOT / "scripts" / "record_demos.py")
@@ -48,11 +49,17 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
 
 
 
+def _demo(path: Path, meta: dict) -> None:
+    """A one-frame demonstration file with `meta`."""
+    one = np.zeros((1, 1))
+    save_episode(Episode(jpegs=[b"jpeg"], eef_pos=one.repeat(3, 1), eef_quat=one.repeat(4, 1),
+                         gripper_qpos=one.repeat(2, 1), actions=one.repeat(7, 1), done=np.zeros(1, bool), meta=meta), path)
+
+
 def test_a_rerun_with_another_recipe_stops_naming_the_file(tmp_path):
     """Demonstrations of different recipes never mix in one folder; a file from before a speed existed counts it 0."""
-    old = tmp_path / "libero_10_task04_seed0003.npz"
-    np.savez(old, meta=json.dumps({"action_noise": 0.3, "finish": 0}))  # an older file: no speeds
-    np.savez(tmp_path / "libero_object_task00_seed0000.npz", meta=json.dumps({"action_noise": 0.0, "finish": 1}))
+    _demo(tmp_path / "libero_10_task04_seed0003.npz", {"action_noise": 0.3, "finish": 0})  # an older file: no speeds
+    _demo(tmp_path / "libero_object_task00_seed0000.npz", {"action_noise": 0.0, "finish": 1})
     plain = dict(action_noise=0.3, finish=0.0, lower_speed=0.0, approach_speed=0.0)
     script.check_recipe(tmp_path, "libero_10", 4, plain)
     with pytest.raises(SystemExit, match=r"libero_10_task04_seed0003\.npz.*'lower_speed': 0\.0.*'lower_speed': 0\.5"):
@@ -62,6 +69,9 @@ def test_a_rerun_with_another_recipe_stops_naming_the_file(tmp_path):
     with pytest.raises(SystemExit, match="libero_object_task00_seed0000"):
         script.check_recipe(tmp_path, "libero_object", 0, {**plain, "finish": 1.0})
     script.check_recipe(tmp_path, "libero_spatial", 0, {**plain, "lower_speed": 0.5})  # none there yet
+    (tmp_path / "libero_goal_task08_seed0000.npz").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match="libero_goal_task08_seed0000.npz"):
+        script.check_recipe(tmp_path, "libero_goal", 8, plain)
     with pytest.raises(SystemExit):
         script.main(["--suites", "libero_10", "--lower-speed", "0.5", "--noise", "0.3", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):  # argparse: out of range
