@@ -20,7 +20,8 @@ SHIPPED: tuple[str, ...] = ("smolvla-micro",)
 #: The committed one-task checkpoints (docs/micro.md): name -> (micro preset, suite, task it was trained on).
 ONE_TASK: dict[str, tuple[str, str, int]] = {"smolvla-micro-goal": ("smolvla-micro", "libero_goal", 8),
                                              "oft-micro-goal": ("oft-micro", "libero_goal", 8),
-                                             "oft-micro-spatial": ("oft-micro", "libero_spatial", 0)}
+                                             "oft-micro-spatial": ("oft-micro", "libero_spatial", 0),
+                                             "oft-micro-object": ("oft-micro", "libero_object", 0)}
 
 
 def micro_checkpoint(preset: str) -> Path:
