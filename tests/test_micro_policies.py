@@ -29,7 +29,7 @@ def test_every_committed_checkpoint_is_small(name):
 
 @pytest.mark.parametrize("name", ONE_TASK)
 def test_a_one_task_checkpoint_loads_strictly_and_steps_on_its_task(name):
-    """checkpoints/smolvla-micro-goal, openvla-micro-goal (docs/micro.md): a micro preset trained on one task alone,
+    """The checkpoints ONE_TASK names (docs/micro.md): a micro preset trained on one task alone,
     loaded by its family's strict loader without caching, one closed-loop step on that task's first init state."""
     from dcvla.libero.env import close_env, get_init_states, get_task, make_env
     from dcvla.libero.evaluate import cameras_for, run_trial
