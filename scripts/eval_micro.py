@@ -10,6 +10,8 @@ per task with its Wilson 95% interval.
 A trial's result depends on its init state and the evaluation seed only (`evaluate_task` reseeds every RNG before
 each trial, and every trial resets the policy's noise generator), not on which process ran it or after which trial.
 Each worker runs the policy on one thread beside its renders.
+`--replan-steps N` executes N actions of each chunk before the next inference instead of the family's protocol
+(OFT 8, SmolVLA 5); each result file records it, and a rerun into the same --out with another N is refused.
 """
 
 from __future__ import annotations
@@ -30,22 +32,24 @@ def trial_path(out: Path, suite: str, task: int, trial: int) -> Path:
     return out / f"{suite}_task{task:02d}" / f"trial{trial:02d}.nc"
 
 
-def run_job(job: tuple[str, str | None, str, int, int, Path, int, int | None, int]) -> tuple[str, int, int, int, float]:
-    """One trial: (preset, checkpoint, suite, task, trial, out, evaluation seed, step budget, parent pid) ->
+def run_job(job: tuple[str, str | None, str, int, int, Path, int, int | None, int | None, int]
+            ) -> tuple[str, int, int, int, float]:
+    """One trial: (preset, checkpoint, suite, task, trial, out, evaluation seed, step budget, actions executed per
+    chunk, parent pid) ->
     (suite, task, trial, success, seconds); success -1 when the parent is gone and the trial was not run."""
     from dcvla.libero import protocol
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero.evaluate import cameras_for, evaluate_task
     from dcvla.studies.micro import center_crop, load_micro
 
-    preset, checkpoint, suite, task, trial, out, seed, max_steps, parent = job
+    preset, checkpoint, suite, task, trial, out, seed, max_steps, replan_steps, parent = job
     if os.getppid() != parent:  # a killed launch's pool worker: stop rather than run beside the next launch
         return suite, task, trial, -1, 0.0
     if "policy" not in _WORKER:
         import torch
 
         torch.set_num_threads(1)  # one core per worker: its renders and its policy take turns
-        _WORKER["policy"] = load_micro(preset, checkpoint=checkpoint)
+        _WORKER["policy"] = load_micro(preset, checkpoint=checkpoint, replan_steps=replan_steps)
     policy = _WORKER["policy"]
     if _WORKER.get("task") != (suite, task):
         if "env" in _WORKER:
@@ -75,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     ap.add_argument("--max-steps", type=int,
                     help="a shorter step budget than the suite's (smoke tests; not the protocol)")
+    ap.add_argument("--replan-steps", type=int,
+                    help="actions of each chunk executed before the next inference (default the family's "
+                         "protocol: OFT 8, SmolVLA 5; recorded in each result file)")
     ap.add_argument("--out", type=Path, help="results (default data/eval/PRESET)")
     args = ap.parse_args(argv)
-    if args.trials < 1 or args.workers < 1:
-        ap.error("--trials and --workers must be at least 1")
+    if args.trials < 1 or args.workers < 1 or (args.replan_steps is not None and args.replan_steps < 1):
+        ap.error("--trials, --workers and --replan-steps must be at least 1")
     out = args.out or ROOT / "data" / "eval" / args.preset
     checkpoint = None if args.checkpoint is None else str(args.checkpoint)
-    jobs = [(args.preset, checkpoint, suite, DEMO_TASKS[suite], t, out, args.seed, args.max_steps, os.getpid())
+    jobs = [(args.preset, checkpoint, suite, DEMO_TASKS[suite], t, out, args.seed, args.max_steps, args.replan_steps,
+             os.getpid())
             for suite in args.suites for t in range(args.trials)]
     results: dict[tuple[str, int], dict[int, int]] = {}
     t0 = time.perf_counter()

@@ -69,16 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped checkpoints/PRESET)")
     ap.add_argument("--mode", default="none", choices=list(MODES), help="a flow preset's reuse mode (default none)")
     ap.add_argument("--threshold", type=float, default=0.985, help="the mode's gate threshold (default 0.985)")
+    ap.add_argument("--replan-steps", type=int,
+                    help="actions of each chunk executed before the next inference (default the family's protocol)")
     ap.add_argument("--out", type=Path, help="default figures/rollout_CHECKPOINT[_MODETHRESHOLD].gif")
     args = ap.parse_args(argv)
     name = args.checkpoint.name if args.checkpoint else args.preset
     tag = "" if args.mode == "none" else f"_{args.mode}{args.threshold:g}"
     out = args.out or ROOT / "figures" / f"rollout_{name}{tag}.gif"
-    policy = load_micro(args.preset, checkpoint=args.checkpoint)
+    policy = load_micro(args.preset, checkpoint=args.checkpoint, replan_steps=args.replan_steps)
     if args.mode != "none":
         if MICRO_FAMILIES[args.preset] == "openvla":
             ap.error(f"--mode is a flow policy's reuse mode; {args.preset} is OpenVLA's")
-        policy = policy.with_config(ReuseConfig(mode=args.mode, threshold=args.threshold))
+        policy = policy.with_config(ReuseConfig(mode=args.mode, threshold=args.threshold,
+                                                 replan_steps=policy.replan_steps))
     task = DEMO_TASKS[args.suite]
     info = get_task(args.suite, task)
     seed_everything()

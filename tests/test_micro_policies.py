@@ -47,6 +47,21 @@ def test_a_one_task_checkpoint_loads_strictly_and_steps_on_its_task(name):
     assert result.error == "" and result.steps == 1
 
 
+@pytest.mark.parametrize("name, default, chunk", [("oft-micro-goal", 8, 8), ("smolvla-micro-goal", 5, 10)])
+def test_load_micro_sets_the_actions_executed_per_chunk(name, default, chunk):
+    """`replan_steps` (scripts/eval_micro.py's --replan-steps): the family's protocol unless given, any value from 1
+    to the chunk's length, anything else refused with the checkpoint named."""
+    preset, path = ONE_TASK[name][0], CHECKPOINT_DIR / name
+    assert load_micro(preset, checkpoint=path).replan_steps == default
+    policy = load_micro(preset, checkpoint=path, replan_steps=3)
+    assert policy.replan_steps == 3 and policy.name == {"oft-micro": "vanilla", "smolvla-micro": "none"}[preset]
+    if preset == "smolvla-micro":
+        assert policy.config.replan_steps == 3  # the flow policy's ReuseConfig says it too
+    for bad in (0, chunk + 1):
+        with pytest.raises(ValueError, match=f"replan_steps must be 1 to {chunk} \\(the chunk of .*{name}\\), got {bad}"):
+            load_micro(preset, checkpoint=path, replan_steps=bad)
+
+
 @pytest.mark.parametrize("preset", SHIPPED)
 def test_a_shipped_micro_policy_steps_on_every_trained_task(preset):
     from dcvla.libero.env import close_env, get_init_states, get_task, make_env
@@ -110,7 +125,8 @@ def test_the_openvla_studies_take_a_shipped_checkpoint_as_their_preset(tmp_path,
 
 def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):
     """scripts/eval_micro.py: each trial of the official init states in its own result file, written by a worker
-    process; a rerun runs nothing again (the files are untouched) and reports the same success and interval."""
+    process with --replan-steps' actions of each chunk executed; a rerun runs nothing again (the files are
+    untouched) and reports the same success and interval."""
     import os
     import subprocess
     import sys
@@ -123,7 +139,7 @@ def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):
     task = DEMO_TASKS["libero_goal"]
     command = [sys.executable, str(CHECKPOINT_DIR.parent / "scripts" / "eval_micro.py"), "smolvla-micro",
                "--checkpoint", str(CHECKPOINT_DIR / "smolvla-micro"), "--suites", "libero_goal", "--trials", "2",
-               "--workers", "1", "--max-steps", "3", "--out", str(tmp_path)]
+               "--workers", "1", "--max-steps", "3", "--replan-steps", "2", "--out", str(tmp_path)]
     env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
 
     def run() -> str:
@@ -139,7 +155,10 @@ def test_eval_micro_script_runs_trials_in_workers_and_resumes_them(tmp_path):
     assert summary in first  # three steps never finish the task
     assert summary in run()
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    assert xr.open_dataset(files[0]).attrs["method"] == "none"  # the policy without prefix reuse
+    result = xr.open_dataset(files[0])
+    assert result.attrs["method"] == "none"  # the policy without prefix reuse
+    # two actions of each chunk executed (the protocol's 5 would call the policy once in the 3 steps)
+    assert result.attrs["replan_steps"] == 2 and int(result.latency_ms.notnull().sum("step")[0]) == 2
 
 
 def test_rollout_gif_summarises_a_flow_policys_reuse():

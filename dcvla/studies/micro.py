@@ -6,6 +6,7 @@ family's strict loader, so every cache method, reuse mode and gate applies to it
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,11 @@ def center_crop(preset: str) -> bool:
 
 
 def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               checkpoint: str | Path | None = None) -> Any:
+               checkpoint: str | Path | None = None, replan_steps: int | None = None) -> Any:
     """The micro policy `preset` without caching (OpenVLA's `vanilla`; the flow policies' reuse mode `none`), loaded
-    strictly from `checkpoint` (default: the shipped `checkpoints/<preset>`; a training run's `--out` otherwise)."""
+    strictly from `checkpoint` (default: the shipped `checkpoints/<preset>`; a training run's `--out` otherwise).
+    `replan_steps`: actions of each chunk executed before the next inference, 1 to the chunk's length (default the
+    family's protocol: OFT's 8, the flow policies' 5)."""
     shipped = micro_checkpoint(preset) if checkpoint is None else None  # checks the preset's name too
     path = shipped or Path(checkpoint)
     if MICRO_FAMILIES.get(preset) is None:
@@ -77,9 +80,20 @@ def load_micro(preset: str, dtype: torch.dtype = torch.float32, device: str = "c
         from ..openvla.loading import vanilla_policy
         from ..openvla.train import STATS_KEY
 
-        return vanilla_policy(checkpoint=path, unnorm_key=STATS_KEY, dtype=dtype, device=device)
-    from ..prefix_reuse import ReuseConfig
-    from ..smolvla import SmolVLAPolicy
+        policy = vanilla_policy(checkpoint=path, unnorm_key=STATS_KEY, dtype=dtype, device=device)
+        chunk = getattr(policy.model.config, "chunk_size", 1)  # OpenVLA's single action: a chunk of one
+    else:
+        from ..prefix_reuse import ReuseConfig
+        from ..smolvla import SmolVLAPolicy
 
-    # a flow policy given no ReuseConfig reuses the prefix K/V (the "full" mode at cosine 0.985): say "none"
-    return SmolVLAPolicy.from_pretrained(path, ReuseConfig(mode="none"), dtype=dtype, device=device)
+        # a flow policy given no ReuseConfig reuses the prefix K/V (the "full" mode at cosine 0.985): say "none"
+        policy = SmolVLAPolicy.from_pretrained(path, ReuseConfig(mode="none"), dtype=dtype, device=device)
+        chunk = policy.model.config.chunk_size
+    if replan_steps is None:
+        return policy
+    if not 1 <= replan_steps <= chunk:
+        raise ValueError(f"replan_steps must be 1 to {chunk} (the chunk of {path}), got {replan_steps}")
+    if MICRO_FAMILIES[preset] == "openvla":
+        policy.replan_steps = replan_steps
+        return policy
+    return policy.with_config(dataclasses.replace(policy.config, replan_steps=replan_steps))
