@@ -19,7 +19,8 @@ there, holding it; --finish lets the oracle lower, release and retreat first, an
 goal still holds at its end. --lower-speed sets `Oracle.lower_speed`: the oracle lowers the carried object no slower
 than that until it rests on the target, instead of slowing proportionally over the last centimetres;
 --approach-speed sets `Oracle.approach_speed`: the hand goes on from the approach into the descent and the grasp
-without stopping.
+without stopping; --carry-tolerance sets `Oracle.carry_tolerance`: how near (m) the carried object must come to the
+point above its target before the lower phase starts (the default 0.01 lets the hand hover there under the noise).
 
 A folder holds one recipe: a rerun whose --noise, --finish or speeds differ from the demonstrations already there
 stops, naming the file.
@@ -39,6 +40,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from dcvla.io import atomic_path  # noqa: E402
 from dcvla.libero.episodes import (  # noqa: E402
     CAMERAS, DEMO_DIR, DEMO_NOISE, DEMO_TASKS, demo_path, load_episode, record_episode, save_episode)
+from dcvla.libero.oracle import Oracle  # noqa: E402
 
 
 def slot_seeds(k: int, per_task: int, tries: int) -> list[int]:
@@ -53,12 +55,14 @@ def slot_done(out: Path, suite: str, task: int, seeds: list[int]) -> bool:
 
 def check_recipe(out: Path, suite: str, task: int, recipe: dict) -> None:
     """Raise SystemExit naming the file when a demonstration already in `out` was recorded with another recipe
-    (`action_noise`, `finish` and the oracle's speeds; a file from before a speed existed recorded it as 0)."""
+    (`action_noise`, `finish` and the oracle's options; a file from before an option existed recorded its default,
+    0 for a speed)."""
     path = next(iter(sorted(out.glob(f"{suite}_task{task:02d}_seed*.npz"))), None)  # demo_path's names
     if path is None:
         return
     meta = load_episode(path).meta  # a damaged file is named by the loader
-    have = {k: float(meta.get(k, 0.0)) for k in recipe}
+    defaults = {"action_noise": 0.0, "finish": 0.0, **Oracle().options()}
+    have = {k: float(meta.get(k, defaults[k])) for k in recipe}
     if have != recipe:
         raise SystemExit(f"{path} was recorded with {have}, this run asks for {recipe}: use another --out")
 
@@ -76,7 +80,6 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, di
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
-    from dcvla.libero.oracle import Oracle
 
     suite, task, slots, out, per_task, tries, noise, finish, speeds, parent = job
     todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the oracle lowers objects no slower than this, z action units (default 0: proportional)")
     ap.add_argument("--approach-speed", type=float, default=0.0,
                     help="the oracle approaches and descends to a grasp no slower than this, action units (default 0)")
+    ap.add_argument("--carry-tolerance", type=float, default=Oracle.carry_tolerance,
+                    help="metres (xy) the carried object must come to above its target before it is lowered "
+                         f"(default {Oracle.carry_tolerance})")
     ap.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output directory (default {DEMO_DIR})")
     args = ap.parse_args(argv)
     if args.per_task < 1 or args.tries < 1 or args.workers < 1:
@@ -134,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in speeds.items():
         if not 0 <= value <= 1:
             ap.error(f"--{name.replace('_', '-')} is in action units, 0 to 1; got {value}")
+    if not 0 < args.carry_tolerance <= 0.1:
+        ap.error(f"--carry-tolerance is in metres, above 0 and at most 0.1; got {args.carry_tolerance}")
+    speeds["carry_tolerance"] = args.carry_tolerance
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = dict(action_noise=args.noise, finish=float(args.finish), **speeds)
     for suite in args.suites:

@@ -126,8 +126,12 @@ def test_oracle_rejects_unsupported_goal():
         E.close_env(env)
 
 
-def _oracle_run(suite: str, task: int, monkeypatch, **speeds) -> tuple[dict, list[tuple[str, np.ndarray]]]:
-    """Run the oracle (physics only, init state 0) with `speeds`; its result and every (phase, action) it chose."""
+def _oracle_run(suite: str, task: int, placement_seed: int | None = None, noise: float = 0.0,
+                **options) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """Run the oracle (physics only) with `options`, from init state 0 or the simulator's placement under
+    `placement_seed` with DART noise as the demonstrations have it; its result and every (phase, action) it chose."""
+    from dcvla.libero.episodes import _start
+
     log: list[tuple[str, np.ndarray]] = []
     oracle_act = Oracle.act
 
@@ -137,10 +141,12 @@ def _oracle_run(suite: str, task: int, monkeypatch, **speeds) -> tuple[dict, lis
         log.append((phase, a))
         return a
 
-    monkeypatch.setattr(Oracle, "act", spy)
     env = E.make_env(suite, task, render=False)
     try:
-        res = run_oracle(env, E.get_init_state(suite, task, 0), protocol.max_steps(suite), oracle=Oracle(**speeds))
+        with pytest.MonkeyPatch.context() as patch:  # undone after this run, so a second run logs only its own
+            patch.setattr(Oracle, "act", spy)
+            init, perturb = _start(env, suite, task, 0, placement_seed, protocol.SEED, noise)
+            res = run_oracle(env, init, protocol.max_steps(suite), noise=perturb, oracle=Oracle(**options))
         res["holds"] = env.check_success()
     finally:
         E.close_env(env)
@@ -152,8 +158,8 @@ def _runs(log: list[tuple[str, np.ndarray]], phase: str) -> list[list[np.ndarray
     return [[a for _, a in stretch] for name, stretch in groupby(log, key=lambda entry: entry[0]) if name == phase]
 
 
-def _lower_phases(suite: str, task: int, monkeypatch, speed: float) -> tuple[dict, list[list[float]]]:
-    res, log = _oracle_run(suite, task, monkeypatch, lower_speed=speed)
+def _lower_phases(suite: str, task: int, speed: float) -> tuple[dict, list[list[float]]]:
+    res, log = _oracle_run(suite, task, lower_speed=speed)
     return res, [[float(a[2]) for a in run] for run in _runs(log, "lower")]
 
 
@@ -161,8 +167,8 @@ def test_oracle_lower_speed_keeps_lowering_until_the_object_rests(monkeypatch):
     """By default the oracle's z action decays toward 0 as the carried mug nears the plate; with `lower_speed` it never
     falls under that speed, and the lower phase ends (the release follows) once the object is down or stops on
     something, not at the phase's 40-step timeout."""
-    plain, plain_lowers = _lower_phases("libero_10", 4, monkeypatch, 0.0)
-    fast, fast_lowers = _lower_phases("libero_10", 4, monkeypatch, 0.5)
+    plain, plain_lowers = _lower_phases("libero_10", 4, 0.0)
+    fast, fast_lowers = _lower_phases("libero_10", 4, 0.5)
     assert plain["success"] and plain["holds"] and fast["success"] and fast["holds"]
     assert len(plain_lowers) == len(fast_lowers) == 2  # two mugs, two plates
     assert all(max(z) > -0.1 for z in plain_lowers)  # the last centimetres at near-zero actions
@@ -171,16 +177,16 @@ def test_oracle_lower_speed_keeps_lowering_until_the_object_rests(monkeypatch):
     place = Oracle._place_target
     monkeypatch.setattr(Oracle, "_place_target", lambda self, kind, target: (lambda xy, z: (xy, z - 0.05))(
         *place(self, kind, target)))
-    _, stuck = _lower_phases("libero_10", 4, monkeypatch, 0.0)
-    _, rested = _lower_phases("libero_10", 4, monkeypatch, 0.5)
+    _, stuck = _lower_phases("libero_10", 4, 0.0)
+    _, rested = _lower_phases("libero_10", 4, 0.5)
     assert len(stuck[0]) == 40 and len(rested[0]) < 20
 
 
-def test_oracle_approach_speed_goes_on_into_the_grasp_without_stopping(monkeypatch):
+def test_oracle_approach_speed_goes_on_into_the_grasp_without_stopping():
     """By default the hand slows to a near stop above the can before descending; with `approach_speed` every
     approach and descend action moves it at least that fast, and the oracle still puts the can in the basket."""
-    plain, plain_log = _oracle_run("libero_object", 0, monkeypatch)
-    fast, fast_log = _oracle_run("libero_object", 0, monkeypatch, approach_speed=0.3)
+    plain, plain_log = _oracle_run("libero_object", 0)
+    fast, fast_log = _oracle_run("libero_object", 0, approach_speed=0.3)
     assert plain["success"] and fast["success"] and fast["holds"]
 
     def speeds(log):
@@ -188,3 +194,17 @@ def test_oracle_approach_speed_goes_on_into_the_grasp_without_stopping(monkeypat
 
     assert min(speeds(plain_log)) < 0.2  # the near stop a policy learns to stay in
     assert min(speeds(fast_log)) >= 0.3 - 1e-9
+
+
+
+def test_oracle_carry_tolerance_ends_the_hover_above_the_plate():
+    """Under the demonstrations' DART noise (0.3) the default carry hovers over each plate until its object is within
+    1 cm, for tens of steps; at a 3 cm tolerance each carry ends sooner, the unperturbed lower phase steers the rest of
+    the way, and both mugs still end on their plates."""
+    options = dict(lower_speed=0.5, approach_speed=0.3)
+    plain, plain_log = _oracle_run("libero_10", 4, placement_seed=0, noise=0.3, **options)
+    loose, loose_log = _oracle_run("libero_10", 4, placement_seed=0, noise=0.3, carry_tolerance=0.03, **options)
+    assert plain["success"] and loose["success"] and loose["holds"]
+    plain_carries, loose_carries = map(len, _runs(plain_log, "carry")), list(map(len, _runs(loose_log, "carry")))
+    assert len(loose_carries) == 2  # two mugs, two plates
+    assert max(plain_carries) >= 60 and max(loose_carries) < 40

@@ -24,7 +24,7 @@ def test_record_demos_resumes_and_never_retries_a_failed_seed(tmp_path, monkeypa
 
     def fake_record(suite, task, env=None, placement_seed=None, action_noise=0.0, finish=False, oracle=None):
         assert action_noise == 0.25 and finish is True
-        assert oracle.speeds() == {"lower_speed": 0.5, "approach_speed": 0.0}
+        assert oracle.options() == {"lower_speed": 0.5, "approach_speed": 0.0, "carry_tolerance": 0.01}
         tried.append(placement_seed)
         meta = {"success": placement_seed != 1, "n_steps": 3, "suite": suite, "task_id": task,
                 "placement_seed": placement_seed, "init_state_index": -1}
@@ -60,12 +60,14 @@ def test_a_rerun_with_another_recipe_stops_naming_the_file(tmp_path):
     """Demonstrations of different recipes never mix in one folder; a file from before a speed existed counts it 0."""
     _demo(tmp_path / "libero_10_task04_seed0003.npz", {"action_noise": 0.3, "finish": 0})  # an older file: no speeds
     _demo(tmp_path / "libero_object_task00_seed0000.npz", {"action_noise": 0.0, "finish": 1})
-    plain = dict(action_noise=0.3, finish=0.0, lower_speed=0.0, approach_speed=0.0)
+    plain = dict(action_noise=0.3, finish=0.0, lower_speed=0.0, approach_speed=0.0, carry_tolerance=0.01)
     script.check_recipe(tmp_path, "libero_10", 4, plain)
     with pytest.raises(SystemExit, match=r"libero_10_task04_seed0003\.npz.*'lower_speed': 0\.0.*'lower_speed': 0\.5"):
         script.check_recipe(tmp_path, "libero_10", 4, {**plain, "lower_speed": 0.5})
     with pytest.raises(SystemExit, match="approach_speed"):
         script.check_recipe(tmp_path, "libero_10", 4, {**plain, "approach_speed": 0.3})
+    with pytest.raises(SystemExit, match="'carry_tolerance': 0.01.*'carry_tolerance': 0.03"):  # the old default
+        script.check_recipe(tmp_path, "libero_10", 4, {**plain, "carry_tolerance": 0.03})
     with pytest.raises(SystemExit, match="libero_object_task00_seed0000"):
         script.check_recipe(tmp_path, "libero_object", 0, {**plain, "finish": 1.0})
     script.check_recipe(tmp_path, "libero_spatial", 0, {**plain, "lower_speed": 0.5})  # none there yet
@@ -76,3 +78,5 @@ def test_a_rerun_with_another_recipe_stops_naming_the_file(tmp_path):
         script.main(["--suites", "libero_10", "--lower-speed", "0.5", "--noise", "0.3", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):  # argparse: out of range
         script.main(["--suites", "libero_spatial", "--approach-speed", "1.5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # metres, above 0
+        script.main(["--suites", "libero_spatial", "--carry-tolerance", "0", "--out", str(tmp_path)])

@@ -258,7 +258,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
         action_noise: the stationary standard deviation (action units) of the DART perturbation of the executed
             translation (`oracle.PositionNoise`, seeded like the placement); the episode keeps the oracle's actions.
         finish: the oracle lowers, releases and retreats after success; the goal must hold at the end (`run_oracle`).
-        oracle: the `Oracle` to run, its options set (default `Oracle()`); the meta keeps its speed options.
+        oracle: the `Oracle` to run, its options set (default `Oracle()`); the meta keeps its `options()`.
 
     Returns:
         The Episode (not yet saved). `meta["success"]` says whether the env reported `done`.
@@ -286,7 +286,7 @@ def record_episode(suite: str, task: int | str, init_index: int = 0, max_steps: 
                 init_state_index=-1 if placement_seed is not None else int(init_index), placement_seed=placement_seed,
                 seed=int(seed), env_seed=protocol.ENV_SEED if placement_seed is None else int(placement_seed),
                 success=bool(result["success"]), n_steps=n, action_noise=float(action_noise), wait_steps=protocol.WAIT_STEPS,
-                success_step=result["success_step"], finish=int(finish), **oracle.speeds(),
+                success_step=result["success_step"], finish=int(finish), **oracle.options(),
                 render_ms=1000 * float(np.mean(render_s)) if render_s else float("nan"),
                 step_ms=1000 * wall / max(n + protocol.WAIT_STEPS, 1), jpeg_quality=protocol.JPEG_QUALITY,
                 render_resolution=protocol.RENDER_RESOLUTION)

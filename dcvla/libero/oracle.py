@@ -80,6 +80,10 @@ class Oracle:
         approach_speed: 0 (the default): the hand slows proportionally to a near stop above the grasp point, then
             again at it. Above 0: the approach and descend phases move it no slower than this (action units, the
             translation's norm), so it goes on from one into the other, and into the grasp, without stopping.
+        carry_tolerance: how close (m, xy) the carried object's centre must come to the point above its target's
+            before the lower phase starts (which steers it the rest of the way, unperturbed). At the default 0.01 the
+            DART noise of the demonstrations keeps it out for tens of steps, often to the carry's 80-step timeout:
+            the hand hovers over the target, and the step the descent starts is not in the images.
     """
 
     gain: float = 12.0
@@ -89,6 +93,7 @@ class Oracle:
     rim_depth: float = 0.03
     lower_speed: float = 0.0
     approach_speed: float = 0.0
+    carry_tolerance: float = 0.01
     env: Any = field(default=None, repr=False)
     atoms: list = field(default_factory=list)
 
@@ -102,9 +107,11 @@ class Oracle:
         self._grasp_xy: np.ndarray | None = None
         self._lift_start: tuple[float, float] | None = None
 
-    def speeds(self) -> dict[str, float]:
-        """The options that shape a demonstration's moves (0: the proportional law's), as its meta records them."""
-        return {"lower_speed": float(self.lower_speed), "approach_speed": float(self.approach_speed)}
+    def options(self) -> dict[str, float]:
+        """The options that shape a demonstration's moves (speeds 0: the proportional law's), as its meta records
+        them."""
+        return {"lower_speed": float(self.lower_speed), "approach_speed": float(self.approach_speed),
+                "carry_tolerance": float(self.carry_tolerance)}
 
     @property
     def phase(self) -> str:
@@ -241,7 +248,7 @@ class Oracle:
             z = min(z, eef[2] - self.lower_speed / self.gain)
         wp = np.array([xy[0], xy[1], max(z, self._grasp[2] - 0.5)])
         err_xy = np.linalg.norm(obj_pos[:2] - tgt_xy)
-        if phase == "carry" and (err_xy < 0.01 and abs(z - eef[2]) < 0.03 or timeout):
+        if phase == "carry" and (err_xy < self.carry_tolerance and abs(z - eef[2]) < 0.03 or timeout):
             self._next()
         elif phase == "lower" and (obj_lo[2] - tgt_bottom < 0.006 or timeout or self._resting(obj_lo[2])):
             self._next()
