@@ -29,30 +29,50 @@ def releases(gripper: np.ndarray) -> np.ndarray:
     return np.flatnonzero(closed[:-1] & ~closed[1:]) + 1
 
 
+def hover_steps(hand: np.ndarray, gripper: np.ndarray, speed: float = 0.005, height: float = 0.05) -> list[int]:
+    """Per release, the steps since the hand last closed that it spent nearly still (moving under `speed` m a step)
+    more than `height` m above the release point: a carry that hovers before its descent."""
+    closed = np.asarray(gripper) > 0
+    closes = np.flatnonzero(~closed[:-1] & closed[1:]) + 1
+    moved = np.r_[np.linalg.norm(np.diff(hand, axis=0), axis=-1), np.inf]  # step t's move to t + 1
+    out = []
+    for r in releases(gripper):
+        start = closes[closes < r].max(initial=0)
+        out.append(int(np.sum((moved[start:r] < speed) & (hand[start:r, 2] - hand[r, 2] > height))))
+    return out
+
+
 def fmt(xyz: np.ndarray) -> str:
     return "(" + ", ".join(f"{v:+.3f}" for v in xyz) + ")"
 
 
-def demo_releases(folder: Path) -> list[tuple[str, np.ndarray]]:
-    """(file name, hand positions [releases, 3]) of every demonstration (.npz) in `folder`."""
+def demo_releases(folder: Path) -> list[tuple[str, np.ndarray, list[int]]]:
+    """(file name, hand positions [releases, 3], `hover_steps`) of every demonstration (.npz) in `folder`."""
     files = sorted(folder.glob("*.npz"))
     if not files:
         raise FileNotFoundError(f"no demonstrations (*.npz) in {folder}")
     out = []
     for f in files:
         with np.load(f, allow_pickle=False) as d:
-            out.append((f.name, d["eef_pos"][releases(d["actions"][:, GRIPPER])]))
+            hand, gripper = d["eef_pos"], d["actions"][:, GRIPPER]
+            out.append((f.name, hand[releases(gripper)], hover_steps(hand, gripper)))
     return out
 
 
-def summarise(rows: list[tuple[str, np.ndarray]]) -> list[str]:
-    """The n-th release's hand position over the rows that have one: median and range per axis."""
-    lines, most = [], max((len(p) for _, p in rows), default=0)
+def _spread(values: np.ndarray, form: str) -> str:
+    return f"{np.median(values):{form}} ({values.min():{form}} to {values.max():{form}})"
+
+
+def summarise(rows: list[tuple[str, np.ndarray, list[int]]]) -> list[str]:
+    """The n-th release over the rows that have one: the hand's position and the steps it hovered above it first,
+    median and range."""
+    lines, most = [], max((len(p) for _, p, _ in rows), default=0)
     for n in range(most):
-        points = np.array([p[n] for _, p in rows if len(p) > n])
-        axes = ", ".join(f"{a} {np.median(points[:, i]):+.3f} ({points[:, i].min():+.3f} to {points[:, i].max():+.3f})"
-                         for i, a in enumerate("xyz"))
-        lines.append(f"release {n + 1}: {len(points)} of {len(rows)}; hand {axes}")
+        points = np.array([p[n] for _, p, _ in rows if len(p) > n])
+        hovers = np.array([h[n] for _, p, h in rows if len(p) > n])
+        axes = ", ".join(f"{a} {_spread(points[:, i], '+.3f')}" for i, a in enumerate("xyz"))
+        lines.append(f"release {n + 1}: {len(points)} of {len(rows)}; hand {axes}; hovered above it "
+                     f"{_spread(hovers, '.0f')} steps")
     return lines
 
 
@@ -126,9 +146,10 @@ def rollouts(preset: str, suite: str, checkpoint: Path | None, inits: list[int],
             seed_everything()  # as evaluate_task does before each trial
             result = run_trial(policy, env, suite, states[init], info.instruction, max_steps=max_steps,
                                center_crop=center_crop(preset))
-            hand = np.array(env.hand)[releases(np.array(env.gripper))] if env.hand else np.zeros((0, 3))
-            out.append([f"init{init:02d}", hand, describe_rollout(env, result, init)])
-            print("\n".join(out[-1][2]), flush=True)
+            hand, gripper = np.array(env.hand).reshape(-1, 3), np.array(env.gripper)
+            out.append([f"init{init:02d}", hand[releases(gripper)], hover_steps(hand, gripper),
+                        describe_rollout(env, result, init)])
+            print("\n".join(out[-1][3]), flush=True)
     finally:
         close_env(env.env)
     return out
@@ -151,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give a micro preset to roll out or --demos, not both")
     if args.demos is not None:
         rows = demo_releases(args.demos)
-        for name, hand in rows:
-            print(f"{name}: {len(hand)} releases, hand at " + ", ".join(fmt(h) for h in hand))
+        for name, hand, hover in rows:
+            print(f"{name}: {len(hand)} releases, hand at " + ", ".join(fmt(h) for h in hand)
+                  + f"; hovered above them {hover} steps")
     else:
-        rows = [(name, hand) for name, hand, _ in rollouts(args.preset, args.suite, args.checkpoint, args.inits,
+        rows = [(name, hand, hover) for name, hand, hover, _ in rollouts(args.preset, args.suite, args.checkpoint, args.inits,
                                                            args.replan_steps, args.max_steps)]
     print("\n".join(summarise(rows)))
     return 0
