@@ -124,7 +124,8 @@ def describe_rollout(env: Watched, result: Any, init: int) -> list[str]:
         lines.append(f"  release at step {i - WAIT_STEPS}: hand {fmt(hand[i])}; {obj} {gap:.1f} cm from {target} (xy)")
     ends = "; ".join(f"{obj} {100 * np.linalg.norm(o[:2] - t[:2]):.1f} cm from {target} (xy), "
                      f"{100 * (o[2] - t[2]):+.1f} cm above it" for (_, obj, target), (o, t) in zip(env.atoms, env.where()))
-    lines.append(f"  end: {ends}")
+    grip = "closed" if env.gripper and env.gripper[-1] > 0 else "open"
+    lines.append(f"  end: hand {fmt(np.asarray(env._obs['robot0_eef_pos']))}, gripper {grip}; {ends}")
     return lines
 
 

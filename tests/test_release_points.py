@@ -64,6 +64,6 @@ def test_a_rollout_reports_where_each_goal_object_ends(capsys):
     out = capsys.readouterr().out
     assert "init state 0: failure in 3 steps" in out and "release at" not in out
     end = next(line for line in out.splitlines() if line.startswith("  end: "))
-    assert " cm from " in end and " cm above it" in end
+    assert " cm from " in end and " cm above it" in end and ", gripper open; " in end  # 3 steps: never closed
     with pytest.raises(SystemExit):
         script.main(["oft-micro", "--demos", "x"])  # one or the other
