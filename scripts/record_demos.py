@@ -22,8 +22,8 @@ than that until it rests on the target, instead of slowing proportionally over t
 without stopping; --carry-tolerance sets `Oracle.carry_tolerance`: how near (m) the carried object must come to the
 point above its target before the lower phase starts (the default 0.01 lets the hand hover there under the noise).
 
-A folder holds one recipe: a rerun whose --noise, --finish or speeds differ from the demonstrations already there
-stops, naming the file.
+A folder holds one recipe: a rerun whose --noise, --finish or oracle options differ from the demonstrations already
+there stops, naming the file.
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ def orphaned(parent: int) -> bool:
 def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, dict, int]
                  ) -> tuple[str, int, int, int, float]:
     """One process's share of a task's slots: (suite, task, slot indices, out, per_task, tries, noise, finish,
-    the oracle's speeds (`Oracle` keyword arguments), parent pid).
+    the oracle's options (`Oracle` keyword arguments), parent pid).
     Builds the env once; stops before the next demonstration once the parent is gone.
     Returns (suite, task, demonstrations written, failed seeds, seconds)."""
     from dcvla.libero.env import close_env, make_env
     from dcvla.libero import protocol
 
-    suite, task, slots, out, per_task, tries, noise, finish, speeds, parent = job
+    suite, task, slots, out, per_task, tries, noise, finish, options, parent = job
     todo = [k for k in slots if not slot_done(out, suite, task, slot_seeds(k, per_task, tries))]
     written = failed = 0
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def record_slots(job: tuple[str, int, list[int], Path, int, int, float, bool, di
                     continue
                 t = time.perf_counter()
                 ep = record_episode(suite, task, env=env, placement_seed=seed, action_noise=noise, finish=finish,
-                                    oracle=Oracle(**speeds))
+                                    oracle=Oracle(**options))
                 if ep.meta["success"]:
                     save_episode(ep, path)
                     written += 1
@@ -136,19 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.per_task < 1 or args.tries < 1 or args.workers < 1:
         ap.error("--per-task, --tries and --workers must be at least 1")
-    speeds = dict(lower_speed=args.lower_speed, approach_speed=args.approach_speed)
-    for name, value in speeds.items():
+    options = dict(lower_speed=args.lower_speed, approach_speed=args.approach_speed)
+    for name, value in options.items():
         if not 0 <= value <= 1:
             ap.error(f"--{name.replace('_', '-')} is in action units, 0 to 1; got {value}")
     if not 0 < args.carry_tolerance <= 0.1:
         ap.error(f"--carry-tolerance is in metres, above 0 and at most 0.1; got {args.carry_tolerance}")
-    speeds["carry_tolerance"] = args.carry_tolerance
+    options["carry_tolerance"] = args.carry_tolerance
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = dict(action_noise=args.noise, finish=float(args.finish), **speeds)
+    recipe = dict(action_noise=args.noise, finish=float(args.finish), **options)
     for suite in args.suites:
         check_recipe(args.out, suite, DEMO_TASKS[suite], recipe)
     jobs = [(suite, DEMO_TASKS[suite], list(range(w, args.per_task, args.workers)), args.out, args.per_task, args.tries,
-             args.noise, args.finish, speeds, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
+             args.noise, args.finish, options, os.getpid()) for suite in args.suites for w in range(args.workers) if w < args.per_task]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(record_slots, jobs, chunksize=1)
