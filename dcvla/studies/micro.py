@@ -22,7 +22,8 @@ SHIPPED: tuple[str, ...] = ("smolvla-micro",)
 ONE_TASK: dict[str, tuple[str, str, int]] = {"smolvla-micro-goal": ("smolvla-micro", "libero_goal", 8),
                                              "oft-micro-goal": ("oft-micro", "libero_goal", 8),
                                              "oft-micro-spatial": ("oft-micro", "libero_spatial", 0),
-                                             "oft-micro-object": ("oft-micro", "libero_object", 0)}
+                                             "oft-micro-object": ("oft-micro", "libero_object", 0),
+                                             "oft-micro-10": ("oft-micro", "libero_10", 4)}
 
 
 def micro_checkpoint(preset: str) -> Path:
