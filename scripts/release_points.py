@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dcvla.libero.oracle import goal_atoms, object_pos
+
 GRIPPER = 6  # the gripper's column of a LIBERO action: +1 closes, -1 opens
 
 
@@ -81,18 +83,14 @@ class Watched:
     before every action."""
 
     def __init__(self, env: Any) -> None:
-        from dcvla.libero.oracle import goal_atoms
-
         self.env, self.atoms = env, [a for a in goal_atoms(env) if len(a) == 3]
         self.hand: list[np.ndarray] = []
         self.gripper: list[float] = []
         self.places: list[np.ndarray] = []  # [atoms, 2 (object, target), 3] per action
 
-    def _pos(self, name: str) -> np.ndarray:
-        return np.array(self.env.env.object_states_dict[name].get_geom_state()["pos"])
-
     def where(self) -> np.ndarray:
-        return np.array([[self._pos(obj), self._pos(target)] for _, obj, target in self.atoms])
+        """[atoms, 2 (object, target), 3]: where each goal atom's object and target are now."""
+        return np.array([[object_pos(self.env, obj), object_pos(self.env, target)] for _, obj, target in self.atoms])
 
     def set_init_state(self, state: np.ndarray) -> dict:
         self.hand, self.gripper, self.places = [], [], []
@@ -121,17 +119,20 @@ def describe_rollout(env: Watched, result: Any, init: int) -> list[str]:
         near = int(np.argmin(np.linalg.norm(places[i, :, 0] - hand[i], axis=-1)))
         _, obj, target = env.atoms[near]
         gap = 100 * np.linalg.norm(places[i, near, 0, :2] - places[i, near, 1, :2])
-        lines.append(f"  release at step {i - WAIT_STEPS}: hand {fmt(hand[i])}; {obj} {gap:.1f} cm from {target} (xy)")
+        lines.append(f"  release at step {i - WAIT_STEPS}: hand {fmt(hand[i])}; {obj} {gap:.1f} cm from {target} "
+                     "(xy)")
     ends = "; ".join(f"{obj} {100 * np.linalg.norm(o[:2] - t[:2]):.1f} cm from {target} (xy), "
-                     f"{100 * (o[2] - t[2]):+.1f} cm above it" for (_, obj, target), (o, t) in zip(env.atoms, env.where()))
+                     f"{100 * (o[2] - t[2]):+.1f} cm above it"
+                     for (_, obj, target), (o, t) in zip(env.atoms, env.where()))
     grip = "closed" if env.gripper and env.gripper[-1] > 0 else "open"
     lines.append(f"  end: hand {fmt(np.asarray(env._obs['robot0_eef_pos']))}, gripper {grip}; {ends}")
     return lines
 
 
 def rollouts(preset: str, suite: str, checkpoint: Path | None, inits: list[int], replan_steps: int | None,
-             max_steps: int | None = None) -> list[list]:
-    """Each init state's closed-loop trial under the family's protocol: (init, hand at each release, lines)."""
+             max_steps: int | None = None) -> list[tuple[str, np.ndarray, list[int]]]:
+    """Each init state's closed-loop trial under the family's protocol, described as it ends (`describe_rollout`):
+    (init, hand at each release, `hover_steps`)."""
     from dcvla.libero.env import close_env, get_init_states, get_task, make_env
     from dcvla.libero.episodes import DEMO_TASKS
     from dcvla.libero.evaluate import cameras_for, run_trial, seed_everything
@@ -148,9 +149,8 @@ def rollouts(preset: str, suite: str, checkpoint: Path | None, inits: list[int],
             result = run_trial(policy, env, suite, states[init], info.instruction, max_steps=max_steps,
                                center_crop=center_crop(preset))
             hand, gripper = np.array(env.hand).reshape(-1, 3), np.array(env.gripper)
-            out.append([f"init{init:02d}", hand[releases(gripper)], hover_steps(hand, gripper),
-                        describe_rollout(env, result, init)])
-            print("\n".join(out[-1][3]), flush=True)
+            out.append((f"init{init:02d}", hand[releases(gripper)], hover_steps(hand, gripper)))
+            print("\n".join(describe_rollout(env, result, init)), flush=True)
     finally:
         close_env(env.env)
     return out
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {len(hand)} releases, hand at " + ", ".join(fmt(h) for h in hand)
                   + f"; hovered above them {hover} steps")
     else:
-        rows = [(name, hand, hover) for name, hand, hover, _ in rollouts(args.preset, args.suite, args.checkpoint, args.inits,
-                                                           args.replan_steps, args.max_steps)]
+        rows = rollouts(args.preset, args.suite, args.checkpoint, args.inits, args.replan_steps, args.max_steps)
     print("\n".join(summarise(rows)))
     return 0
 

@@ -196,7 +196,6 @@ def test_oracle_approach_speed_goes_on_into_the_grasp_without_stopping():
     assert min(speeds(fast_log)) >= 0.3 - 1e-9
 
 
-
 def test_oracle_carry_tolerance_ends_the_hover_above_the_plate():
     """Under the demonstrations' DART noise (0.3) the default carry hovers over each plate until its object is within
     1 cm, for tens of steps; at a 3 cm tolerance each carry ends sooner, the unperturbed lower phase steers the rest of

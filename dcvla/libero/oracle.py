@@ -34,6 +34,11 @@ def supported_goal(env: Any) -> bool:
     return all(len(g) == 3 and g[0].lower() in _SUPPORTED for g in goal_atoms(env))
 
 
+def object_pos(env: Any, name: str) -> np.ndarray:
+    """World position of a BDDL object or site of `env` (a LIBERO env from `make_env`), from its object state."""
+    return np.array(env.env.object_states_dict[name].get_geom_state()["pos"])
+
+
 def _subtree(model: Any, root: int) -> set[int]:
     out = {root}
     for b in range(model.nbody):
@@ -145,7 +150,7 @@ class Oracle:
         return lo, hi
 
     def _pos(self, name: str) -> np.ndarray:
-        return np.array(self.env.env.object_states_dict[name].get_geom_state()["pos"])
+        return object_pos(self.env, name)
 
     def _grasp_point(self, obj: str) -> np.ndarray:
         lo, hi = self._aabb(obj)
