@@ -267,10 +267,13 @@ def test_trials_record_the_policys_reuse_per_call_and_old_files_resume_without_i
     ds = V.evaluate_task(ReusingPolicy(), run_dir=tmp_path, trials=1, **kw)
     assert ds.reuse.isel(trial=0).values[:3].tolist() == [0.0, 0.5, 0.5] and np.isnan(ds.reuse.values[0, 3:]).all()
     assert float(ds.reuse_mean[0]) == pytest.approx(1 / 3) and int(ds.reused_calls[0]) == 2
+    assert len(ds.trajectory.values[0]) == 16  # the digest of the trial's inputs and actions (dcvla.libero.results)
     path = V.result_path(tmp_path, "recorder", "libero_spatial", 0)
-    write_dataset(ds.drop_vars(["reuse", "reuse_mean", "reused_calls"]), path)  # a file from before the reuse
-    ds = V.evaluate_task(RecordingPolicy(), run_dir=tmp_path, trials=2, **kw)  # a policy that reports none
+    write_dataset(ds.drop_vars(["reuse", "reuse_mean", "reused_calls", "trajectory"]), path)  # from before both
+    ds = V.evaluate_task(RecordingPolicy(), run_dir=tmp_path, trials=2, **kw)  # a policy that reports no reuse
     assert np.isnan(ds.reuse_mean.values).all() and ds.reused_calls.values.tolist() == [-1, -1]
+    assert ds.trajectory.values[0] == "" and len(ds.trajectory.values[1]) == 16
+    assert V.load_results(tmp_path).trajectory.sel(trial=1).item() == ds.trajectory.values[1]
 
 
 def test_a_corrupt_result_file_stops_the_resume_naming_it(tmp_path):

@@ -273,3 +273,26 @@ def test_run_trial_rejects_misconfigured_policies():
     pol.action_convention = "LIBERO"
     with pytest.raises(ValueError, match="action_convention"):
         V.run_trial(pol, FakeEnv(), "libero_spatial", np.zeros(3), "do it", max_steps=3)
+
+
+class ShiftedEnv(FakeEnv):
+    """The same env with its scene drawn otherwise: every observation one step ahead (as a fixture the init state
+    does not fix would be elsewhere)."""
+
+    def step(self, action):
+        obs, reward, done, info = super().step(action)
+        return _obs(self.t + 1), reward, done, info
+
+
+def test_a_trial_records_the_digest_of_what_the_loop_exchanged():
+    """The same policy on the same observations: the same trajectory; another action, or the same actions on other
+    observations: another one."""
+    def trial(env, pol):
+        return V.run_trial(pol, env, "libero_spatial", np.zeros(3), "do it", max_steps=12, center_crop=False)
+
+    first, again = trial(FakeEnv(), StatefulChunkPolicy()), trial(FakeEnv(), StatefulChunkPolicy())
+    assert len(first.trajectory) == 16 and int(first.trajectory, 16) >= 0
+    assert again.trajectory == first.trajectory
+    assert trial(FakeEnv(), StatefulChunkPolicy(replan_steps=4)).trajectory != first.trajectory  # other actions
+    moved = trial(ShiftedEnv(), StatefulChunkPolicy())  # the chunks ignore what they see: the same actions
+    assert moved.steps == first.steps and moved.trajectory != first.trajectory

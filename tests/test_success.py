@@ -72,3 +72,46 @@ def test_the_dual_cache_is_held_against_vanilla_and_each_rival_the_run_played():
     ttf_first.success.loc[{"method": "dual_cache"}] = [0] * 10 + [1, 0]
     assert dual_cache_verdicts(ttf_first).set_index("b").loc["ttf", "kept"] == 0.5  # one of ttf's two successes
     assert dual_cache_verdicts(results.sel({"method": ["vanilla", "ttf"]})).empty  # no dual_cache
+
+
+def _seeded(trials: dict[str, list[list[float]]], trajectories: dict[str, list[list[str]]]) -> xr.DataArray:
+    """Success [method, seed, trial] with each trial's trajectory digest as a coordinate."""
+    dims = ("method", "seed", "trial")
+    return xr.DataArray(np.array(list(trials.values()), float), dims=dims,
+                        coords={"method": list(trials), "seed": [0, 1, 2],
+                                "trajectory": (dims, np.array(list(trajectories.values()), dtype=object))})
+
+
+def test_a_trial_replayed_under_another_seed_counts_once():
+    """A deterministic policy in a scene its init state fixes replays its trial under every seed: the replays add
+    no trial to the interval and no discordant pair to McNemar's test; a seed that played otherwise does."""
+    from dcvla.success import paired, replays
+
+    success = _seeded({"vanilla": [[1, 1], [1, 1], [1, 1]], "dual_cache": [[1, 0], [1, 0], [1, 1]]},
+                      {"vanilla": [["v0", "v1"], ["v0", "v1"], ["v0", "v1"]],
+                       "dual_cache": [["d0", "d1"], ["d0", "d1"], ["d0", "x1"]]})  # seed 2, init state 1: new
+    assert replays(success, "dual_cache").transpose("seed", "trial").values.tolist() == [
+        [False, False], [True, True], [True, False]]
+    assert replays(success, "vanilla").values.sum() == 4
+    assert replays(success, "vanilla", "dual_cache").transpose("seed", "trial").values.tolist() == [
+        [False, False], [True, True], [True, False]]
+    table = success_summary(success, "vanilla").set_index("method")
+    row = table.loc["dual_cache"]
+    assert (row["trials"], row["successes"], row["replays left out"], row["paired trials"]) == (3, 2, 3, 3)
+    assert (row["only this succeeded"], row["only vanilla succeeded"], row["McNemar p"]) == (0, 1, 1.0)
+    assert (table.loc["vanilla", "trials"], table.loc["vanilla", "replays left out"]) == (2, 4)
+    pair = paired(success, "dual_cache", "vanilla")
+    assert (pair["paired trials"], pair["replays left out"], pair["only b"]) == (3, 3, 1)
+    counted_twice = paired(success.drop_vars("trajectory"), "dual_cache", "vanilla")  # without the digests
+    assert (counted_twice["paired trials"], counted_twice["only b"], counted_twice["replays left out"]) == (6, 2, 0)
+
+
+def test_unrecorded_or_differing_trajectories_replay_nothing():
+    from dcvla.success import replays
+
+    success = _seeded({"a": [[1, 0]] * 3, "b": [[0, 1]] * 3},
+                      {"a": [["", "p"], ["", "p"], ["", "p"]], "b": [["q", "r"], ["q", "s"], ["q", "r"]]})
+    assert not replays(success, "a").sel(trial=0).any()  # "": not recorded
+    assert replays(success, "a").sel(trial=1).values.tolist() == [False, True, True]
+    assert replays(success, "a", "b").sel(trial=1).values.tolist() == [False, False, True]  # b's seed 1 is new
+    assert not replays(success.drop_vars("trajectory"), "a").any()

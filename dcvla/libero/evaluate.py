@@ -34,33 +34,11 @@ from dcvla.io import CorruptFileError, read_dataset, write_dataset
 
 from . import protocol
 from .env import close_env, get_init_states, get_task, make_env
+from .results import TrajectoryDigest, TrialResult, trials_dataset, with_recorded
 
 #: 2: every trial starts from the evaluation's seeds (in version 1 the RNGs ran on from the trials before it in the
 #: process, so a trial's outcome depended on which trials ran first: a resumed run was another run).
 RESULT_VERSION = 2
-
-
-@dataclass
-class TrialResult:
-    """Outcome of one closed-loop trial.
-
-    Attributes:
-        success: the env reported `done` within the step budget.
-        steps: env steps executed after the wait (one per action; for single-action policies, one per
-            policy call).
-        error: "" or the exception that ended the trial (type: message).
-        latency_s: wall seconds of each `policy.step` call (fewer entries than steps for chunk policies).
-        wall_s: wall seconds of the whole trial, env stepping and rendering included.
-        reuse: the policy's `last_reuse` after each `policy.step` call (the share of its cache's unit, e.g. a flow
-            policy's prefix K/V, taken from its store); NaN for a policy that does not report it.
-    """
-
-    success: bool
-    steps: int
-    error: str = ""
-    latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    wall_s: float = 0.0
-    reuse: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def seed_everything(seed: int = protocol.SEED) -> None:
@@ -121,7 +99,8 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
     except Exception as exc:  # noqa: BLE001 - upstream counts any exception as a failed trial
         error = _describe(exc)
     return TrialResult(loop.success, loop.steps, error, np.asarray(loop.latency, dtype=np.float64),
-                       time.perf_counter() - t_start, np.asarray(loop.reuse, dtype=np.float64))
+                       time.perf_counter() - t_start, np.asarray(loop.reuse, dtype=np.float64),
+                       loop.digest.hexdigest())
 
 
 @dataclass
@@ -140,6 +119,7 @@ class _ClosedLoop:
     latency: list[float] = field(default_factory=list)
     reuse: list[float] = field(default_factory=list)
     plan: deque = field(default_factory=deque)
+    digest: TrajectoryDigest = field(default_factory=TrajectoryDigest)  # what it was shown and did, step by step
 
     def run(self, env: Any, obs: dict, budget: int) -> None:
         """Execute planned actions until `done` or the budget; call the policy when the plan is empty."""
@@ -147,6 +127,7 @@ class _ClosedLoop:
             if not self.plan:
                 self.plan.extend(protocol.action_chunk(self._call_policy(obs))[: self.replan])
             action = protocol.postprocess(self.plan.popleft(), self.convention)
+            self.digest.update(action)
             obs, _, done, _ = env.step(action.tolist())
             self.steps += 1
             if done:
@@ -161,9 +142,11 @@ class _ClosedLoop:
                                  "make_env(..., cameras=('agentview', 'robot0_eye_in_hand'))")
             wrist = protocol.policy_input(protocol.process_frame(obs["robot0_eye_in_hand_image"]), crop=self.center_crop)
             image = [image, wrist]
+        state = protocol.obs_state(obs) if self.uses_state else None
+        self.digest.update(*(image if self.uses_wrist else [image]), *([] if state is None else [state]))
         t0 = time.perf_counter()
         if self.uses_state:
-            raw = self.policy.step(image, self.instruction, protocol.obs_state(obs))
+            raw = self.policy.step(image, self.instruction, state)
         else:
             raw = self.policy.step(image, self.instruction)
         self.latency.append(time.perf_counter() - t0)
@@ -201,57 +184,6 @@ def seeds_of(seed: int) -> tuple[int, int]:
     if seed < 0:
         raise ValueError(f"evaluation seed must be >= 0, got {seed}")
     return protocol.SEED + seed, protocol.ENV_SEED + seed
-
-
-def _trials_dataset(trials: list[int], results: list[TrialResult], budget: int) -> xr.Dataset:
-    lat = np.full((len(trials), budget), np.nan, dtype=np.float64)
-    reuse = np.full((len(trials), budget), np.nan, dtype=np.float64)
-    stats = {k: np.full(len(trials), np.nan) for k in ("mean", "p50", "p90", "max")}
-    for i, r in enumerate(results):
-        ms = 1000 * r.latency_s[:budget]
-        lat[i, : len(ms)] = ms
-        reuse[i, : len(r.reuse[:budget])] = r.reuse[:budget]
-        if len(ms):
-            stats["mean"][i], stats["max"][i] = ms.mean(), ms.max()
-            stats["p50"][i], stats["p90"][i] = np.percentile(ms, [50, 90])
-    data = {
-        "success": ("trial", np.array([r.success for r in results], dtype=np.int8), {"description": "1 if env done"}),
-        "steps": ("trial", np.array([r.steps for r in results], dtype=np.int32), {"units": "env steps after the wait"}),
-        "error": ("trial", np.array([r.error for r in results], dtype=object), {"description": "'' or the exception"}),
-        "wall_s": ("trial", np.array([r.wall_s for r in results]), {"units": "s"}),
-        "latency_ms": (("trial", "step"), lat, {"units": "ms", "description": "wall time of each policy.step call; NaN past the last call"}),
-    }
-    for k, v in stats.items():
-        data[f"latency_{k}_ms"] = ("trial", v, {"units": "ms"})
-    data.update(_reuse_variables(reuse))
-    return xr.Dataset({k: xr.Variable(d, v, a) for k, (d, v, a) in data.items()},
-                      coords={"trial": ("trial", np.asarray(trials, dtype=np.int32), {"description": "init state index"}),
-                              "step": np.arange(budget, dtype=np.int32)})
-
-
-def _reuse_variables(reuse: np.ndarray) -> dict:
-    """The closed-loop reuse of each trial from its per-call shares [trial, step] (NaN past the last call, or all NaN:
-    the policy does not report it): the shares, their mean and the calls that reused anything."""
-    called = ~np.isnan(reuse)
-    with np.errstate(invalid="ignore"):
-        mean = np.where(called.any(1), np.nansum(reuse, 1) / np.maximum(called.sum(1), 1), np.nan)
-    reused = np.where(called.any(1), (reuse > 0).sum(1), -1).astype(np.int32)
-    return {
-        "reuse": (("trial", "step"), reuse, {"description": "the policy's last_reuse after each policy.step call (share "
-                                                           "of its cache's unit taken from the store); NaN: no call, "
-                                                           "or not reported"}),
-        "reuse_mean": ("trial", mean, {"description": "mean of reuse over the trial's calls; NaN: not reported"}),
-        "reused_calls": ("trial", reused, {"description": "policy.step calls that reused anything; -1: not reported"}),
-    }
-
-
-def _with_reuse(old: xr.Dataset) -> xr.Dataset:
-    """A result file written before trials recorded their reuse, with the reuse variables as not reported."""
-    if "reuse" in old:
-        return old
-    shape = (old.sizes["trial"], old.sizes["step"])
-    new = {k: xr.Variable(d, v, a) for k, (d, v, a) in _reuse_variables(np.full(shape, np.nan)).items()}
-    return old.assign(new)
 
 
 #: Attributes added after RESULT_VERSION 1 files were first written, with the value those files imply.
@@ -329,7 +261,7 @@ def evaluate_task(policy: Any, suite: str, task: int | str, run_dir: str | Path,
 
 def _read_previous(path: Path, run: str) -> xr.Dataset | None:
     """The result file a rerun resumes from (None: there is none; one from before the reuse was recorded gets its
-    variables as not reported, `_with_reuse`). A damaged one stops the run, naming it, rather
+    variables as not reported, `with_recorded`). A damaged one stops the run, naming it, rather
     than being overwritten: it holds finished trials, minutes of simulation each, that the user may want back."""
     if not path.exists():
         return None
@@ -341,7 +273,7 @@ def _read_previous(path: Path, run: str) -> xr.Dataset | None:
     if "trial" not in old.dims:
         raise CorruptFileError(f"cannot resume {run}: {path} has no trial dimension (not a dcvla LIBERO result file?); "
                                "move it away to run the trials")
-    return _with_reuse(old)
+    return with_recorded(old)
 
 
 def _result_attrs(policy: Any, method: str, suite: str, info: Any, budget: int, center_crop: bool, seed: int) -> dict:
@@ -370,7 +302,7 @@ def _run_trials(policy: Any, env: Any, suite: str, info: Any, init_states: np.nd
         seed_everything(attrs["seed"])
         env.seed(attrs["env_seed"])
         r = run_trial(policy, env, suite, init_states[t], info.instruction, budget, center_crop)
-        new = _trials_dataset([t], [r], budget)
+        new = trials_dataset([t], [r], budget)
         ds = new if ds is None else xr.concat([ds, new], dim="trial", data_vars="all").sortby("trial")
         ds.attrs = dict(attrs, trials_done=int(ds.sizes["trial"]),
                         success_rate=float(ds.success.mean()), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -390,7 +322,7 @@ def load_results(run_dir: str | Path, method: str | None = None, keep: dict[str,
     rows = []
     pattern = f"{method}/*.nc" if method else "*/*.nc"
     for p in sorted(Path(run_dir).glob(pattern)):
-        ds = _with_reuse(read_dataset(p))
+        ds = with_recorded(read_dataset(p))
         ds = ds.expand_dims(method=[ds.attrs["method"]], suite=[ds.attrs["suite"]], task=[int(ds.attrs["task_id"])],
                             seed=[int(ds.attrs.get("evaluation_seed", 0))])
         rows.append(ds)

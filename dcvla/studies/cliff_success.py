@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..success import ALPHA, paired, success_summary
+from ..success import ALPHA, outcomes, paired, success_summary
 from ..units import run_units
 from . import stability_cliff
 from .cliff_config import own_gate_runs
@@ -90,4 +90,4 @@ def success_trials(config: CliffConfig, base=None, progress: bool = False) -> xr
     labels, tasks = [run_label(*key) for key in success_keys(config)], sorted({u.get("task") for u in todo})
     results = load_results(Path(todo[0].path).parents[1], keep={"method": labels, "suite": config.suites, "task": tasks,
                                                                  "seed": config.success_seeds, "trial": list(range(config.trials()))})
-    return results.success.assign_coords(reuse_mean=results.reuse_mean)
+    return outcomes(results).assign_coords(reuse_mean=results.reuse_mean)

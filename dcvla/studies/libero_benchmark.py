@@ -11,7 +11,7 @@ import xarray as xr
 
 from ..openvla import METHODS, CacheConfig
 from ..openvla.cache_policy import CachePolicyBase
-from ..success import paired, success_summary
+from ..success import outcomes, paired, success_summary
 from ..units import Unit, make_unit, run_units
 from .common import SUITES, PolicyParameters, base_policy, check_names, suite_tasks
 
@@ -111,7 +111,7 @@ def success_table(results: xr.Dataset, reference: str = "vanilla", by: tuple[str
     trials, successes, the success rate with its 95% Wilson interval, and against `reference` (the first method when
     it was not run) on the same init states: the paired difference and the exact McNemar p (`dcvla.success`)."""
     methods = [str(m) for m in results.method.values]
-    return success_summary(results.success, reference if reference in methods else methods[0], by=by)
+    return success_summary(outcomes(results), reference if reference in methods else methods[0], by=by)
 
 
 def dual_cache_verdicts(results: xr.Dataset, method: str = "dual_cache", rivals: tuple[str, ...] = RIVALS) -> pd.DataFrame:
@@ -124,7 +124,7 @@ def dual_cache_verdicts(results: xr.Dataset, method: str = "dual_cache", rivals:
         return pd.DataFrame()
     rows = []
     for other in (m for m in ("vanilla", *rivals) if m in played and m != method):
-        row = paired(results.success, method, other)
+        row = paired(outcomes(results), method, other)
         won = row["both"] + row["only b"]  # the other's successes
         row["kept"] = row["both"] / won if won else float("nan")
         rows.append(row)

@@ -14,8 +14,8 @@ from .speed import HZ, MEDIAN_MS, SPEEDUP, TOTAL
 from .stability_cliff import consistency_vs_freshness, locate_cliff
 
 
-SUCCESS_COLUMNS = ["trials", "successes", "success rate", "95% CI low", "95% CI high", "difference to none",
-                   "McNemar p", "closed-loop reuse"]
+SUCCESS_COLUMNS = ["trials", "successes", "success rate", "95% CI low", "95% CI high", "replays left out",
+                   "difference to none", "McNemar p", "closed-loop reuse"]
 
 
 def print_note(note: str) -> None:
@@ -54,8 +54,10 @@ def print_cliff_summary(path: Path, model: str) -> None:
         print(consistency_vs_freshness(table).set_index("threshold").round(4).to_string())
 
 
-BENCHMARK_COLUMNS = ["trials", "successes", "success rate", "95% CI low", "95% CI high", "difference to vanilla",
-                     "McNemar p"]
+BENCHMARK_COLUMNS = ["trials", "successes", "success rate", "95% CI low", "95% CI high", "replays left out",
+                     "difference to vanilla", "McNemar p"]
+VERDICT_COLUMNS = ["b", "paired trials", "replays left out", "rate a", "rate b", "only a", "only b", "McNemar p", "kept",
+                   "verdict"]
 
 
 def print_benchmark_summary(path: Path, verdicts: Path, model: str) -> None:
@@ -68,7 +70,7 @@ def print_benchmark_summary(path: Path, verdicts: Path, model: str) -> None:
         print(table[[c for c in BENCHMARK_COLUMNS if c in table]].round(4).to_string())
         if verdicts.is_file() and "dual_cache" in table.index.get_level_values("method"):
             print("\nDoes the dual cache keep success where the others do?")
-            columns = ["b", "paired trials", "rate a", "rate b", "only a", "only b", "McNemar p", "kept", "verdict"]
-            print(read_dataset(verdicts).to_dataframe()[columns].rename(columns={"b": "against"})
+            found = read_dataset(verdicts).to_dataframe()
+            print(found[[c for c in VERDICT_COLUMNS if c in found]].rename(columns={"b": "against"})
                   .set_index("against").round(4).to_string())
 
