@@ -71,7 +71,8 @@ def replays(success: xr.DataArray, *methods: str) -> xr.DataArray:
                 out[row, s] = key in seen
                 seen.add(key)
     shape = [one.sizes[d] for d in order]
-    return xr.DataArray(out.reshape(shape), dims=order, coords={d: one[d] for d in order if d in one.coords}).transpose(*one.dims)
+    coords = {d: one[d] for d in order if d in one.coords}
+    return xr.DataArray(out.reshape(shape), dims=order, coords=coords).transpose(*one.dims)
 
 
 def _groups(by: tuple[str, ...], **arrays: xr.DataArray) -> list[tuple[tuple, dict[str, np.ndarray]]]:
@@ -95,26 +96,31 @@ def success_summary(success: xr.DataArray, reference: str, by: tuple[str, ...] =
     ref = success.sel({"method": reference}, drop=True)  # sel(method=...) would be the matching keyword
     per_method = {}
     for method in map(str, success.method.values):
-        run, again, pair_again = success.sel({"method": method}, drop=True), replays(success, method), replays(success, method, reference)
-        per_method[method] = _groups(by, run=run, again=again, pair_run=run.where(~pair_again), pair_ref=ref.where(~pair_again))
+        run, pair_again = success.sel({"method": method}, drop=True), replays(success, method, reference)
+        per_method[method] = _groups(by, run=run, again=replays(success, method), pair_run=run.where(~pair_again),
+                                     pair_ref=ref.where(~pair_again))
     rows = []
-    for g, key in enumerate(group[0] for group in next(iter(per_method.values()))):
+    for g, (key, _) in enumerate(per_method[reference]):  # group by group, every method in each
         for method, groups in per_method.items():
-            a = groups[g][1]
-            done = ~np.isnan(a["run"])
-            own, again = done & ~a["again"], done & a["again"]
-            paired = ~np.isnan(a["pair_run"]) & ~np.isnan(a["pair_ref"])
-            run, ref_ = a["pair_run"][paired] > 0.5, a["pair_ref"][paired] > 0.5
-            n, s = int(own.sum()), int(a["run"][own].sum())
-            low, high = wilson_interval(s, n) if n else (np.nan, np.nan)
-            only_run, only_ref, p = mcnemar_exact(run, ref_)
-            rows.append({"method": method, **dict(zip(by, key)),
-                         "trials": n, "successes": s, "success rate": s / n if n else np.nan,
-                         "95% CI low": low, "95% CI high": high, "replays left out": int(again.sum()),
-                         "paired trials": int(paired.sum()),
-                         f"difference to {reference}": (run.mean() - ref_.mean()) if paired.any() else np.nan,
-                         "only this succeeded": only_run, f"only {reference} succeeded": only_ref, "McNemar p": p})
+            rows.append({"method": method, **dict(zip(by, key)), **_summary_row(groups[g][1], reference)})
     return pd.DataFrame(rows)
+
+
+def _summary_row(a: dict[str, np.ndarray], reference: str) -> dict:
+    """One method's row of `success_summary` from its group's flattened arrays (`_groups`): "run" and "again" (its
+    trials, which of them replay), "pair_run" and "pair_ref" (it and the reference with their joint replays NaN)."""
+    done = ~np.isnan(a["run"])
+    own, again = done & ~a["again"], done & a["again"]
+    paired = ~np.isnan(a["pair_run"]) & ~np.isnan(a["pair_ref"])
+    run, ref = a["pair_run"][paired] > 0.5, a["pair_ref"][paired] > 0.5
+    n, s = int(own.sum()), int(a["run"][own].sum())
+    low, high = wilson_interval(s, n) if n else (np.nan, np.nan)
+    only_run, only_ref, p = mcnemar_exact(run, ref)
+    return {"trials": n, "successes": s, "success rate": s / n if n else np.nan,
+            "95% CI low": low, "95% CI high": high, "replays left out": int(again.sum()),
+            "paired trials": int(paired.sum()),
+            f"difference to {reference}": (run.mean() - ref.mean()) if paired.any() else np.nan,
+            "only this succeeded": only_run, f"only {reference} succeeded": only_ref, "McNemar p": p}
 
 
 def paired(success: xr.DataArray, a: str, b: str) -> dict:
@@ -138,5 +144,6 @@ def paired(success: xr.DataArray, a: str, b: str) -> dict:
     else:
         verdict = f"no significant difference (p = {p:.3g}, {n} paired trials)"
     rates = (x.mean(), y.mean()) if n else (np.nan, np.nan)
-    return {"a": a, "b": b, "paired trials": n, "replays left out": int((played & ~both).sum()), "rate a": rates[0], "rate b": rates[1],
+    return {"a": a, "b": b, "paired trials": n, "replays left out": int((played & ~both).sum()),
+            "rate a": rates[0], "rate b": rates[1],
             "both": int((x & y).sum()), "only a": only_a, "only b": only_b, "McNemar p": p, "verdict": verdict}

@@ -115,3 +115,7 @@ def test_unrecorded_or_differing_trajectories_replay_nothing():
     assert replays(success, "a").sel(trial=1).values.tolist() == [False, True, True]
     assert replays(success, "a", "b").sel(trial=1).values.tolist() == [False, False, True]  # b's seed 1 is new
     assert not replays(success.drop_vars("trajectory"), "a").any()
+    from dcvla.studies.cliff_success import rate
+
+    assert rate(success, "a") == pytest.approx(3 / 4)  # trial 0 three times (unrecorded), trial 1's failure once
+    assert rate(success.drop_vars("trajectory"), "a") == pytest.approx(3 / 6)

@@ -18,15 +18,16 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..success import ALPHA, outcomes, paired, success_summary
+from ..success import ALPHA, outcomes, paired, replays, success_summary
 from ..units import run_units
 from . import stability_cliff
 from .cliff_config import own_gate_runs
 from .stability_cliff import CliffConfig, CliffWorker, run_label, success_keys, success_units
 
 def rate(success: xr.DataArray, label: str) -> float:
-    """A run's success rate over the trials it played."""
-    return float(np.nanmean(success.sel({"method": label}).values))
+    """A run's success rate over the trials it played, each replayed trial once (`dcvla.success.replays`)."""
+    run = success.sel({"method": label}, drop=True)
+    return float(np.nanmean(run.where(~replays(success, label)).values))
 
 
 def success_cliff(success: xr.DataArray, runs: pd.DataFrame, reference: str = "none") -> pd.DataFrame:
