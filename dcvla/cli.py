@@ -5,6 +5,7 @@
                                                        execute it with papermill
     dcvla run STUDY ... --shard I/N                    only shard I of N of the study's units (SLURM arrays)
     dcvla merge STUDY [-p NAME VALUE]...               the notebook over the shards' results (computes no unit)
+    dcvla progress STUDY [-p NAME VALUE]... [--shards N]  units complete and trials played so far (computes none)
     dcvla run STUDY ... --ray auto|ADDRESS|local       the study's units on a Ray cluster, then the notebook
     dcvla sweep STUDY -p NAME '[v1, v2]' ... [--ray]   the notebook per combination, then sweep_summary
     dcvla studies [-p NAME VALUE]...                   the paper set on the embedded default, then a summary
@@ -275,6 +276,18 @@ def sweep(args: argparse.Namespace) -> None:
           f"{shown(root / 'sweep_summary.ipynb')}", flush=True)
 
 
+def progress(args: argparse.Namespace) -> None:
+    """How far a study's units are with these parameters (computes nothing): units complete, trials played, per
+    shard with --shards N, and each incomplete unit."""
+    from .units import progress as report
+
+    check_study(args.study)
+    if args.shards < 0:
+        raise ValueError(f"--shards must be >= 0, got {args.shards}")
+    units, _ = study_plan(args.study, cli_parameters(args.param, args.study))
+    print(report(units, args.shards), flush=True)
+
+
 def merge(args: argparse.Namespace) -> None:
     """The study's notebook over the shards' results: every unit must be complete (none is computed here)."""
     from .units import MERGE_ENV
@@ -285,7 +298,8 @@ def merge(args: argparse.Namespace) -> None:
     missing = [u for u in units if not u.complete()]
     if missing:
         raise ValueError(f"{args.study}: {len(missing)} of {len(units)} units are not complete (first: "
-                         f"{missing[0].name}); run the missing shards with the same -p before merging")
+                         f"{missing[0].name}); run the missing shards with the same -p before merging "
+                         f"(dcvla progress {args.study} with them lists what is left)")
     os.environ[MERGE_ENV] = "1"
     run_study(args.study, parameters)
 
@@ -364,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="the notebook parameters the shards ran with, repeatable")
     g.set_defaults(func=merge)
+    q = sub.add_parser("progress", help="how far a study's units are (units complete, trials played)")
+    q.add_argument("study")
+    q.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="the parameters the study runs with, repeatable")
+    q.add_argument("--shards", type=int, default=0, help="also per shard of N (the runs' --shard I/N)")
+    q.set_defaults(func=progress)
     s = sub.add_parser("studies", help="the paper set on the embedded default (small preset, shipped episodes)")
     s.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="parameter for every study (e.g. -p preset tiny), repeatable")

@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from .ray_runner import make_worker, run_on_ray
 
 SHARD_ENV, RAY_ENV, MERGE_ENV = "DCVLA_SHARD", "DCVLA_RAY", "DCVLA_MERGE"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,22 @@ class Unit:
         return dict(self.params)[key]
 
     def complete(self) -> bool:
+        return self.done() >= max(self.trials, 1)
+
+    def done(self) -> int:
+        """Trials its file holds (a recording: 1 when its file exists, else 0); an unreadable file holds none (the
+        worker says why when it resumes)."""
         path = Path(self.path)
         if not path.is_file():
-            return False
+            return 0
         if not self.trials:
-            return True
+            return 1
         from .io import read_dataset
 
         try:
-            return int(read_dataset(path).attrs.get("trials_done", 0)) >= self.trials
-        except Exception:  # an unreadable file is not a complete unit (the worker says why when it resumes)
-            return False
+            return int(read_dataset(path).attrs.get("trials_done", 0))
+        except Exception:
+            return 0
 
 
 def make_unit(study: str, path: str | os.PathLike, trials: int = 0, **params) -> Unit:
@@ -77,7 +83,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def shard(units: list[Unit], index: int, count: int) -> list[Unit]:
+def shard(units: list[T], index: int, count: int) -> list[T]:
     """Shard `index` of `count`: a deterministic round-robin share of the list (its order is the study's)."""
     return units[index::count]
 
@@ -145,6 +151,26 @@ def run_units(units: list[Unit], factory: tuple[str, dict], runner: Runner | Non
                 run(unit, Path(unit.path))
         runner.done.extend(u.name for u in todo)
     return [Path(u.path) for u in units]
+
+
+def progress(units: list[Unit], shards: int = 0) -> str:
+    """How far a study's units are: units complete, closed-loop trials played of those asked for, per shard of
+    `shards` (the round-robin of `--shard I/N`) when given, then each incomplete unit and its trials."""
+    done = [min(u.done(), max(u.trials, 1)) for u in units]
+
+    def line(name: str, picked: list[int]) -> str:
+        complete = sum(units[i].complete() for i in picked)
+        trial_units = [i for i in picked if units[i].trials]
+        played, asked = sum(done[i] for i in trial_units), sum(units[i].trials for i in trial_units)
+        return (f"{name}: {complete} of {len(picked)} units complete"
+                + (f"; trials {played} of {asked} ({played / asked:.0%})" if asked else ""))
+
+    index = list(range(len(units)))
+    lines = [line(units[0].study if units else "no units", index)]
+    lines += [line(f"  shard {i}/{shards}", shard(index, i, shards)) for i in range(shards)]
+    lines += [f"  {units[i].name}: " + (f"{done[i]} of {units[i].trials} trials" if units[i].trials else "absent")
+              for i in index if not units[i].complete()]
+    return "\n".join(lines)
 
 
 def _bar(units: list[Unit], progress: bool):

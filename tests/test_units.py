@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 
 from dcvla import units as U
 from dcvla.io import open_recording
@@ -144,11 +145,35 @@ def test_the_command_line_shards_and_refuses_to_merge_what_is_missing(tmp_path, 
     assert main(["run", "stability_cliff", *params, "--shard", "0/2"]) == 0
     out = capsys.readouterr().out
     assert "shard 0/2 ran 2 units; 2 of 3 complete" in out and "dcvla merge stability_cliff" in out  # and the timing
+    assert main(["progress", "stability_cliff", *params, "--shards", "2"]) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert report[:3] == ["stability_cliff: 2 of 3 units complete", "  shard 0/2: 2 of 2 units complete",
+                          "  shard 1/2: 0 of 1 units complete"]
+    assert report[3:] == ["  stability_cliff[mode=full, gate=cosine, value=-1.0, episode=libero_spatial/task00/init00]"
+                          ": absent"]
     assert main(["merge", "stability_cliff", *params]) == 2
     assert "1 of 3 units are not complete (first: stability_cliff[mode=full" in capsys.readouterr().err
     assert main(["run", "explorer", "--shard", "0/2"]) == 2
     assert "explorer has no units to shard or send to Ray" in capsys.readouterr().err
     assert main(["run", "stability_cliff", *params, "--shard", "0/2", "--ray", "auto"]) == 2
+
+
+def test_progress_counts_the_trials_each_file_holds_and_leaves_out_the_complete_units(tmp_path):
+    from dcvla.io import write_dataset
+
+    units = [U.make_unit("bench", tmp_path / f"{m}.nc", trials=4, method=m) for m in ("a", "b", "c")]
+    units.append(U.make_unit("bench", tmp_path / "rec.nc", episode="e"))
+    write_dataset(xr.Dataset(attrs={"trials_done": 4}), units[0].path)
+    write_dataset(xr.Dataset(attrs={"trials_done": 1}), units[1].path)
+    Path(units[2].path).write_text("not netCDF")  # unreadable: no trials (the worker says why when it resumes)
+    assert [u.done() for u in units] == [4, 1, 0, 0] and [u.complete() for u in units] == [True, False, False, False]
+    assert U.progress(units, shards=2).splitlines() == [
+        "bench: 1 of 4 units complete; trials 5 of 12 (42%)",
+        "  shard 0/2: 1 of 2 units complete; trials 4 of 8 (50%)",
+        "  shard 1/2: 0 of 2 units complete; trials 1 of 4 (25%)",
+        "  bench[method=b]: 1 of 4 trials", "  bench[method=c]: 0 of 4 trials", "  bench[episode=e]: absent"]
+    write_dataset(xr.Dataset(attrs={"trials_done": 7}), units[1].path)  # more than asked: complete, counted as 4
+    assert U.progress(units[:2]) == "bench: 2 of 2 units complete; trials 8 of 8 (100%)"
 
 
 def test_sweep_runs_every_combination_and_summarises_them(tmp_path):
