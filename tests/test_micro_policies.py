@@ -171,3 +171,16 @@ def test_rollout_gif_summarises_a_flow_policys_reuse():
     records = [SimpleNamespace(gate=False, reuse_fraction=0.0), SimpleNamespace(gate=True, reuse_fraction=0.5)]
     summary = load_script("rollout_gif").reuse_summary("smolvla-micro", SimpleNamespace(records=records))
     assert summary == "2 inferences; the gate opened on 1, 0.25 of the prefix K/V reused on average"
+
+
+def test_rollout_gif_refuses_a_reuse_option_of_the_other_family(capsys):
+    """--mode is a flow policy's, --method an OpenVLA-family policy's: the other is refused before anything loads."""
+    from test_training import load_script
+
+    gif = load_script("rollout_gif")
+    for argv, said in ((["oft-micro", "--mode", "full"], "--mode is a flow policy's reuse mode; oft-micro is OpenVLA's"),
+                       (["smolvla-micro", "--method", "dual_cache"],
+                        "--method is an OpenVLA-family cache method; smolvla-micro is a flow policy")):
+        with pytest.raises(SystemExit) as exit_:
+            gif.main(argv)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err

@@ -122,7 +122,10 @@ def test_training_fits_a_batch_and_ships_a_loadable_checkpoint(demos, tmp_path):
     assert policy.model.norm_stats == model.norm_stats
     chunk = policy.step(data.frames(0), demos[0].instruction, demos[0].states[0])
     assert chunk.shape == (8, 7) and np.isfinite(chunk).all()
-    assert policy.records and load_script("rollout_gif").reuse_summary("oft-micro", policy) is None  # no gate to count
+    gif = load_script("rollout_gif")
+    assert policy.records and gif.reuse_summary("oft-micro", policy, np.array([policy.last_reuse])) is None  # vanilla
+    assert gif.reuse_summary("oft-micro", policy, np.array([0.0, 0.25, 0.125])) == (
+        "3 inferences; 2 reused vision tokens, 0.125 of them on average (min 0.000, max 0.250)")
 
 
 def test_train_micro_script_trains_oft_micro(tmp_path, capsys):
