@@ -5,6 +5,7 @@
                                                        execute it with papermill
     dcvla run STUDY ... --shard I/N                    only shard I of N of the study's units (SLURM arrays)
     dcvla merge STUDY [-p NAME VALUE]...               the notebook over the shards' results (computes no unit)
+    dcvla merge STUDY ... --partial                    the same over the trials played so far (a grid under way)
     dcvla progress STUDY [-p NAME VALUE]... [--shards N]  units complete and trials played so far (computes none)
     dcvla run STUDY ... --ray auto|ADDRESS|local       the study's units on a Ray cluster, then the notebook
     dcvla sweep STUDY -p NAME '[v1, v2]' ... [--ray]   the notebook per combination, then sweep_summary
@@ -28,56 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .openvla import CacheConfig, CachedPolicy
-from .openvla.processing import build_prompt
-
-
-def shipped_frame() -> tuple[np.ndarray, str, str]:
-    """The first frame of the first shipped LIBERO episode: (image, instruction, description)."""
-    from .libero.episodes import list_episodes, load_episode
-
-    paths = list_episodes()
-    if not paths:
-        raise FileNotFoundError("no shipped LIBERO episodes under data/episodes (record some: scripts/record_episodes.py)")
-    episode = load_episode(paths[0])
-    return episode.frames[0], episode.instruction, f"{paths[0].name} frame 0"
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An image file as RGB uint8 [H, W, 3]; a missing or unreadable file raises naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--image {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"--image {path} is not an image file PIL can read ({err})") from err
-
-
-def predict(args: argparse.Namespace) -> None:
-    config = CacheConfig(method=args.method, unnorm_key=args.unnorm_key)
-    if args.image:  # the inputs first: a bad one fails before a model is built
-        if args.instruction is None:
-            raise ValueError(f"--image {args.image} needs --instruction (the shipped frame's instruction is not its)")
-        image, instruction, source = read_image(args.image), args.instruction, args.image
-    else:
-        image, instruction, source = shipped_frame()
-        instruction = instruction if args.instruction is None else args.instruction  # "" is an (empty) instruction
-    build_prompt(instruction)  # an empty instruction raises here
-    if args.checkpoint:
-        policy = CachedPolicy.from_pretrained(args.checkpoint, config, preset=args.preset)
-    else:
-        policy = CachedPolicy.from_preset(args.preset or "tiny", seed=args.seed, config=config)
-    start = time.perf_counter()
-    action = policy.step(image, instruction)
-    ms = (time.perf_counter() - start) * 1e3
-    print(f"preset {policy.model.config.name} | image {source} {image.shape} | instruction {instruction!r}")
-    print(f"action tokens {policy.last.token_ids.tolist()}")
-    print(f"action {np.array2string(action, precision=4, floatmode='fixed')}  ({ms:.0f} ms)")
+from .predict import predict
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,18 +241,21 @@ def progress(args: argparse.Namespace) -> None:
 
 
 def merge(args: argparse.Namespace) -> None:
-    """The study's notebook over the shards' results: every unit must be complete (none is computed here)."""
-    from .units import MERGE_ENV
+    """The study's notebook over the shards' results: every unit must be complete (none is computed here); with
+    --partial, units of closed-loop trials may not be yet, and the tables count the trials played so far."""
+    from .units import MERGE_ENV, progress
 
     check_study(args.study)
     parameters = cli_parameters(args.param, args.study)
     units, _ = study_plan(args.study, parameters)  # a study without units fails here, naming the ones with
-    missing = [u for u in units if not u.complete()]
+    missing = [u for u in units if not u.complete() and not (args.partial and u.trials)]
     if missing:
         raise ValueError(f"{args.study}: {len(missing)} of {len(units)} units are not complete (first: "
                          f"{missing[0].name}); run the missing shards with the same -p before merging "
                          f"(dcvla progress {args.study} with them lists what is left)")
-    os.environ[MERGE_ENV] = "1"
+    if args.partial:
+        print(f"[dcvla] partial merge of {progress(units).splitlines()[0]}", flush=True)
+    os.environ[MERGE_ENV] = "partial" if args.partial else "1"
     run_study(args.study, parameters)
 
 
@@ -377,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("study")
     g.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="the notebook parameters the shards ran with, repeatable")
+    g.add_argument("--partial", action="store_true", help="tables of the trials played so far (a grid under way)")
     g.set_defaults(func=merge)
     q = sub.add_parser("progress", help="how far a study's units are (units complete, trials played)")
     q.add_argument("study")

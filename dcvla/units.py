@@ -96,13 +96,14 @@ class Runner:
     ray: str = ""                      # "" here; "local" (a cluster started for this process), "auto", an address
     num_workers: int = 0               # Ray actors (0: one per GPU, else one per CPU of the cluster)
     merge: bool = False
+    partial: bool = False              # a merge that leaves the trials not played yet out (recordings must be whole)
     done: list[str] = field(default_factory=list)  # units this process ran
 
     @classmethod
     def from_env(cls) -> "Runner":
-        text = os.environ.get(SHARD_ENV, "")
+        text, merge = os.environ.get(SHARD_ENV, ""), os.environ.get(MERGE_ENV, "")
         return cls(shard=parse_shard(text) if text else None, ray=os.environ.get(RAY_ENV, ""),
-                   merge=os.environ.get(MERGE_ENV, "") == "1")
+                   merge=merge in ("1", "partial"), partial=merge == "partial")
 
 
 _RUNNER: Runner | None = None
@@ -138,6 +139,8 @@ def run_units(units: list[Unit], factory: tuple[str, dict], runner: Runner | Non
     todo = [u for u in units if not u.complete()]
     if runner.shard is not None:
         todo = [u for u in shard(units, *runner.shard) if u in todo]
+    if runner.merge and runner.partial:
+        todo = [u for u in todo if not u.trials]  # the study reads the trials its files hold; the rest are NaN
     if todo and runner.merge:
         names = ", ".join(u.name for u in todo[:5]) + (" ..." if len(todo) > 5 else "")
         raise IncompleteUnits(f"{len(todo)} of {len(units)} units are not complete ({names}); run the missing shards "

@@ -176,6 +176,32 @@ def test_progress_counts_the_trials_each_file_holds_and_leaves_out_the_complete_
     assert U.progress(units[:2]) == "bench: 2 of 2 units complete; trials 8 of 8 (100%)"
 
 
+def test_a_partial_merge_tables_the_trials_played_so_far(tmp_path, capsys):
+    """A grid under way: `merge` refuses units of trials not complete yet, `merge --partial` tables the trials their
+    files hold (the recordings must be whole)."""
+    from dcvla.cli import main
+    from dcvla.io import read_dataset
+
+    params = ["-p", "preset", "pi0-tiny", "-p", "steps", "2", "-p", "thresholds", "[-1.0]", "-p", "modes", '["full"]',
+              "-p", "gates", "[]", "-p", "suites", '["libero_spatial"]', "-p", "max_steps", "3", "-p", "success_runs",
+              "[]", "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir", str(tmp_path / "figures")]
+    assert main(["run", "stability_cliff", *params, "-p", "success_trials", "1", "--shard", "0/1"]) == 0
+    more = [*params, "-p", "success_trials", "2"]  # one trial of two played per run
+    capsys.readouterr()
+    assert main(["merge", "stability_cliff", *more]) == 2
+    assert "2 of 5 units are not complete" in capsys.readouterr().err
+    assert main(["merge", "stability_cliff", *more, "--partial"]) == 0
+    out = capsys.readouterr().out
+    assert "[dcvla] partial merge of stability_cliff: 3 of 5 units complete; trials 2 of 4 (50%)" in out
+    table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe()
+    assert sorted(table["trials"].dropna()) == [1, 1]  # the reference's and full's one trial each
+    rm = tmp_path / "runs" / "stability_cliff" / "pi0-tiny" / "full"
+    for path in rm.glob("*.nc"):
+        path.unlink()  # a recording missing: no merge, partial or not
+    assert main(["merge", "stability_cliff", *more, "--partial"]) == 2
+    assert "1 of 5 units are not complete (first: stability_cliff[mode=full" in capsys.readouterr().err
+
+
 def test_sweep_runs_every_combination_and_summarises_them(tmp_path):
     from dcvla.cli import main
     from dcvla.io import read_dataset
