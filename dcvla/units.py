@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import numpy as np
+
 from .ray_runner import make_worker, run_on_ray
 
 SHARD_ENV, RAY_ENV, MERGE_ENV = "DCVLA_SHARD", "DCVLA_RAY", "DCVLA_MERGE"
@@ -158,15 +160,22 @@ def run_units(units: list[Unit], factory: tuple[str, dict], runner: Runner | Non
 
 def progress(units: list[Unit], shards: int = 0) -> str:
     """How far a study's units are: units complete, closed-loop trials played of those asked for, per shard of
-    `shards` (the round-robin of `--shard I/N`) when given, then each incomplete unit and its trials."""
+    `shards` (the round-robin of `--shard I/N`) when given, then each incomplete unit and its trials.
+
+    "~H h left": the trials not played yet, one after another, each at its unit's mean wall time so far (a unit
+    with none played: the mean of every trial played), which is a shard's time left when it runs in one process."""
     done = [min(u.done(), max(u.trials, 1)) for u in units]
+    walls = [trial_walls(u) if done[i] else [] for i, u in enumerate(units)]
+    seen = [w for unit_walls in walls for w in unit_walls]
 
     def line(name: str, picked: list[int]) -> str:
         complete = sum(units[i].complete() for i in picked)
         trial_units = [i for i in picked if units[i].trials]
         played, asked = sum(done[i] for i in trial_units), sum(units[i].trials for i in trial_units)
+        left = sum((units[i].trials - done[i]) * float(np.mean(walls[i] or seen)) for i in trial_units) if seen else 0
         return (f"{name}: {complete} of {len(picked)} units complete"
-                + (f"; trials {played} of {asked} ({played / asked:.0%})" if asked else ""))
+                + (f"; trials {played} of {asked} ({played / asked:.0%})" if asked else "")
+                + (f"; ~{left / 3600:.1f} h left" if left else ""))
 
     index = list(range(len(units)))
     lines = [line(units[0].study if units else "no units", index)]
@@ -174,6 +183,17 @@ def progress(units: list[Unit], shards: int = 0) -> str:
     lines += [f"  {units[i].name}: " + (f"{done[i]} of {units[i].trials} trials" if units[i].trials else "absent")
               for i in index if not units[i].complete()]
     return "\n".join(lines)
+
+
+def trial_walls(unit: Unit) -> list[float]:
+    """The wall seconds of each trial its file holds (`wall_s`; none for a recording or an unreadable file)."""
+    from .io import read_dataset
+
+    try:
+        walls = read_dataset(unit.path)["wall_s"].values if unit.trials else []
+    except Exception:
+        return []
+    return [float(w) for w in np.ravel(walls) if np.isfinite(w)]
 
 
 def _bar(units: list[Unit], progress: bool):

@@ -164,13 +164,14 @@ def test_progress_counts_the_trials_each_file_holds_and_leaves_out_the_complete_
     units = [U.make_unit("bench", tmp_path / f"{m}.nc", trials=4, method=m) for m in ("a", "b", "c")]
     units.append(U.make_unit("bench", tmp_path / "rec.nc", episode="e"))
     write_dataset(xr.Dataset(attrs={"trials_done": 4}), units[0].path)
-    write_dataset(xr.Dataset(attrs={"trials_done": 1}), units[1].path)
+    write_dataset(xr.Dataset({"wall_s": ("trial", [720.0])}, attrs={"trials_done": 1}), units[1].path)
     Path(units[2].path).write_text("not netCDF")  # unreadable: no trials (the worker says why when it resumes)
     assert [u.done() for u in units] == [4, 1, 0, 0] and [u.complete() for u in units] == [True, False, False, False]
     assert U.progress(units, shards=2).splitlines() == [
-        "bench: 1 of 4 units complete; trials 5 of 12 (42%)",
-        "  shard 0/2: 1 of 2 units complete; trials 4 of 8 (50%)",
-        "  shard 1/2: 0 of 2 units complete; trials 1 of 4 (25%)",
+        # 3 trials of b left at b's 720 s, 4 of c at the mean of every trial played (b's: a has no wall times)
+        "bench: 1 of 4 units complete; trials 5 of 12 (42%); ~1.4 h left",
+        "  shard 0/2: 1 of 2 units complete; trials 4 of 8 (50%); ~0.8 h left",
+        "  shard 1/2: 0 of 2 units complete; trials 1 of 4 (25%); ~0.6 h left",
         "  bench[method=b]: 1 of 4 trials", "  bench[method=c]: 0 of 4 trials", "  bench[episode=e]: absent"]
     write_dataset(xr.Dataset(attrs={"trials_done": 7}), units[1].path)  # more than asked: complete, counted as 4
     assert U.progress(units[:2]) == "bench: 2 of 2 units complete; trials 8 of 8 (100%)"
