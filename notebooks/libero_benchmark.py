@@ -36,6 +36,8 @@ methods = ["vanilla", "dual_cache"]
 suites = ["libero_goal"]  # the default policy's suite
 tasks = []                # task ids per suite ([]: its trained one, the first shipped episode's)
 trials = 2                # init states 0..trials-1 (the protocol uses 50)
+trials_per_unit = 0       # init states per unit and result file (0: all of a method's on a task in one): blocks
+                          # spread a grid of few tasks evenly over shards and Ray actors; keep it for the grid's life
 seeds = [0]               # evaluation seeds (0: the protocol's); each runs every trial again (a replay of an
                           # earlier seed's trial, step for step, is counted once: dcvla.success.replays)
 max_steps = 0             # 0: the protocol's per-suite budget; smoke runs of random weights cut it short

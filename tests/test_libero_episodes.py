@@ -189,6 +189,23 @@ def test_evaluation_records_failures_and_resumes(spatial_env, tmp_path):
     assert bool(one.success.sel({"method": "not_run"}).isnull().all())
 
 
+def test_blocks_of_init_states_in_their_own_files_load_as_one_run(spatial_env, tmp_path):
+    """A grid in blocks (`result_path(..., trials=)`): its files stack into the trials of one (method, task, seed),
+    as one file of them all does; a trial two files hold stops the load, naming both."""
+    kw = dict(suite="libero_spatial", task=0, run_dir=tmp_path, env=spatial_env, max_steps=2, progress=False)
+    for block in (range(2, 3), range(0, 2)):
+        path = V.result_path(tmp_path, "m", "libero_spatial", 0, trials=block)
+        ds = V.evaluate_task(RecordingPolicy(), method="m", trials=block, path=path, **kw)
+        assert ds.trial.values.tolist() == list(block) and path.name == f"libero_spatial_task00_trials0{block[0]}-0{block[-1]}.nc"
+    V.evaluate_task(RecordingPolicy(), method="whole", trials=3, **kw)
+    both = V.load_results(tmp_path)
+    assert both.trial.values.tolist() == [0, 1, 2] and sorted(both.method.values) == ["m", "whole"]
+    assert both.steps.sel(method="m").equals(both.steps.sel(method="whole")) and bool(both.steps.notnull().all())
+    V.evaluate_task(RecordingPolicy(), method="m", trials=2, **kw)  # the same trials in one file too
+    with pytest.raises(ValueError, match=r"task00\.nc and .*trials00-01\.nc both hold trial 0 of m on libero_spatial"):
+        V.load_results(tmp_path)
+
+
 def test_loading_a_missing_or_foreign_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no episode file {tmp_path / 'missing.npz'}"):
         load_episode(tmp_path / "missing.npz")

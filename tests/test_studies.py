@@ -238,6 +238,23 @@ def test_benchmark_config_is_checked():
         BenchmarkConfig(tasks=[-1])
     with pytest.raises(ValueError, match="trials must be >= 1"):
         BenchmarkConfig(trials=0)
+    with pytest.raises(ValueError, match="trials_per_unit >= 0"):
+        BenchmarkConfig(trials_per_unit=-1)
+
+
+def test_a_benchmark_grid_runs_in_blocks_of_init_states():
+    """trials_per_unit: a unit (and a file) per block of init states, every method's first block first, so shards
+    share a task's trials evenly and a grid stopped early has played the same init states under every method."""
+    grid = dict(methods=["vanilla", "dual_cache"], suites=["libero_goal"], trials=5)
+    assert BenchmarkConfig(**grid, trials_per_unit=2).blocks() == [range(0, 2), range(2, 4), range(4, 5)]
+    units = benchmark_units(BenchmarkConfig(**grid, trials_per_unit=2))
+    assert [(u.get("method"), u.get("first"), u.trials) for u in units] == [
+        ("vanilla", 0, 2), ("dual_cache", 0, 2), ("vanilla", 2, 2), ("dual_cache", 2, 2), ("vanilla", 4, 1),
+        ("dual_cache", 4, 1)]
+    assert Path(units[2].path).name == "libero_goal_task08_trials02-03.nc" and Path(units[2].path).parent.name == "vanilla"
+    whole = benchmark_units(BenchmarkConfig(**grid))
+    assert benchmark_units(BenchmarkConfig(**grid, trials_per_unit=5)) == whole  # one block: the one file per method
+    assert Path(whole[0].path).name == "libero_goal_task08.nc" and whole[0].trials == 5
 
 
 @pytest.mark.parametrize("config, fields_, message", [

@@ -172,9 +172,12 @@ def _replan_steps(policy: Any) -> int:
     return int(value)
 
 
-def result_path(run_dir: str | Path, method: str, suite: str, task_id: int, seed: int = 0) -> Path:
-    """`<run_dir>/<method>/<suite>_task<NN>.nc`; `..._seed<S>.nc` for seed S > 0."""
-    return Path(run_dir) / method / f"{suite}_task{task_id:02d}{f'_seed{seed}' if seed else ''}.nc"
+def result_path(run_dir: str | Path, method: str, suite: str, task_id: int, seed: int = 0,
+                trials: range | None = None) -> Path:
+    """`<run_dir>/<method>/<suite>_task<NN>.nc`; `..._seed<S>` for seed S > 0; `..._trials<A>-<B>` for a file of
+    init states A..B only (`trials`, one of several files of the same method, task and seed: `load_results`)."""
+    block = f"_trials{trials[0]:02d}-{trials[-1]:02d}" if trials is not None else ""
+    return Path(run_dir) / method / f"{suite}_task{task_id:02d}{f'_seed{seed}' if seed else ''}{block}.nc"
 
 
 def seeds_of(seed: int) -> tuple[int, int]:
@@ -319,14 +322,31 @@ def load_results(run_dir: str | Path, method: str | None = None, keep: dict[str,
     `keep` ({dim: values}) keeps one run's methods, suites, tasks, seeds and trials: other runs' files in the same
     folder drop out, and a value no file has is NaN (not played).
     """
-    rows = []
+    files: dict[tuple, list[tuple[Path, xr.Dataset]]] = {}
     pattern = f"{method}/*.nc" if method else "*/*.nc"
     for p in sorted(Path(run_dir).glob(pattern)):
         ds = with_recorded(read_dataset(p))
-        ds = ds.expand_dims(method=[ds.attrs["method"]], suite=[ds.attrs["suite"]], task=[int(ds.attrs["task_id"])],
-                            seed=[int(ds.attrs.get("evaluation_seed", 0))])
-        rows.append(ds)
-    if not rows:
+        key = (ds.attrs["method"], ds.attrs["suite"], int(ds.attrs["task_id"]), int(ds.attrs.get("evaluation_seed", 0)))
+        files.setdefault(key, []).append((p, ds))
+    if not files:
         raise ValueError(f"no result files under {run_dir}" + (f" for method {method!r}" if method else ""))
+    rows = [_trials_of(key, found).expand_dims(method=[key[0]], suite=[key[1]], task=[key[2]], seed=[key[3]])
+            for key, found in files.items()]
     results = xr.combine_by_coords(rows, combine_attrs="drop_conflicts", data_vars="all", join="outer")
     return results.reindex(keep) if keep else results
+
+
+def _trials_of(key: tuple, found: list[tuple[Path, xr.Dataset]]) -> xr.Dataset:
+    """The trials of one (method, suite, task, seed) from its files (several: a grid run in blocks of init states,
+    `result_path(..., trials=)`), in trial order; a trial two files hold stops it, naming both."""
+    seen: dict[int, Path] = {}
+    for path, ds in found:
+        for t in ds.trial.values.tolist():
+            if t in seen:
+                raise ValueError(f"{seen[t]} and {path} both hold trial {t} of {key[0]} on {key[1]} task {key[2]} "
+                                 f"(evaluation seed {key[3]}): one grid in two layouts (trials_per_unit changed?); "
+                                 "move one of them away")
+            seen[t] = path
+    if len(found) == 1:
+        return found[0][1]
+    return xr.concat([ds for _, ds in found], dim="trial", data_vars="all", combine_attrs="drop_conflicts").sortby("trial")

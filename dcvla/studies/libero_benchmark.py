@@ -29,6 +29,7 @@ class BenchmarkConfig(PolicyParameters):
     suites: list[str] = field(default_factory=lambda: ["libero_spatial"])
     tasks: list[int] = field(default_factory=list)  # task ids, the same for every suite ([]: each suite's trained one)
     trials: int = 1                      # init states 0..trials-1 (the protocol uses 50)
+    trials_per_unit: int = 0             # init states per unit and result file (0: all of a method's on a task)
     seeds: list[int] = field(default_factory=lambda: [0])  # evaluation seeds (0: the protocol's), each on every trial
     max_steps: int = 10                  # policy steps per trial (0 = the protocol's per-suite budget)
     runs_dir: str = "data/runs"
@@ -43,8 +44,17 @@ class BenchmarkConfig(PolicyParameters):
             raise ValueError(f"BenchmarkConfig.tasks must be task ids >= 0, got {self.tasks}")
         if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ValueError(f"BenchmarkConfig.seeds must be a list of ints >= 0, got {self.seeds}")
-        if self.trials < 1 or self.max_steps < 0:
-            raise ValueError(f"BenchmarkConfig: trials must be >= 1 and max_steps >= 0, got {self.trials}, {self.max_steps}")
+        if self.trials < 1 or self.max_steps < 0 or self.trials_per_unit < 0:
+            raise ValueError(f"BenchmarkConfig: trials must be >= 1, max_steps and trials_per_unit >= 0, got "
+                             f"{self.trials}, {self.max_steps}, {self.trials_per_unit}")
+
+    def blocks(self) -> list[range | None]:
+        """The init states of each unit of a (method, suite, task, seed): [None] (all `trials` in one file), or
+        blocks of `trials_per_unit`, each its own file, so a few tasks spread evenly over shards or Ray actors."""
+        size = self.trials_per_unit
+        if not size or size >= self.trials:
+            return [None]
+        return [range(first, min(first + size, self.trials)) for first in range(0, self.trials, size)]
 
 
 def results_dir(config: BenchmarkConfig) -> Path:
@@ -53,13 +63,15 @@ def results_dir(config: BenchmarkConfig) -> Path:
 
 
 def benchmark_units(config: BenchmarkConfig) -> list[Unit]:
-    """One unit per (method, suite, task, seed): `trials` trials into one result file."""
+    """One unit per (method, suite, task, seed): `trials` trials into one result file; with `trials_per_unit`, one
+    per block of that many init states (`BenchmarkConfig.blocks`), block by block, each into its own file."""
     from ..libero.evaluate import result_path
 
-    return [make_unit(STUDY, result_path(results_dir(config), method, suite, task, seed), trials=config.trials,
-                      method=method, suite=suite, task=task, seed=seed)
-            for method in config.methods for suite, task in suite_tasks(config.suites, config.tasks)
-            for seed in config.seeds]
+    return [make_unit(STUDY, result_path(results_dir(config), method, suite, task, seed, trials=block),
+                      trials=len(block) if block else config.trials, method=method, suite=suite, task=task, seed=seed,
+                      **({"first": block[0]} if block else {}))
+            for block in config.blocks() for method in config.methods
+            for suite, task in suite_tasks(config.suites, config.tasks) for seed in config.seeds]
 
 
 class BenchmarkWorker:
@@ -74,7 +86,9 @@ class BenchmarkWorker:
         config = self.config
         self.base = self.base or base_policy(config)
         policy = self.base.with_config(CacheConfig(method=unit.get("method"), unnorm_key=config.unnorm_key or None))
-        evaluate_task(policy, unit.get("suite"), unit.get("task"), "", method=unit.get("method"), trials=unit.trials,
+        first = dict(unit.params).get("first")  # a block of init states (trials_per_unit), else 0..trials-1
+        trials = unit.trials if first is None else range(first, first + unit.trials)
+        evaluate_task(policy, unit.get("suite"), unit.get("task"), "", method=unit.get("method"), trials=trials,
                       max_steps=config.max_steps or None, progress=self.progress, path=path, seed=unit.get("seed"))
 
 
