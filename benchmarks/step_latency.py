@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import DTYPES, place_model, timer  # noqa: E402
 
-from dcvla.predict import shipped_frame  # noqa: E402
+from dcvla.cli import shipped_frame  # noqa: E402
 from dcvla.openvla import METHODS, CacheConfig, CachedPolicy, get_preset  # noqa: E402
 from dcvla.openvla.flops import vanilla_stage_flops  # noqa: E402
 

@@ -29,7 +29,44 @@ import sys
 import time
 from pathlib import Path
 
-from .predict import predict
+import numpy as np
+
+from .images import read_image
+from .openvla import CacheConfig, CachedPolicy
+from .openvla.processing import build_prompt
+
+
+def shipped_frame() -> tuple[np.ndarray, str, str]:
+    """The first frame of the first shipped LIBERO episode: (image, instruction, description)."""
+    from .libero.episodes import list_episodes, load_episode
+
+    paths = list_episodes()
+    if not paths:
+        raise FileNotFoundError("no shipped LIBERO episodes under data/episodes (record some: scripts/record_episodes.py)")
+    episode = load_episode(paths[0])
+    return episode.frames[0], episode.instruction, f"{paths[0].name} frame 0"
+
+
+def predict(args: argparse.Namespace) -> None:
+    config = CacheConfig(method=args.method, unnorm_key=args.unnorm_key)
+    if args.image:  # the inputs first: a bad one fails before a model is built
+        if args.instruction is None:
+            raise ValueError(f"--image {args.image} needs --instruction (the shipped frame's instruction is not its)")
+        image, instruction, source = read_image(args.image, "--image"), args.instruction, args.image
+    else:
+        image, instruction, source = shipped_frame()
+        instruction = instruction if args.instruction is None else args.instruction  # "" is an (empty) instruction
+    build_prompt(instruction)  # an empty instruction raises here
+    if args.checkpoint:
+        policy = CachedPolicy.from_pretrained(args.checkpoint, config, preset=args.preset)
+    else:
+        policy = CachedPolicy.from_preset(args.preset or "tiny", seed=args.seed, config=config)
+    start = time.perf_counter()
+    action = policy.step(image, instruction)
+    ms = (time.perf_counter() - start) * 1e3
+    print(f"preset {policy.model.config.name} | image {source} {image.shape} | instruction {instruction!r}")
+    print(f"action tokens {policy.last.token_ids.tolist()}")
+    print(f"action {np.array2string(action, precision=4, floatmode='fixed')}  ({ms:.0f} ms)")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,9 +147,10 @@ def cli_parameters(pairs: list[tuple[str, str]], study: str) -> dict:
     return parameters
 
 
-def run_study(study: str, parameters: dict, out: Path | None = None) -> Path:
+def run_study(study: str, parameters: dict, out: Path | None = None, merge: str = "") -> Path:
     """Build notebooks/<study>.ipynb from its source notebooks/<study>.py, then execute it with papermill (kernel
-    cwd: the repository root); returns the executed copy.
+    cwd: the repository root); returns the executed copy. `merge`: the units' results are there, the notebook reads
+    them and computes none ("1"), or tables the trials played so far ("partial"; `dcvla.units.Runner`).
 
     Raises:
         ValueError: an unknown study, or a parameter its notebook does not define or of another type than the
@@ -123,6 +161,7 @@ def run_study(study: str, parameters: dict, out: Path | None = None) -> Path:
     import papermill
 
     from .notebooks import build_notebook
+    from .units import merging
 
     check_study(study)
     check_parameters(study, parameters)
@@ -133,8 +172,9 @@ def run_study(study: str, parameters: dict, out: Path | None = None) -> Path:
     print(f"[dcvla] {study}: {parameters or 'default parameters'} -> {shown(out)}", flush=True)
     started = time.time()
     try:  # the cells' own output streams here as it comes: which run is recording, the units done out of all
-        papermill.execute_notebook(str(source), str(out), parameters=parameters, cwd=str(ROOT), progress_bar=True,
-                                   kernel_name="python3", stdout_file=sys.stdout, stderr_file=sys.stderr)
+        with merging(merge):  # the kernel inherits it
+            papermill.execute_notebook(str(source), str(out), parameters=parameters, cwd=str(ROOT), progress_bar=True,
+                                       kernel_name="python3", stdout_file=sys.stdout, stderr_file=sys.stderr)
     except papermill.PapermillExecutionError as err:
         message = " ".join(str(err.evalue).split()) or "(no message)"
         raise StudyError(f"{study} (notebook {shown(out)}, cell {err.exec_count}): {err.ename}: {message}\n"
@@ -174,7 +214,7 @@ def run_distributed(study: str, parameters: dict, runner) -> None:
 def run(args: argparse.Namespace) -> None:
     """A study notebook; with --shard, only that share of its units (no notebook: `dcvla merge` makes the tables
     when every shard is done); with --ray, its units on a Ray cluster, then the notebook over the results."""
-    from .units import MERGE_ENV, Runner, parse_shard
+    from .units import Runner, parse_shard
 
     check_study(args.study)
     parameters = cli_parameters(args.param, args.study)
@@ -188,8 +228,7 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.ray:
         run_distributed(args.study, parameters, Runner(ray=args.ray, num_workers=args.workers))
-        os.environ[MERGE_ENV] = "1"  # the notebook (its kernel inherits this) reads the results, computes none
-    run_study(args.study, parameters)
+    run_study(args.study, parameters, merge="1" if args.ray else "")  # after Ray: the notebook reads the results
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -243,7 +282,7 @@ def progress(args: argparse.Namespace) -> None:
 def merge(args: argparse.Namespace) -> None:
     """The study's notebook over the shards' results: every unit must be complete (none is computed here); with
     --partial, units of closed-loop trials may not be yet, and the tables count the trials played so far."""
-    from .units import MERGE_ENV, progress
+    from .units import progress
 
     check_study(args.study)
     parameters = cli_parameters(args.param, args.study)
@@ -255,8 +294,7 @@ def merge(args: argparse.Namespace) -> None:
                          f"(dcvla progress {args.study} with them lists what is left)")
     if args.partial:
         print(f"[dcvla] partial merge of {progress(units).splitlines()[0]}", flush=True)
-    os.environ[MERGE_ENV] = "partial" if args.partial else "1"
-    run_study(args.study, parameters)
+    run_study(args.study, parameters, merge="partial" if args.partial else "1")
 
 
 def studies(args: argparse.Namespace) -> None:
@@ -298,7 +336,7 @@ def studies(args: argparse.Namespace) -> None:
     print(f"\nDone in {time.perf_counter() - start:.0f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcvla", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="predict one action for one image")
@@ -344,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="parameter for every study (e.g. -p preset tiny), repeatable")
     s.set_defaults(func=studies)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, KeyError, OSError, TypeError, StudyError) as err:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -51,3 +53,17 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def read_image(path: str | Path, what: str = "image") -> np.ndarray:
+    """An image file as RGB uint8 [H, W, 3]; a missing or unreadable file raises naming it (as `what`, e.g. the
+    command-line option that gave it)."""
+    from PIL import UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what} {path} is not an image file PIL can read ({err})") from err

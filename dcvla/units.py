@@ -19,10 +19,11 @@ notebook runs unchanged under any of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -109,6 +110,22 @@ class Runner:
 
 
 _RUNNER: Runner | None = None
+
+
+@contextlib.contextmanager
+def merging(mode: str) -> Iterator[None]:
+    """The environment of a notebook run over results that are there (its kernel inherits it; `Runner.from_env`):
+    "1" computes no unit, "partial" neither and tables the trials played so far, "" changes nothing. Restored after."""
+    before = os.environ.get(MERGE_ENV)
+    if mode:
+        os.environ[MERGE_ENV] = mode
+    try:
+        yield
+    finally:
+        if mode and before is None:
+            del os.environ[MERGE_ENV]
+        elif mode:
+            os.environ[MERGE_ENV] = before
 
 
 def set_runner(runner: Runner | None) -> None:

@@ -194,6 +194,7 @@ def test_a_partial_merge_tables_the_trials_played_so_far(tmp_path, capsys):
     assert main(["merge", "stability_cliff", *more, "--partial"]) == 0
     out = capsys.readouterr().out
     assert "[dcvla] partial merge of stability_cliff: 3 of 5 units complete; trials 2 of 4 (50%)" in out
+    assert U.MERGE_ENV not in os.environ  # set for the notebook's kernel only: this process computes units again
     table = read_dataset(tmp_path / "stability_cliff.nc").to_dataframe()
     assert table["trials"].dropna().tolist() == [1]  # full's one trial of two (the reference's is apart)
     rm = tmp_path / "runs" / "stability_cliff" / "pi0-tiny" / "full"
