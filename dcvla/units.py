@@ -56,19 +56,25 @@ class Unit:
         return self.done() >= max(self.trials, 1)
 
     def done(self) -> int:
-        """Trials its file holds (a recording: 1 when its file exists, else 0); an unreadable file holds none (the
-        worker says why when it resumes)."""
+        """Trials its file holds (a recording: 1 when its file exists, else 0)."""
+        return self.played()[0]
+
+    def played(self) -> tuple[int, list[float]]:
+        """(trials its file holds, the wall seconds of each) from one read of the file: a recording's is (1, []) when
+        its file exists; a missing or unreadable file holds none (the worker says why when it resumes)."""
         path = Path(self.path)
         if not path.is_file():
-            return 0
+            return 0, []
         if not self.trials:
-            return 1
+            return 1, []
         from .io import read_dataset
 
         try:
-            return int(read_dataset(path).attrs.get("trials_done", 0))
+            ds = read_dataset(path)
         except Exception:
-            return 0
+            return 0, []
+        walls = np.ravel(ds["wall_s"].values) if "wall_s" in ds else []
+        return int(ds.attrs.get("trials_done", 0)), [float(w) for w in walls if np.isfinite(w)]
 
 
 def make_unit(study: str, path: str | os.PathLike, trials: int = 0, **params) -> Unit:
@@ -116,15 +122,17 @@ _RUNNER: Runner | None = None
 def merging(mode: str) -> Iterator[None]:
     """The environment of a notebook run over results that are there (its kernel inherits it; `Runner.from_env`):
     "1" computes no unit, "partial" neither and tables the trials played so far, "" changes nothing. Restored after."""
+    if not mode:
+        yield
+        return
     before = os.environ.get(MERGE_ENV)
-    if mode:
-        os.environ[MERGE_ENV] = mode
+    os.environ[MERGE_ENV] = mode
     try:
         yield
     finally:
-        if mode and before is None:
+        if before is None:
             del os.environ[MERGE_ENV]
-        elif mode:
+        else:
             os.environ[MERGE_ENV] = before
 
 
@@ -181,16 +189,17 @@ def progress(units: list[Unit], shards: int = 0) -> str:
 
     "~H h left": the trials not played yet, one after another, each at its unit's mean wall time so far (a unit
     with none played: the mean of every trial played), which is a shard's time left when it runs in one process."""
-    done = [min(u.done(), max(u.trials, 1)) for u in units]
-    walls = [trial_walls(u) if done[i] else [] for i, u in enumerate(units)]
+    read = [u.played() for u in units]  # each file once
+    done = [min(n, max(u.trials, 1)) for u, (n, _) in zip(units, read)]
+    complete = [n >= max(u.trials, 1) for u, n in zip(units, done)]
+    walls = [unit_walls for _, unit_walls in read]
     seen = [w for unit_walls in walls for w in unit_walls]
 
     def line(name: str, picked: list[int]) -> str:
-        complete = sum(units[i].complete() for i in picked)
         trial_units = [i for i in picked if units[i].trials]
         played, asked = sum(done[i] for i in trial_units), sum(units[i].trials for i in trial_units)
         left = sum((units[i].trials - done[i]) * float(np.mean(walls[i] or seen)) for i in trial_units) if seen else 0
-        return (f"{name}: {complete} of {len(picked)} units complete"
+        return (f"{name}: {sum(complete[i] for i in picked)} of {len(picked)} units complete"
                 + (f"; trials {played} of {asked} ({played / asked:.0%})" if asked else "")
                 + (f"; ~{left / 3600:.1f} h left" if left else ""))
 
@@ -198,19 +207,8 @@ def progress(units: list[Unit], shards: int = 0) -> str:
     lines = [line(units[0].study if units else "no units", index)]
     lines += [line(f"  shard {i}/{shards}", shard(index, i, shards)) for i in range(shards)]
     lines += [f"  {units[i].name}: " + (f"{done[i]} of {units[i].trials} trials" if units[i].trials else "absent")
-              for i in index if not units[i].complete()]
+              for i in index if not complete[i]]
     return "\n".join(lines)
-
-
-def trial_walls(unit: Unit) -> list[float]:
-    """The wall seconds of each trial its file holds (`wall_s`; none for a recording or an unreadable file)."""
-    from .io import read_dataset
-
-    try:
-        walls = read_dataset(unit.path)["wall_s"].values if unit.trials else []
-    except Exception:
-        return []
-    return [float(w) for w in np.ravel(walls) if np.isfinite(w)]
 
 
 def _bar(units: list[Unit], progress: bool):

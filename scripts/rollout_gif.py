@@ -15,11 +15,10 @@ the same seeds before it, so the same steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
-
-import dataclasses
 
 import numpy as np
 from PIL import Image, ImageDraw
