@@ -21,6 +21,15 @@ import xarray as xr
 ALPHA = 0.05  # a paired difference counts when its exact McNemar p is below this
 
 
+def fewest_decisive(alpha: float = ALPHA) -> int:
+    """The fewest paired trials on which an exact McNemar test can reach p < `alpha`: every one of them won by the
+    same side, p = 2 / 2**n (6 at 0.05). Fewer decide nothing whatever their outcomes."""
+    n = 1
+    while 2 * 0.5**n >= alpha:
+        n += 1
+    return n
+
+
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of a success rate (good at small n and rates near 0 or 1, unlike the normal one)."""
     if trials < 1 or not 0 <= successes <= trials:
@@ -139,6 +148,8 @@ def paired(success: xr.DataArray, a: str, b: str) -> dict:
     n = int(both.sum())
     if not n:
         verdict = "no trials in common"
+    elif n < fewest_decisive():
+        verdict = f"too few paired trials to decide ({n}; p < {ALPHA:g} needs at least {fewest_decisive()})"
     elif p < ALPHA:
         verdict = f"{a if only_a > only_b else b} succeeds more (p = {p:.3g})"
     else:

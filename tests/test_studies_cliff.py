@@ -185,3 +185,23 @@ def test_the_cliff_hypotheses_are_decided_trial_by_trial():
     assert h4.loc[0.99, "verdict"].startswith("no significant difference")
     with pytest.raises(ValueError, match=r"no trials of \['turbo'\]"):
         paired(success, "none", "turbo")
+
+
+def test_a_sweep_on_too_few_paired_trials_is_undecided_not_flat():
+    """A grid stopped early: vision_only has played one trial per run. No outcome of one paired trial can reach
+    p < 0.05 (six are needed: p = 2 / 2**6), so its verdict says undecided, not "no fall"; full's cliff (10 trials
+    won by 0.99 alone) stands although its last run has played only 2 trials."""
+    from dcvla.studies.cliff_success import success_cliff
+    from dcvla.studies.stability_cliff import run_label
+
+    played = {("none", "", None): [1] * 10, ("full", "cosine", 0.99): [1] * 10, ("full", "cosine", 0.985): [0] * 10,
+              ("full", "cosine", 0.98): [0, 0], ("vision_only", "cosine", 0.99): [1], ("vision_only", "cosine", 0.985): [1]}
+    labels = [run_label(*key) for key in played]
+    values = np.array([trials + [np.nan] * (10 - len(trials)) for trials in played.values()])
+    success = xr.DataArray(values[:, None, None, None, :], dims=("method", "suite", "task", "seed", "trial"),
+                           coords={"method": labels, "suite": ["libero_goal"], "task": [8], "seed": [0]})
+    runs = pd.DataFrame([{"mode": m, "gate": g, "value": v, "label": lab} for (m, g, v), lab in zip(played, labels)][1:])
+    cliff = success_cliff(success, runs).set_index("mode")
+    assert cliff.loc["full", "verdict"] == "cliff between 0.99 and 0.985: success 1.00 -> 0.00"
+    assert cliff.loc["vision_only", "verdict"] == ("undecided: 1 paired trials between no reuse and 0.99 "
+                                                   "(p < 0.05 needs at least 6)")

@@ -6,7 +6,7 @@ import pytest
 import xarray as xr
 from scipy.stats import binomtest
 
-from dcvla.success import mcnemar_exact, success_summary, wilson_interval
+from dcvla.success import fewest_decisive, mcnemar_exact, paired, success_summary, wilson_interval
 
 
 @pytest.mark.parametrize("successes, trials, low, high", [  # Wilson (1927) score intervals, z = 1.96
@@ -27,6 +27,16 @@ def test_mcnemar_exact_is_the_binomial_test_of_the_discordant_trials():
     assert (only_a, only_b) == (8, 2)
     assert p == pytest.approx(binomtest(2, 10, 0.5).pvalue) == pytest.approx(112 / 1024)
     assert mcnemar_exact(a, a)[2] == 1.0
+
+
+def test_fewer_paired_trials_than_can_reach_significance_decide_nothing():
+    """Six trials all won by one side give p = 2 / 2**6 < 0.05, five give 0.0625: below six nothing can be decided,
+    and `paired` says so instead of "no significant difference"."""
+    assert fewest_decisive() == 6 and fewest_decisive(0.01) == 8
+    assert mcnemar_exact(np.ones(6, bool), np.zeros(6, bool))[2] < 0.05 <= mcnemar_exact(np.ones(5, bool), np.zeros(5, bool))[2]
+    for n, verdict in [(5, "too few paired trials to decide (5; p < 0.05 needs at least 6)"), (6, "a succeeds more (p = 0.0312)")]:
+        success = xr.DataArray(np.array([[1.0] * n, [0.0] * n]), dims=("method", "trial"), coords={"method": ["a", "b"]})
+        assert paired(success, "a", "b")["verdict"] == verdict
 
 
 def test_success_summary_pairs_methods_on_the_same_trials():

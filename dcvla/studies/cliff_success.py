@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..success import ALPHA, outcomes, paired, replays, success_summary
+from ..success import ALPHA, fewest_decisive, outcomes, paired, replays, success_summary
 from ..units import run_units
 from . import stability_cliff
 from .cliff_config import own_gate_runs
@@ -43,8 +43,12 @@ def success_cliff(success: xr.DataArray, runs: pd.DataFrame, reference: str = "n
                  for hi, lo, v_hi, v_lo in zip(labels, labels[1:], values, values[1:])]
         worst = max(steps, key=lambda s: (s["rate a"] - s["rate b"], -s["McNemar p"]))
         hi, lo, fall = worst["rate a"], worst["rate b"], worst["rate a"] - worst["rate b"]
-        where = "no reuse" if worst["from"] == np.inf else f"{worst['from']:g}"
-        if not fall > 0:
+        where = _name(worst["from"])
+        thin = min(steps, key=lambda s: s["paired trials"])
+        if thin["paired trials"] < fewest_decisive() and not (fall > 0 and worst["McNemar p"] < ALPHA):
+            verdict = (f"undecided: {thin['paired trials']} paired trials between {_name(thin['from'])} and "
+                       f"{thin['to']:g} (p < {ALPHA:g} needs at least {fewest_decisive()})")
+        elif not fall > 0:
             verdict = "no fall in success over the sweep"
         elif worst["McNemar p"] < ALPHA:
             verdict = f"cliff between {where} and {worst['to']:g}: success {hi:.2f} -> {lo:.2f}"
@@ -54,6 +58,11 @@ def success_cliff(success: xr.DataArray, runs: pd.DataFrame, reference: str = "n
         rows.append({"mode": mode, "gate": own["gate"].iloc[0], "from": where, "to": worst["to"],
                      "fall": fall, "McNemar p": worst["McNemar p"], "verdict": verdict, **rates})
     return pd.DataFrame(rows)
+
+
+def _name(value: float) -> str:
+    """A step's upper end in a verdict: a threshold, or no reuse (the reference, value inf)."""
+    return "no reuse" if value == np.inf else f"{value:g}"
 
 
 def mode_against_mode(success: xr.DataArray, runs: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
