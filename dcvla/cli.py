@@ -282,16 +282,15 @@ def progress(args: argparse.Namespace) -> None:
 def merge(args: argparse.Namespace) -> None:
     """The study's notebook over the shards' results: every unit must be complete (none is computed here); with
     --partial, units of closed-loop trials may not be yet, and the tables count the trials played so far."""
-    from .units import progress
+    from .units import IncompleteUnits, progress, refuse_incomplete
 
     check_study(args.study)
     parameters = cli_parameters(args.param, args.study)
     units, _ = study_plan(args.study, parameters)  # a study without units fails here, naming the ones with
-    missing = [u for u in units if not u.complete() and not (args.partial and u.trials)]
-    if missing:
-        raise ValueError(f"{args.study}: {len(missing)} of {len(units)} units are not complete (first: "
-                         f"{missing[0].name}); run the missing shards with the same -p before merging "
-                         f"(dcvla progress {args.study} with them lists what is left)")
+    try:
+        refuse_incomplete(units, len(units), args.partial)
+    except IncompleteUnits as err:
+        raise ValueError(f"{args.study}: {err}") from None
     if args.partial:
         print(f"[dcvla] partial merge of {progress(units).splitlines()[0]}", flush=True)
     run_study(args.study, parameters, merge="partial" if args.partial else "1")

@@ -153,6 +153,16 @@ class IncompleteUnits(RuntimeError):
     """A merge found units no shard has completed."""
 
 
+def refuse_incomplete(units: list[Unit], total: int, partial: bool = False) -> None:
+    """A merge's check (`dcvla merge`, and `run_units` under a merging runner): raise `IncompleteUnits` naming the
+    units of `units` (of `total`) not complete; with `partial`, units of closed-loop trials may be complete in part."""
+    missing = [u for u in units if not u.complete() and not (partial and u.trials)]
+    if missing:
+        raise IncompleteUnits(f"{len(missing)} of {total} units are not complete (first: {missing[0].name}); run the "
+                              "missing shards with the same -p (or the study without --shard) before merging; "
+                              "`dcvla progress` with them lists what is left")
+
+
 def run_units(units: list[Unit], factory: tuple[str, dict], runner: Runner | None = None, progress: bool = True,
               work: Callable[[], Callable[[Unit, Path], None]] | None = None) -> list[Path]:
     """Run the units not complete yet under the process's runner; return every unit's path, in order.
@@ -163,15 +173,11 @@ def run_units(units: list[Unit], factory: tuple[str, dict], runner: Runner | Non
         work: makes that function for a run in this process instead (e.g. sharing a notebook's loaded policy).
     """
     runner = runner or current_runner()
-    todo = [u for u in units if not u.complete()]
-    if runner.shard is not None:
-        todo = [u for u in shard(units, *runner.shard) if u in todo]
-    if runner.merge and runner.partial:
-        todo = [u for u in todo if not u.trials]  # the study reads the trials its files hold; the rest are NaN
-    if todo and runner.merge:
-        names = ", ".join(u.name for u in todo[:5]) + (" ..." if len(todo) > 5 else "")
-        raise IncompleteUnits(f"{len(todo)} of {len(units)} units are not complete ({names}); run the missing shards "
-                              "(or the study without --shard) before merging")
+    mine = units if runner.shard is None else shard(units, *runner.shard)
+    if runner.merge:  # computes nothing; a partial merge reads the trials the files hold, the rest are NaN
+        refuse_incomplete(mine, len(units), runner.partial)
+        return [Path(u.path) for u in units]
+    todo = [u for u in mine if not u.complete()]
     if todo:
         if runner.ray:
             run_on_ray(todo, factory, runner.ray, runner.num_workers, progress)
