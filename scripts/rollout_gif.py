@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     env.seed(env_seed)
     try:
         result = run_trial(policy, env, args.suite, get_init_states(args.suite, task)[args.init], info.instruction,
-                           center_crop=center_crop(args.preset))
+                           center_crop=center_crop(args.preset), every_frame=True)
     finally:
         close_env(env.env)
     outcome = "success" if result.success else "failure"

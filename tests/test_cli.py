@@ -164,7 +164,7 @@ def test_the_studies_summary_prints_the_tables_and_how_speed_was_measured(tmp_pa
     write_dataset(xr.Dataset.from_dataframe(pd.DataFrame(success[:2])), tmp_path / "no_dual.nc")
     print_benchmark_summary(tmp_path / "no_dual.nc", tmp_path / "verdicts.nc", "openvla-micro-goal")
     assert "Does the dual cache keep success" not in capsys.readouterr().out  # an earlier run's verdicts
-    assert lines[0].split()[:2] == ["paired", "trials"] and lines[-1].split()[0] == "ttf" and "no significant" in lines[-1]
+    assert lines[0].split()[:2] == ["paired", "trials"] and lines[-1].split()[0] == "ttf" and "too few paired trials" in lines[-1]
     rows = []
     for mode in ("full", "vision_only"):
         for gate, values in (("cosine", [0.97, 0.98, 0.99]), ("max_age", [2, 3])):

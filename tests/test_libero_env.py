@@ -207,3 +207,54 @@ def test_oracle_carry_tolerance_ends_the_hover_above_the_plate():
     plain_carries, loose_carries = map(len, _runs(plain_log, "carry")), list(map(len, _runs(loose_log, "carry")))
     assert len(loose_carries) == 2  # two mugs, two plates
     assert max(plain_carries) >= 60 and max(loose_carries) < 40
+
+
+class LookingPolicy:
+    """A chunk policy whose actions follow what it sees: each call's chunk moves the hand by the two frames' and
+    the state's means, so a frame or a state that differs anywhere changes the rest of the trial."""
+
+    uses_state, uses_wrist, replan_steps, action_convention = True, True, 8, "libero"
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self):
+        self.calls = 0
+
+    def step(self, images, instruction, state):
+        self.calls += 1
+        means = [float(np.mean(image)) / 255 for image in images] + [float(np.mean(state))]
+        chunk = np.zeros((8, 7))
+        chunk[:, :3] = (np.array(means) - 0.5) * 0.6
+        chunk[:, 6] = -1.0 if self.calls % 2 else 1.0
+        return chunk
+
+
+def test_cameras_on_demand_render_only_the_frames_the_policy_reads_and_change_nothing(monkeypatch):
+    """A trial rendering only the steps whose observation the policy reads (the default) against the same trial
+    rendering every step: the same trajectory digest (every frame and state the policy saw, every action), steps and
+    calls, with one render per camera and policy call, not per step."""
+    from robosuite.utils.binding_utils import MjSim
+
+    from dcvla.libero.evaluate import run_trial, seed_everything
+
+    renders = []
+    real_render = MjSim.render
+    monkeypatch.setattr(MjSim, "render", lambda self, *a, **k: renders.append(1) or real_render(self, *a, **k))
+    env = E.make_env("libero_goal", 8, cameras=("agentview", "robot0_eye_in_hand"))
+    info, state = E.get_task("libero_goal", 8), E.get_init_state("libero_goal", 8, 0)
+    try:
+        results = {}
+        for every_frame in (True, False, True):  # rendering every step after the lazy trial: the sensors are back
+            seed_everything()
+            env.seed(0)
+            policy, before = LookingPolicy(), len(renders)
+            result = run_trial(policy, env, "libero_goal", state, info.instruction, max_steps=24, every_frame=every_frame)
+            results.setdefault(every_frame, []).append((result, policy.calls, len(renders) - before))
+    finally:
+        E.close_env(env)
+    (always, calls, rendered), (again, _, rendered_again) = results[True]
+    (lazy, lazy_calls, lazy_rendered), = results[False]
+    assert always.error == lazy.error == "" and always.steps == lazy.steps == 24 and calls == lazy_calls == 3
+    assert lazy.trajectory == always.trajectory == again.trajectory and rendered == rendered_again
+    assert rendered - lazy_rendered == 2 * (protocol.WAIT_STEPS + 24 - calls)  # both cameras, but before a call

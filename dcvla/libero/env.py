@@ -210,6 +210,51 @@ def reset_to_init_state(env: Any, init_state: np.ndarray) -> dict:
     return env.set_init_state(init_state)
 
 
+class CamerasOnDemand:
+    """Render an env's cameras only on the steps whose observation is read: `cameras(False)` makes the next steps'
+    camera observables blank frames (zeros) without rendering, `cameras(True)` renders again.
+
+    Only the camera sensors are swapped (robosuite 1.4's `Observable._sensor`; its `set_sensor` would render to
+    check the new one): every observable's sampling clock runs as with the cameras always on, so a frame rendered
+    is the one rendered then (the same physics substep), and rendering reads the physics without changing it: a
+    trial is the same bit for bit, in a fraction of the time when the policy plans several steps per call. A hard
+    reset installs fresh sensors, which are picked up as the real ones. Use as a context manager: the real sensors
+    are back on exit."""
+
+    def __init__(self, env: Any):
+        self.base = env
+        while not hasattr(self.base, "_observables") and hasattr(self.base, "env"):
+            self.base = self.base.env  # through LIBERO's ControlEnv and any recording wrapper
+        self.real: dict[str, Any] = {}
+        self.blank: dict[str, Any] = {}
+
+    def __call__(self, on: bool) -> None:
+        for name, observable in getattr(self.base, "_observables", {}).items():
+            if observable.modality != "image":
+                continue
+            sensor = observable._sensor
+            if sensor is not self.blank.get(name):
+                self.real[name] = sensor  # the env's own, or a fresh one after a hard reset
+            if name not in self.blank:
+                self.blank[name] = _blank_sensor(tuple(observable._data_shape))
+            observable._sensor = self.real[name] if on else self.blank[name]
+
+    def __enter__(self) -> "CamerasOnDemand":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self(True)
+
+
+def _blank_sensor(shape: tuple[int, ...]) -> Any:
+    """A camera sensor that renders nothing: zeros of the camera's shape, marked as robosuite's `@sensor` marks."""
+    def blank(obs_cache: dict) -> np.ndarray:
+        return np.zeros(shape, np.uint8)
+
+    blank.__modality__ = "image"
+    return blank
+
+
 def close_env(env: Any) -> None:
     """Close an env, swallowing the EGL teardown errors robosuite raises when a context is freed twice."""
     with contextlib.suppress(Exception):

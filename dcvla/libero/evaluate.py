@@ -19,13 +19,14 @@ OpenVLA gripper flip (the gripper is only binarised). Policies without these att
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import xarray as xr
@@ -33,7 +34,7 @@ import xarray as xr
 from dcvla.io import CorruptFileError, read_dataset, write_dataset
 
 from . import protocol
-from .env import close_env, get_init_states, get_task, make_env
+from .env import CamerasOnDemand, close_env, get_init_states, get_task, make_env
 from .results import TrajectoryDigest, TrialResult, trials_dataset, with_recorded
 
 #: 2: every trial starts from the evaluation's seeds (in version 1 the RNGs ran on from the trials before it in the
@@ -54,7 +55,7 @@ def seed_everything(seed: int = protocol.SEED) -> None:
 
 
 def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruction: str,
-              max_steps: int | None = None, center_crop: bool = True) -> TrialResult:
+              max_steps: int | None = None, center_crop: bool = True, every_frame: bool = False) -> TrialResult:
     """One closed-loop episode, upstream protocol.
 
     The policy is called when no planned action is left: a single action [7] plans one step (the OpenVLA
@@ -77,6 +78,8 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
         instruction: the task's language instruction.
         max_steps: override the suite's step budget (e.g. for a quick smoke run).
         center_crop: the policy-time 90% center crop (on for the LIBERO fine-tunes).
+        every_frame: render the cameras at every step (a wrapper filming the trial); by default only the steps
+            whose observation the policy reads render (`env.CamerasOnDemand`: the trial is the same, faster).
 
     Returns:
         A TrialResult. Exceptions (from the env or the policy) are caught and recorded, as upstream.
@@ -89,15 +92,12 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
     loop = _ClosedLoop(policy, instruction, protocol.action_convention(policy), _replan_steps(policy),
                        bool(getattr(policy, "uses_state", False)), center_crop, uses_wrist(policy))
     error, t_start = "", time.perf_counter()
-    try:
-        env.reset()
-        obs = env.set_init_state(init_state)
-        policy.reset()
-        for _ in range(protocol.WAIT_STEPS):  # objects settle; the policy is not called
-            obs, _, _, _ = env.step(list(protocol.DUMMY_ACTION))
-        loop.run(env, obs, budget)
-    except Exception as exc:  # noqa: BLE001 - upstream counts any exception as a failed trial
-        error = _describe(exc)
+    with contextlib.nullcontext(_always) if every_frame else CamerasOnDemand(env) as cameras:
+        try:
+            obs = _start(env, policy, init_state, cameras)
+            loop.run(env, obs, budget, cameras)
+        except Exception as exc:  # noqa: BLE001 - upstream counts any exception as a failed trial
+            error = _describe(exc)
     return TrialResult(loop.success, loop.steps, error, np.asarray(loop.latency, dtype=np.float64),
                        time.perf_counter() - t_start, np.asarray(loop.reuse, dtype=np.float64),
                        loop.digest.hexdigest())
@@ -121,13 +121,15 @@ class _ClosedLoop:
     plan: deque = field(default_factory=deque)
     digest: TrajectoryDigest = field(default_factory=TrajectoryDigest)  # what it was shown and did, step by step
 
-    def run(self, env: Any, obs: dict, budget: int) -> None:
-        """Execute planned actions until `done` or the budget; call the policy when the plan is empty."""
+    def run(self, env: Any, obs: dict, budget: int, cameras: Callable[[bool], None] = lambda on: None) -> None:
+        """Execute planned actions until `done` or the budget; call the policy when the plan is empty. `cameras(on)`
+        before each step: on for the step whose observation the policy reads (`CamerasOnDemand`)."""
         while self.steps < budget:
             if not self.plan:
                 self.plan.extend(protocol.action_chunk(self._call_policy(obs))[: self.replan])
             action = protocol.postprocess(self.plan.popleft(), self.convention)
             self.digest.update(action)
+            cameras(not self.plan)
             obs, _, done, _ = env.step(action.tolist())
             self.steps += 1
             if done:
@@ -153,6 +155,24 @@ class _ClosedLoop:
         reuse = getattr(self.policy, "last_reuse", None)
         self.reuse.append(np.nan if reuse is None else float(reuse))
         return raw
+
+
+def _start(env: Any, policy: Any, init_state: np.ndarray, cameras: Callable[[bool], None]) -> dict:
+    """Reset the env, load the init state, reset the policy, wait `protocol.WAIT_STEPS` dummy steps (objects
+    settle); the observation after them, the only one rendered."""
+    cameras(False)
+    env.reset()
+    cameras(not protocol.WAIT_STEPS)
+    obs = env.set_init_state(init_state)
+    policy.reset()
+    for wait in range(protocol.WAIT_STEPS):
+        cameras(wait == protocol.WAIT_STEPS - 1)
+        obs, _, _, _ = env.step(list(protocol.DUMMY_ACTION))
+    return obs
+
+
+def _always(on: bool) -> None:
+    """The cameras of `run_trial(..., every_frame=True)`: on at every step, whatever is asked."""
 
 
 def _describe(exc: BaseException) -> str:
