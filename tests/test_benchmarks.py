@@ -74,3 +74,11 @@ def test_ray_scaling_at_the_smallest_size():
     out = script("ray_scaling").main(["--preset", "tiny", "--tasks", "1", "--max-steps", "2", "--methods", "vanilla",
                                       "--workers", "--split-steps", "2"])  # Ray's own runs: tests/test_units.py
     assert [n for _, n, _ in out["rows"].values()] == [1] and set(out["split"]) >= {"physics only", "policy step"}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trial_rendering_plays_the_same_trial_both_ways_with_fewer_renders(capsys):
+    rows = script("trial_rendering").main(["smolvla-micro", "--suite", "libero_goal", "--max-steps", "12",
+                                           "--repeats", "1"])
+    assert rows["every_frame"] == [True, False] and len(set(rows["trajectory"])) == 1 and rows["steps"] == [12, 12]
+    assert rows["renders"][1] < rows["renders"][0] and "speedup A/B" in capsys.readouterr().out

@@ -15,6 +15,10 @@ pi0 / pi0.5 policies (openpi's examples/libero/main.py) are run the openpi way: 
 8-dim robot state to each call, an action chunk [horizon, 7] is executed open-loop for its first
 `replan_steps` actions before the policy is called again, and `action_convention = "libero"` skips the
 OpenVLA gripper flip (the gripper is only binarised). Policies without these attributes run as before.
+
+The cameras render only on the steps whose observation the policy reads (`env.CamerasOnDemand`): with chunks of 5-8
+actions, one render in 5-8 instead of one per step, the trial unchanged bit for bit (the same trajectory digest;
+`benchmarks/trial_rendering.py` measures both ways side by side).
 """
 
 from __future__ import annotations
