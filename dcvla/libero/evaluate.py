@@ -125,7 +125,7 @@ class _ClosedLoop:
     plan: deque = field(default_factory=deque)
     digest: TrajectoryDigest = field(default_factory=TrajectoryDigest)  # what it was shown and did, step by step
 
-    def run(self, env: Any, obs: dict, budget: int, cameras: Callable[[bool], None] = lambda on: None) -> None:
+    def run(self, env: Any, obs: dict, budget: int, cameras: Callable[[bool], None]) -> None:
         """Execute planned actions until `done` or the budget; call the policy when the plan is empty. `cameras(on)`
         before each step: on for the step whose observation the policy reads (`CamerasOnDemand`)."""
         while self.steps < budget:
