@@ -12,6 +12,12 @@ each trial, and every trial resets the policy's noise generator), not on which p
 Each worker runs the policy on one thread beside its renders.
 `--replan-steps N` executes N actions of each chunk before the next inference instead of the family's protocol
 (OFT 8, SmolVLA 5); each result file records it, and a rerun into the same --out with another N is refused.
+`--against DIR` pairs each task's trials with those of another --out (another checkpoint, --replan-steps or seed) on
+the same init states and prints the exact McNemar test of the difference:
+
+    MUJOCO_GL=egl .venv/bin/python scripts/eval_micro.py oft-micro --suites libero_10 \
+        --checkpoint checkpoints/oft-micro-10 --replan-steps 4 --out results/replan/oft-micro-10-r4 \
+        --against results/replan/oft-micro-10-r8
 """
 
 from __future__ import annotations
@@ -64,6 +70,30 @@ def run_job(job: tuple[str, str | None, str, int, int, Path, int, int | None, in
     return suite, task, trial, int(ds.success.sel(trial=trial)), time.perf_counter() - t0
 
 
+def against(other: Path, results: dict[tuple[str, int], dict[int, int]]) -> list[str]:
+    """Per task of `results` ({(suite, task): {init state: success}}), its trials paired with `other`'s result files of
+    the same init states (those it holds): both won, only this run, only `other`, the exact McNemar p."""
+    import numpy as np
+
+    from dcvla.io import read_dataset
+    from dcvla.success import mcnemar_exact
+
+    lines = []
+    for (suite, task), trials in sorted(results.items()):
+        paths = {t: trial_path(other, suite, task, t) for t in sorted(trials)}
+        theirs = {t: int(read_dataset(path).success.values.ravel()[0]) for t, path in paths.items() if path.is_file()}
+        if not theirs:
+            lines.append(f"{suite} task {task} against {other}: no trial of these init states there")
+            continue
+        mine, others = (np.array([run[t] for t in theirs], bool) for run in (trials, theirs))
+        only_mine, only_theirs, p = mcnemar_exact(mine, others)
+        lines.append(f"{suite} task {task} against {other}: {len(theirs)} paired trials, {int((mine & others).sum())} "
+                     f"both won, {only_mine} only this run ({sorted(t for t in theirs if trials[t] > theirs[t])}), "
+                     f"{only_theirs} only that one ({sorted(t for t in theirs if theirs[t] > trials[t])}); "
+                     f"McNemar p = {p:.3g}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from dcvla.libero.episodes import DEMO_TASKS
     from dcvla.studies.micro import MICRO_FAMILIES
@@ -83,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="actions of each chunk executed before the next inference (default the family's "
                          "protocol: OFT 8, SmolVLA 5; recorded in each result file)")
     ap.add_argument("--out", type=Path, help="results (default data/eval/PRESET)")
+    ap.add_argument("--against", type=Path, help="another run's --out: pair the trials, McNemar test")
     args = ap.parse_args(argv)
+    if args.against is not None and not args.against.is_dir():
+        ap.error(f"--against {args.against}: no such results folder")
     if args.trials < 1 or args.workers < 1 or (args.replan_steps is not None and args.replan_steps < 1):
         ap.error("--trials, --workers and --replan-steps must be at least 1")
     out = args.out or ROOT / "data" / "eval" / args.preset
@@ -104,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         low, high = wilson_interval(wins, n)
         print(f"{suite} task {task}: {wins}/{n} = {wins / n:.2f} (Wilson 95% {low:.2f}-{high:.2f}); "
               f"succeeded on init states {sorted(t for t, s in trials.items() if s)}")
+    if args.against is not None:
+        print("\n".join(against(args.against, results)))
     return 0
 
 

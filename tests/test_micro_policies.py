@@ -184,3 +184,25 @@ def test_rollout_gif_refuses_a_reuse_option_of_the_other_family(capsys):
         with pytest.raises(SystemExit) as exit_:
             gif.main(argv)
         assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_eval_micro_pairs_its_trials_with_another_run(tmp_path):
+    """scripts/eval_micro.py --against: the trials of the same init states another run's folder holds, paired, with
+    which init states only one run won and the exact McNemar p; a task the folder lacks is said so."""
+    import xarray as xr
+
+    from test_training import load_script
+
+    script = load_script("eval_micro")
+    for trial, success in [(0, 0), (1, 0), (2, 1), (5, 0)]:
+        path = script.trial_path(tmp_path, "libero_10", 4, trial)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        xr.Dataset({"success": ("trial", [success])}, coords={"trial": [trial]}).to_netcdf(path)
+    mine = {("libero_10", 4): {0: 1, 1: 0, 2: 1, 3: 1}, ("libero_goal", 8): {0: 1}}
+    lines = script.against(tmp_path, mine)
+    assert lines == [
+        f"libero_10 task 4 against {tmp_path}: 3 paired trials, 1 both won, 1 only this run ([0]), 0 only that one "
+        "([]); McNemar p = 1",
+        f"libero_goal task 8 against {tmp_path}: no trial of these init states there"]
+    mine[("libero_10", 4)].update({1: 1, 2: 0})  # wins 0 and 1, loses 2
+    assert "2 only this run ([0, 1]), 1 only that one ([2])" in script.against(tmp_path, mine)[0]
