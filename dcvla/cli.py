@@ -220,8 +220,10 @@ def run(args: argparse.Namespace) -> None:
     parameters = cli_parameters(args.param, args.study)
     if args.shard and args.ray:
         raise ValueError("--shard and --ray are two runners: give one")
+    if args.threads is not None and (args.threads < 1 or not args.shard):
+        raise ValueError(f"--threads {args.threads}: a shard's torch threads (at least 1), given with --shard")
     if args.shard:
-        runner = Runner(shard=parse_shard(args.shard))
+        runner = Runner(shard=parse_shard(args.shard), threads=args.threads or 0)
         run_distributed(args.study, parameters, runner)
         print(f"[dcvla] when every shard is done: dcvla merge {args.study}"
               + "".join(f" -p {n} {v!r}" for n, v in args.param), flush=True)
@@ -356,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray", metavar="ADDRESS", help="run the study's units on Ray: auto (the cluster `ray start` "
                    "made here), an address, or local (a cluster for this run)")
     r.add_argument("--workers", type=int, default=0, help="Ray actors (default: one per GPU, else one per CPU)")
+    r.add_argument("--threads", type=int, help="a shard's torch threads (default torch's: every core; shards sharing "
+                   "a machine: its cores / shards each)")
     r.set_defaults(func=run)
     w = sub.add_parser("sweep", help="run a study notebook for every combination of parameter lists")
     w.add_argument("study")

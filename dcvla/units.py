@@ -106,6 +106,7 @@ class Runner:
     num_workers: int = 0               # Ray actors (0: one per GPU, else one per CPU of the cluster)
     merge: bool = False
     partial: bool = False              # a merge that leaves the trials not played yet out (recordings must be whole)
+    threads: int = 0                   # torch's intra-op threads here (0: torch's default, every core)
     done: list[str] = field(default_factory=list)  # units this process ran
 
     @classmethod
@@ -182,6 +183,10 @@ def run_units(units: list[Unit], factory: tuple[str, dict], runner: Runner | Non
         if runner.ray:
             run_on_ray(todo, factory, runner.ray, runner.num_workers, progress)
         else:
+            if runner.threads:  # shards sharing a machine: its cores / shards each, or they fight over the cores
+                import torch
+
+                torch.set_num_threads(runner.threads)
             run = work() if work is not None else make_worker(factory)
             for unit in _bar(todo, progress):
                 run(unit, Path(unit.path))

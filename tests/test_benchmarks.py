@@ -82,3 +82,11 @@ def test_trial_rendering_plays_the_same_trial_both_ways_with_fewer_renders(capsy
                                            "--repeats", "1"])
     assert rows["every_frame"] == [True, False] and len(set(rows["trajectory"])) == 1 and rows["steps"] == [12, 12]
     assert rows["renders"][1] < rows["renders"][0] and "speedup A/B" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_shard_threads_runs_shards_with_and_without_threads(capsys):
+    rows = script("shard_threads").main(["--shards", "1", "--max-steps", "2", "--repeats", "1"])
+    (wall_a, _, used_a), (wall_b, _, used_b) = rows["A"][0], rows["B"][0]
+    assert used_a == [1] and used_b[0] >= 1 and wall_a > 0 and wall_b > 0  # B: torch's default, the cores
+    assert "speedup B/A" in capsys.readouterr().out

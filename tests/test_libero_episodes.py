@@ -9,6 +9,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 import pytest
+import torch
 
 from dcvla.io import CorruptFileError, read_dataset, write_dataset
 from dcvla.libero import env as E
@@ -285,11 +286,18 @@ def test_trials_record_the_policys_reuse_per_call_and_old_files_resume_without_i
     assert ds.reuse.isel(trial=0).values[:3].tolist() == [0.0, 0.5, 0.5] and np.isnan(ds.reuse.values[0, 3:]).all()
     assert float(ds.reuse_mean[0]) == pytest.approx(1 / 3) and int(ds.reused_calls[0]) == 2
     assert len(ds.trajectory.values[0]) == 16  # the digest of the trial's inputs and actions (dcvla.libero.results)
+    assert ds.torch_threads.values.tolist() == [torch.get_num_threads()]  # the digest depends on them
     path = V.result_path(tmp_path, "recorder", "libero_spatial", 0)
-    write_dataset(ds.drop_vars(["reuse", "reuse_mean", "reused_calls", "trajectory"]), path)  # from before both
-    ds = V.evaluate_task(RecordingPolicy(), run_dir=tmp_path, trials=2, **kw)  # a policy that reports no reuse
+    write_dataset(ds.drop_vars(["reuse", "reuse_mean", "reused_calls", "trajectory", "torch_threads"]), path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # from before all three, resumed on one thread by a policy that reports no reuse
+        ds = V.evaluate_task(RecordingPolicy(), run_dir=tmp_path, trials=2, **kw)
+    finally:
+        torch.set_num_threads(threads)
     assert np.isnan(ds.reuse_mean.values).all() and ds.reused_calls.values.tolist() == [-1, -1]
     assert ds.trajectory.values[0] == "" and len(ds.trajectory.values[1]) == 16
+    assert ds.torch_threads.values.tolist() == [0, 1]  # 0: not recorded
     assert V.load_results(tmp_path).trajectory.sel(trial=1).item() == ds.trajectory.values[1]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+import torch
 
 from dcvla import units as U
 from dcvla.io import open_recording
@@ -186,7 +187,17 @@ def test_a_partial_merge_tables_the_trials_played_so_far(tmp_path, capsys):
     params = ["-p", "preset", "pi0-tiny", "-p", "steps", "2", "-p", "thresholds", "[-1.0]", "-p", "modes", '["full"]',
               "-p", "gates", "[]", "-p", "suites", '["libero_spatial"]', "-p", "max_steps", "3", "-p", "success_runs",
               "[]", "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir", str(tmp_path / "figures")]
-    assert main(["run", "stability_cliff", *params, "-p", "success_trials", "1", "--shard", "0/1"]) == 0
+    threads = torch.get_num_threads()
+    try:  # a shard's process on one thread: its trials record it
+        assert main(["run", "stability_cliff", *params, "-p", "success_trials", "1", "--shard", "0/1",
+                     "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    trial_files = [p for p in (tmp_path / "runs").rglob("*.nc") if "torch_threads" in read_dataset(p)]
+    assert trial_files and all(read_dataset(p).torch_threads.values.tolist() == [1] for p in trial_files)
+    for wrong in (["--threads", "1"], ["--shard", "0/1", "--threads", "0"]):  # no shard; no thread
+        assert main(["run", "stability_cliff", *params, *wrong]) == 2
+        assert f"--threads {wrong[-1]}: a shard's torch threads (at least 1), given with --shard" in capsys.readouterr().err
     more = [*params, "-p", "success_trials", "2"]  # one trial of two played per run
     capsys.readouterr()
     assert main(["merge", "stability_cliff", *more]) == 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 import traceback
 from collections import deque
@@ -56,6 +57,12 @@ def seed_everything(seed: int = protocol.SEED) -> None:
         torch.manual_seed(seed)
     except ImportError:  # the protocol itself does not need torch
         pass
+
+
+def _torch_threads() -> int:
+    """torch's intra-op threads (0: torch not loaded, so no policy of this process computes with it)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else 0
 
 
 def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruction: str,
@@ -104,7 +111,7 @@ def run_trial(policy: Any, env: Any, suite: str, init_state: np.ndarray, instruc
             error = _describe(exc)
     return TrialResult(loop.success, loop.steps, error, np.asarray(loop.latency, dtype=np.float64),
                        time.perf_counter() - t_start, np.asarray(loop.reuse, dtype=np.float64),
-                       loop.digest.hexdigest())
+                       loop.digest.hexdigest(), _torch_threads())
 
 
 @dataclass

@@ -30,6 +30,8 @@ class TrialResult:
         reuse: the policy's `last_reuse` after each `policy.step` call (the share of its cache's unit, e.g. a flow
             policy's prefix K/V, taken from its store); NaN for a policy that does not report it.
         trajectory: the hex digest of the policy's inputs and the executed actions (`TrajectoryDigest`).
+        threads: torch's intra-op threads during the trial (0: not recorded). The policy's float sums, so the
+            trajectory, depend on them: the same init state and seed replay bit for bit at the same count only.
     """
 
     success: bool
@@ -39,6 +41,7 @@ class TrialResult:
     wall_s: float = 0.0
     reuse: np.ndarray = field(default_factory=lambda: np.zeros(0))
     trajectory: str = ""
+    threads: int = 0
 
 
 class TrajectoryDigest:
@@ -60,6 +63,7 @@ class TrajectoryDigest:
 
 TRAJECTORY_DESCRIPTION = ("digest of the policy's inputs and the executed actions (dcvla.libero.results); the same "
                           "on the same init state: the same episode; '': not recorded")
+THREADS = "torch's intra-op threads during the trial (the trajectory depends on them); 0: not recorded"
 
 
 def trials_dataset(trials: list[int], results: list[TrialResult], budget: int) -> xr.Dataset:
@@ -81,6 +85,7 @@ def trials_dataset(trials: list[int], results: list[TrialResult], budget: int) -
         "wall_s": ("trial", np.array([r.wall_s for r in results]), {"units": "s"}),
         "trajectory": ("trial", np.array([r.trajectory for r in results], dtype=object),
                        {"description": TRAJECTORY_DESCRIPTION}),
+        "torch_threads": ("trial", np.array([r.threads for r in results], dtype=np.int32), {"description": THREADS}),
         "latency_ms": (("trial", "step"), lat, {"units": "ms", "description": "wall time of each policy.step call; NaN past the last call"}),
     }
     for k, v in stats.items():
@@ -108,8 +113,8 @@ def reuse_variables(reuse: np.ndarray) -> dict:
 
 
 def with_recorded(old: xr.Dataset) -> xr.Dataset:
-    """A result file written before trials recorded their reuse or their trajectory, with those variables as not
-    reported (NaN / -1 / "")."""
+    """A result file written before trials recorded their reuse, trajectory or threads, with those variables as not
+    reported (NaN / -1 / "" / 0)."""
     new = {}
     if "reuse" not in old:
         shape = (old.sizes["trial"], old.sizes["step"])
@@ -117,6 +122,8 @@ def with_recorded(old: xr.Dataset) -> xr.Dataset:
     if "trajectory" not in old:
         new["trajectory"] = xr.Variable("trial", np.full(old.sizes["trial"], "", dtype=object),
                                         {"description": TRAJECTORY_DESCRIPTION})
+    if "torch_threads" not in old:
+        new["torch_threads"] = xr.Variable("trial", np.zeros(old.sizes["trial"], np.int32), {"description": THREADS})
     return old.assign(new) if new else old
 
 
