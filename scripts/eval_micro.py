@@ -9,7 +9,9 @@ per task with its Wilson 95% interval.
 
 A trial's result depends on its init state and the evaluation seed only (`evaluate_task` reseeds every RNG before
 each trial, and every trial resets the policy's noise generator), not on which process ran it or after which trial.
-Each worker runs the policy on one thread beside its renders.
+Each worker runs the policy on one thread beside its renders; torch's thread count changes the policy's float sums,
+so a grid's shards on another count (`dcvla run --shard --threads`) play other trajectories of the same trials
+(each result file records its `torch_threads`).
 `--replan-steps N` executes N actions of each chunk before the next inference instead of the family's protocol
 (OFT 8, SmolVLA 5); each result file records it, and a rerun into the same --out with another N is refused.
 `--against DIR` pairs each task's trials with those of another --out (another checkpoint, --replan-steps or seed) on
